@@ -1,0 +1,3 @@
+"""arc: a compiler for autoregressive decoding."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,267 @@
+"""The `arc` command: compile, run, inspect, passes, targets.
+
+Exit codes: 0 success; 2 bad input (one line on stderr, no traceback); 1 a bug in arc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from arc.errors import ArcError
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _stage_bar(enabled: bool):
+    """A tqdm bar over compile stages, on stderr when it is a terminal."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=4, desc="compile", disable=not enabled, file=sys.stderr, leave=False)
+
+    def stage(name: str) -> None:
+        if bar.n or name != "load + trace":
+            bar.update(1)
+        bar.set_description(name)
+
+    return bar, stage
+
+
+# ---------------------------------------------------------------- compile
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    from arc.compiler import CompileOptions, compile_model
+    from arc.pipeline import DumpDir, PrintAfter
+    from arc.presets import preset_spec
+
+    spec = a.passes if a.passes is not None else preset_spec(f"O{a.opt}")
+    instruments = []
+    if a.print_after:
+        instruments.append(PrintAfter(a.print_after.split(","), write=_stderr))
+    if a.dump_ir:
+        instruments.append(DumpDir(Path(a.dump_ir)))
+    opts = CompileOptions(
+        target=a.target,
+        device=a.device,
+        spec=spec,
+        max_seq_len=a.max_seq_len,
+        prefill_chunk=a.prefill_chunk,
+        target_options={"mode": a.torch_mode},
+        instruments=instruments,
+    )
+    bar, stage = _stage_bar(sys.stderr.isatty() and not a.json)
+    try:
+        summary = compile_model(a.model, Path(a.output), opts, stage)
+    finally:
+        bar.close()
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        passes = summary["pipeline"] or "(none)"
+        print(
+            f"wrote {summary['engine']} ({summary['size_bytes'] / 1e6:.1f} MB): "
+            f"{summary['model']} -> {summary['target']}/{summary['device']}, passes {passes}, "
+            f"compiled in {summary['compile_s']:.1f} s (backend build {summary['build_s']:.1f} s)"
+        )
+    return 0
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+# ---------------------------------------------------------------- run
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    import torch
+
+    from arc.runtime.load import load_engine
+    from arc.runtime.sampling import SamplingParams
+
+    if a.max_new_tokens < 1:
+        raise ArcError("--max-new-tokens must be at least 1")
+    torch.set_num_threads(a.threads or torch.get_num_threads())
+    eng = load_engine(a.engine)
+    ids = eng.prompt_ids(a.prompt, chat=not a.no_chat_template, system=a.system)
+    sampling = SamplingParams(a.temperature, a.top_k, a.top_p, a.seed)
+    stream = (lambda s: print(s, end="", flush=True)) if a.stream and not a.json else None
+    with torch.inference_mode():
+        r = eng.generator.generate(
+            ids,
+            max_new_tokens=a.max_new_tokens,
+            sampling=sampling,
+            stop=a.stop or (),
+            ignore_eos=a.ignore_eos,
+            on_text=stream,
+        )
+    if a.json:
+        print(json.dumps(r.to_json()))
+        return 0
+    print("" if stream else r.text)
+    _stderr(
+        f"[{len(r.prompt_ids)} prompt tokens, prefill {r.prefill_ms:.0f} ms; "
+        f"{len(r.token_ids)} new tokens, decode {r.tokens_per_s:.1f} tok/s; stop: {r.stop_reason}]"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------- inspect, passes, targets
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from arc.ir import format_module, module_from_json, to_dot
+
+    if Path(a.thing).is_file() and not a.thing.endswith(".gguf"):
+        from arc.engine import read_manifest
+
+        m = read_manifest(Path(a.thing))
+        module = module_from_json(m["ir"])
+        if not (a.ir or a.dot):
+            print(_engine_summary(a.thing, m, module))
+            return 0
+    else:
+        from arc.compiler import trace_model
+
+        _, module = trace_model(a.thing)
+    if a.dot:
+        if a.dot not in module.functions:
+            raise ArcError(f"no function {a.dot!r}; have {', '.join(module.functions)}")
+        print(to_dot(module.functions[a.dot]))
+    else:
+        print(format_module(module))
+    return 0
+
+
+def _engine_summary(path: str, m: dict, module) -> str:
+    files = m["files"]
+    lines = [
+        f"engine    {path}  (format {m['format_version']}, arc {m['arc_version']})",
+        f"model     {m['model']['name']}  ({m['model'].get('model_type')}, "
+        f"family {m['model'].get('family')})",
+        f"target    {m['target']['name']}  mode={m['target'].get('mode')}  device={m['device']}"
+        f"  dtype={m['dtype']}  torch={m['target'].get('torch_version')}",
+        f"cache     max_seq_len={m['runtime']['max_seq_len']}  "
+        f"prefill_chunk={m['runtime']['prefill_chunk']}",
+        f"plan      {m['decode_plan']['kind']}",
+        f"compile   {m['compile_s']:.1f} s (backend build {m['build_s']:.1f} s)",
+        f"passes    {m['pipeline'] or '(none)'}",
+    ]
+    for r in m["passes"]:
+        lines.append(
+            f"  {r['name']:<14} {r['wall_ms']:8.2f} ms  nodes {r['nodes_in']} -> {r['nodes_out']}"
+            f"  {'changed' if r['changed'] else 'unchanged'}"
+        )
+    lines.append(
+        "IR        " + ", ".join(f"@{k}: {len(g.nodes)} nodes" for k, g in module.functions.items())
+    )
+    lines.append("files")
+    for name, f in sorted(files.items()):
+        lines.append(f"  {name:<40} {f['size'] / 1e6:10.2f} MB  sha256 {f['sha256'][:12]}")
+    return "\n".join(lines)
+
+
+def cmd_passes(a: argparse.Namespace) -> int:
+    from arc.pipeline import registry
+    from arc.presets import PRESETS
+
+    for name, info in sorted(registry().items()):
+        opts = ", ".join(f"{k}: {t.__name__} = {d}" for k, (t, d) in info.options.items())
+        kind = "lossless" if info.lossless else "LOSSY"
+        after = f"  after: {', '.join(info.after)}" if info.after else ""
+        print(f"{name:<14} [{kind}] {info.doc}\n{'':14} options: {opts or 'none'}{after}")
+    print()
+    for level, items in PRESETS.items():
+        print(f"-{level}: {','.join(items) or '(no passes)'}")
+    return 0
+
+
+def cmd_targets(a: argparse.Namespace) -> int:
+    from arc.targets import cuda_available, describe
+
+    print(f"this machine: cpu{', cuda' if cuda_available() else ''}")
+    for row in describe():
+        devices = ",".join(row["devices"]) or "-"
+        print(f"{row['name']:<10} devices: {devices:<10} {row['status']}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="arc", description="A compiler for autoregressive decoding.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compile", help="trace MODEL, run passes, build for a target, write .arc")
+    c.add_argument("model", help="catalog name, HF model directory, or .gguf file")
+    c.add_argument("--target", default="torch", help="torch | tvm | onnx | tensorrt | auto")
+    c.add_argument("-O", dest="opt", choices=["0", "1", "2", "3"], default="2")
+    c.add_argument("--passes", help="pipeline spec, e.g. 'kv-fusion{mlp=false}' (overrides -O)")
+    c.add_argument("-o", "--output", required=True, help="engine file to write (.arc)")
+    c.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    c.add_argument("--max-seq-len", type=int, help="KV-cache slots (default min(2048, model))")
+    c.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call")
+    c.add_argument(
+        "--torch-mode",
+        choices=["aot", "jit", "eager"],
+        default="aot",
+        help="torch target: AOTInductor package (aot), torch.compile at load, or eager",
+    )
+    c.add_argument("--print-after", help="print the IR after these passes (comma list)")
+    c.add_argument("--dump-ir", help="write the IR before and after each pass to this directory")
+    c.add_argument("--json", action="store_true", help="print one JSON summary")
+    c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("run", help="decode from an engine")
+    r.add_argument("engine")
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int)
+    r.add_argument("--stop", action="append", help="stop string (repeatable)")
+    r.add_argument("--ignore-eos", action="store_true", help="keep going past EOS (benchmarks)")
+    r.add_argument("--no-chat-template", action="store_true")
+    r.add_argument("--system", help="system prompt for the chat template")
+    r.add_argument("--stream", action="store_true", help="print tokens as they come")
+    r.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.set_defaults(fn=cmd_run)
+
+    i = sub.add_parser("inspect", help="describe an engine, or print a model's traced IR")
+    i.add_argument("thing", help="an .arc engine or a model reference")
+    i.add_argument("--ir", action="store_true", help="print the IR as text")
+    i.add_argument("--dot", metavar="FUNC", help="print FUNC's graph as Graphviz DOT")
+    i.set_defaults(fn=cmd_inspect)
+
+    sub.add_parser("passes", help="registered passes and -O presets").set_defaults(fn=cmd_passes)
+    sub.add_parser("targets", help="targets, devices, installed").set_defaults(fn=cmd_targets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _quiet_libraries()
+        return args.fn(args)
+    except ArcError as e:
+        print(f"arc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

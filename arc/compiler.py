@@ -1,0 +1,124 @@
+"""`arc compile`: load -> trace -> passes -> target build -> engine file.
+
+This is the one place that wires models, passes and targets together; none of them import
+each other.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from arc import targets
+from arc.engine import WEIGHTS, write_engine
+from arc.errors import ArcError
+from arc.ir import module_to_json
+from arc.lowering import materialize
+from arc.pipeline import Instrument, PassContext, PassManager, format_spec, record_dicts
+from arc.trace import trace
+
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+@dataclass
+class CompileOptions:
+    target: str = "torch"
+    device: str = "cpu"
+    spec: str = ""
+    max_seq_len: int | None = None  # None: min(DEFAULT_MAX_SEQ_LEN, the model's positions)
+    prefill_chunk: int = 256
+    target_options: dict[str, Any] = field(default_factory=dict)
+    instruments: Sequence[Instrument] = ()
+
+
+def trace_model(ref: str, max_seq_len: int | None = None):
+    """(loaded model, traced Module) for a model reference."""
+    from arc.models import loader
+
+    loaded = loader.load(ref)
+    limit = loaded.arch.max_positions
+    seq = max_seq_len or min(DEFAULT_MAX_SEQ_LEN, limit)
+    if seq < 2 or seq > limit:
+        raise ArcError(f"--max-seq-len {seq} outside 2..{limit} (the model's positions)")
+    meta = {
+        "family": loaded.family.FAMILY,
+        "model_type": loaded.arch.model_type,
+        "source": str(loaded.directory),
+        "eos_ids": loader.eos_ids(loaded),
+    }
+    module = trace(loaded.name, loaded.family, loaded.arch, max_seq_len=seq, meta=meta)
+    return loaded, module
+
+
+def compile_model(
+    ref: str, out: Path, opts: CompileOptions, stage: Callable[[str], None] = lambda s: None
+) -> dict[str, Any]:
+    """Build engine `out` for model `ref`; returns the `arc compile --json` summary."""
+    t0 = time.perf_counter()
+    target = targets.get(opts.target)
+    device = targets.resolve_device(target, opts.device)
+    stage("load + trace")
+    loaded, module = trace_model(ref, opts.max_seq_len)
+    stage("passes")
+    pm = PassManager(opts.spec, instruments=opts.instruments)
+    module, records = pm.run(module, PassContext(device=device, target=target.NAME))
+    target.check_module(module)
+    with tempfile.TemporaryDirectory(prefix="arc-build-") as tmp:
+        work = Path(tmp)
+        weights = materialize(module, loaded.weights)
+        stage("build " + target.NAME)
+        tb = time.perf_counter()
+        info, artifacts = target.build(
+            module, weights, device, work / "artifacts", opts.target_options
+        )
+        build_s = time.perf_counter() - tb
+        stage("write engine")
+        payloads = {WEIGHTS: _save_weights(weights, work / WEIGHTS)}
+        payloads |= {f"artifacts/{k}": v for k, v in artifacts.items()}
+        payloads |= _save_tokenizer(loaded.tokenizer, work / "tokenizer")
+        compile_s = time.perf_counter() - t0
+        manifest = {
+            "model": {"name": loaded.name, "config": loaded.hf_config.to_dict(), **module.meta},
+            "target": {"name": target.NAME, "device": device, **info},
+            "device": device,
+            "dtype": "f32",
+            "pipeline": format_spec(pm.items),
+            "passes": record_dicts(records),
+            "decode_plan": {"kind": module.plan.kind, "options": dict(module.plan.options)},
+            "runtime": {"max_seq_len": module.kv.max_seq_len, "prefill_chunk": opts.prefill_chunk},
+            "tokenizer": {
+                "dir": "tokenizer",
+                "chat_template": bool(loaded.tokenizer.chat_template),
+            },
+            "ir": module_to_json(module),
+            "compile_s": round(compile_s, 3),
+            "build_s": round(build_s, 3),
+        }
+        write_engine(out, manifest, payloads)
+    return {
+        "engine": str(out),
+        "model": loaded.name,
+        "target": target.NAME,
+        "device": device,
+        "passes": [{"name": r.name, "options": r.options} for r in records],
+        "pipeline": manifest["pipeline"],
+        "compile_s": manifest["compile_s"],
+        "build_s": manifest["build_s"],
+        "size_bytes": out.stat().st_size,
+    }
+
+
+def _save_weights(weights, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+    return path
+
+
+def _save_tokenizer(tok, directory: Path) -> dict[str, Path]:
+    tok.save_pretrained(directory)
+    return {f"tokenizer/{p.name}": p for p in sorted(directory.iterdir()) if p.is_file()}

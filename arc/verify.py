@@ -1,0 +1,104 @@
+"""verify(module): types, shapes, dangling nodes, weight and KV declarations.
+
+Every pass's output is verified by the PassManager's Verify instrument, so a pass that breaks an
+invariant is named at once instead of surfacing as a wrong token three stages later.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from arc.ir import Graph, Module
+from arc.ops import ARITY, REQUIRED_ATTRS, Op, ShapeError, infer_shape, result_dtype
+
+
+class VerifyError(ValueError):
+    pass
+
+
+def verify(m: Module) -> None:
+    """Raise VerifyError naming the first broken invariant of `m`."""
+    _verify_weights(m)
+    if not m.functions:
+        raise VerifyError("module has no functions")
+    for g in m.functions.values():
+        _verify_graph(m, g)
+
+
+def _verify_weights(m: Module) -> None:
+    for name, w in m.weights.items():
+        if not w.parts:
+            continue
+        parts = [m.weights.get(p) for p in w.parts]
+        if any(p is None or p.parts for p in parts):
+            raise VerifyError(f"weight {name}: parts {w.parts} must be stored weights")
+        total = sum(p.shape[w.axis] for p in parts)
+        expect = list(parts[0].shape)
+        expect[w.axis] = total
+        if tuple(expect) != tuple(w.shape):
+            raise VerifyError(f"weight {name}: shape {w.shape} != concat of parts {expect}")
+
+
+def _verify_graph(m: Module, g: Graph) -> None:
+    shapes = m.weight_shapes()
+    seen: dict[int, object] = {}
+    for n in g.nodes:
+        where = f"@{g.name} %{n.id} ({n.op.value})"
+        if n.id in seen:
+            raise VerifyError(f"{where}: duplicate id")
+        if len(n.inputs) != ARITY[n.op]:
+            raise VerifyError(f"{where}: {len(n.inputs)} inputs, expected {ARITY[n.op]}")
+        missing = [a for a in REQUIRED_ATTRS.get(n.op, ()) if a not in n.attrs]
+        if missing:
+            raise VerifyError(f"{where}: missing attrs {missing}")
+        for i in n.inputs:
+            if i not in seen:
+                raise VerifyError(f"{where}: input %{i} is not defined before use")
+        for w in n.weights():
+            if w not in m.weights:
+                raise VerifyError(f"{where}: unknown weight {w!r}")
+        ins = [seen[i] for i in n.inputs]
+        try:
+            shape = infer_shape(n.op, [x.shape for x in ins], n.attrs, shapes)
+        except ShapeError as e:
+            raise VerifyError(f"{where}: {e}") from None
+        if tuple(shape) != tuple(n.shape):
+            raise VerifyError(f"{where}: recorded shape {n.shape} != inferred {shape}")
+        if n.dtype != result_dtype(n.op, [x.dtype for x in ins], n.attrs):
+            raise VerifyError(f"{where}: dtype {n.dtype} is wrong")
+        _verify_kv(m, g, n, ins, where)
+        seen[n.id] = n
+    for o in g.outputs:
+        if o not in seen:
+            raise VerifyError(f"@{g.name}: output %{o} is not a node")
+    _verify_no_dangling(g)
+
+
+def _verify_kv(m: Module, g: Graph, n, ins, where: str) -> None:
+    if n.op not in (Op.KV_WRITE, Op.ATTENTION):
+        return
+    layer = n.attrs["layer"]
+    if not 0 <= layer < m.kv.layers:
+        raise VerifyError(f"{where}: layer {layer} has no KV declaration")
+    if n.op is Op.ATTENTION:
+        kv = ins[1]
+        if kv.op is not Op.KV_WRITE or kv.attrs["layer"] != layer:
+            raise VerifyError(f"{where}: reads kv of another layer or no kv_write")
+        if (n.attrs["kv_heads"], n.attrs["head_dim"]) != (m.kv.kv_heads, m.kv.head_dim):
+            raise VerifyError(f"{where}: kv_heads/head_dim disagree with the KV declaration")
+    else:
+        width = m.kv.kv_heads * m.kv.head_dim
+        if ins[0].shape[-1] != width or ins[1].shape[-1] != width:
+            raise VerifyError(f"{where}: k/v width != kv_heads*head_dim ({width})")
+
+
+def _verify_no_dangling(g: Graph) -> None:
+    from arc.ir import to_networkx
+
+    dg = to_networkx(g)
+    live = set(g.outputs)
+    for o in g.outputs:
+        live |= nx.ancestors(dg, o)
+    dead = [n.id for n in g.nodes if n.id not in live and n.op is not Op.INPUT]
+    if dead:
+        raise VerifyError(f"@{g.name}: dangling nodes {['%' + str(d) for d in dead[:5]]}")

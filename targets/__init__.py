@@ -1,0 +1,65 @@
+"""Targets: each lowers an IR Module to an artifact for one device and loads it back.
+
+A target module provides NAME, DEVICES, EXTRA (the pip extra it needs, or None), and
+    installed() -> str | None            why it cannot run here (None: it can)
+    check_module(module)                 UnsupportedError for an op or mask kind it can't lower
+    build(module, weights, device, workdir, options) -> (info for the manifest, {name: path})
+    check_engine(target_info)            EngineError when this machine can't run that artifact
+    load(module, weights, root, target_info, device) -> arc.runtime.steps.Steps
+Targets are imported only when used, so a missing optional extra costs nothing until then.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from arc.errors import ArcError, MissingExtraError
+
+# name -> (module, devices, pip extra); only built targets are listed
+TARGETS: dict[str, tuple[str, tuple[str, ...], str | None]] = {
+    "torch": ("arc.targets.torch_compile", ("cpu", "cuda"), None),
+}
+# named in the product, not built yet: `arc targets` shows them as planned
+PLANNED = {"tvm": "tvm", "onnx": "onnx", "tensorrt": "tensorrt"}
+
+
+def get(name: str) -> ModuleType:
+    if name == "auto":
+        name = "torch"  # the only built target today; per-device choice lands with the others
+    if name in PLANNED:
+        raise ArcError(f"target {name!r} is not built yet; available: {', '.join(TARGETS)}")
+    if name not in TARGETS:
+        raise ArcError(f"unknown target {name!r}; available: {', '.join(TARGETS)}")
+    module = importlib.import_module(TARGETS[name][0])
+    why = module.installed()
+    if why:
+        raise MissingExtraError(f"target {name} ({why})", TARGETS[name][2] or name)
+    return module
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_device(target: ModuleType, device: str) -> str:
+    if device == "auto":
+        device = "cuda" if "cuda" in target.DEVICES and cuda_available() else "cpu"
+    if device not in target.DEVICES:
+        raise ArcError(f"target {target.NAME} does not build for device {device!r}")
+    if device == "cuda" and not cuda_available():
+        raise ArcError("device cuda requested but no CUDA GPU is visible")
+    return device
+
+
+def describe() -> list[dict]:
+    """One row per target: name, devices, installed or why not."""
+    rows = []
+    for name, (modname, devices, extra) in TARGETS.items():
+        why = importlib.import_module(modname).installed()
+        rows.append({"name": name, "devices": devices, "status": why or "installed"})
+    for name, extra in PLANNED.items():
+        rows.append({"name": name, "devices": (), "status": f"planned (extra [{extra}])"})
+    return rows

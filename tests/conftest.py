@@ -1,0 +1,78 @@
+"""Shared fixtures. Tiny models are built once per run into a session cache (ARC_CACHE);
+smollm2-135m is converted once and kept in the user's cache (it is slow to convert)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY = ("tiny-llama", "tiny-qwen2", "tiny-mistral")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet():
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def traced():
+    """model ref -> (loaded model, traced module), cached for the session."""
+    from arc.compiler import trace_model
+
+    cache: dict = {}
+
+    def get(ref: str, max_seq_len: int | None = 256):
+        key = (ref, max_seq_len)
+        if key not in cache:
+            cache[key] = trace_model(ref, max_seq_len)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """model ref -> the Hugging Face model (fp32, eval) from the same weights."""
+    from arc.models import loader
+    from transformers import AutoModelForCausalLM
+
+    cache: dict = {}
+
+    def get(ref: str):
+        if ref not in cache:
+            _, directory = loader.resolve(ref)
+            cache[ref] = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        return cache[ref]
+
+    return get
+
+
+def hf_greedy(model, prompt_ids: list[int], n: int, eos: list[int] | None) -> list[int]:
+    """Hugging Face's own greedy generation: the reference for every lossless claim."""
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=n,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("engines")
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
