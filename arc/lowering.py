@@ -31,7 +31,9 @@ def materialize(module: Module, stored: Mapping[str, Tensor]) -> dict[str, Tenso
     out = {}
     for name in module.used_weights():
         decl = module.weights[name]
-        if decl.parts:
+        if name in stored:  # stored as is (an engine stores weights already materialized)
+            out[name] = stored[name]
+        elif decl.parts:
             out[name] = torch.cat([stored[p] for p in decl.parts], dim=decl.axis).contiguous()
         else:
             out[name] = stored[name]
@@ -39,11 +41,15 @@ def materialize(module: Module, stored: Mapping[str, Tensor]) -> dict[str, Tenso
 
 
 class KVCache(nn.Module):
-    """Per layer k and v of [1, kv_heads, max_seq_len, head_dim], written in place."""
+    """Per layer k and v of [1, kv_heads, max_seq_len + 1, head_dim], written in place.
+
+    One spare row: slicing `cache[:, :, :L]` with L == rows makes torch.export guard L != rows,
+    so the cache is one row longer than the positions it serves and L never reaches it.
+    """
 
     def __init__(self, decl: KVDecl, device: str | torch.device = "cpu"):
         super().__init__()
-        shape = (1, decl.kv_heads, decl.max_seq_len, decl.head_dim)
+        shape = (1, decl.kv_heads, decl.max_seq_len + 1, decl.head_dim)
         for i in range(decl.layers):
             self.register_buffer(f"k{i}", torch.zeros(shape, device=device))
             self.register_buffer(f"v{i}", torch.zeros(shape, device=device))
@@ -155,6 +161,6 @@ KERNELS = {
 
 def lower(module: Module, weights: Mapping[str, Tensor], device: str = "cpu"):
     """(modules by function name, shared KV cache) with weights moved to `device`."""
-    tensors = {k: v.to(device) for k, v in materialize(module, weights).items()}
+    tensors = {k: v.to(device).contiguous() for k, v in materialize(module, weights).items()}
     kv = KVCache(module.kv, device)
     return {name: GraphModule(g, tensors, kv) for name, g in module.functions.items()}, kv
