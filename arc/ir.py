@@ -86,7 +86,7 @@ class WeightDecl:
 
 @dataclass(frozen=True)
 class KVDecl:
-    """The KV cache every graph shares: per layer, k and v of [1, kv_heads, max_seq_len, head_dim]."""
+    """The shared KV cache: per layer, k and v of [1, kv_heads, max_seq_len, head_dim]."""
 
     layers: int
     kv_heads: int

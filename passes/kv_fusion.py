@@ -30,7 +30,7 @@ _ATTENTION_USERS = (Op.ROPE, Op.KV_WRITE)
 def kv_fusion(
     module: Module, ctx: PassContext, *, attention: bool = True, mlp: bool = True
 ) -> Module:
-    """Fuse projections feeding attention (q/k/v) if `attention`, and the rest (gate/up) if `mlp`."""
+    """Fuse projections feeding attention (q/k/v) if `attention`, the rest (gate/up) if `mlp`."""
     weights = dict(module.weights)
     functions = {}
     for name, g in module.functions.items():

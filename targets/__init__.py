@@ -57,7 +57,7 @@ def resolve_device(target: ModuleType, device: str) -> str:
 def describe() -> list[dict]:
     """One row per target: name, devices, installed or why not."""
     rows = []
-    for name, (modname, devices, extra) in TARGETS.items():
+    for name, (modname, devices, _extra) in TARGETS.items():
         why = importlib.import_module(modname).installed()
         rows.append({"name": name, "devices": devices, "status": why or "installed"})
     for name, extra in PLANNED.items():

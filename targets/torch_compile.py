@@ -59,11 +59,11 @@ def build(
     mode = options.get("mode") or "aot"
     if mode not in MODES:
         raise UnsupportedError(f"torch mode {mode!r}; choose from {', '.join(MODES)}")
-    info = {"mode": mode, **_device_info(device)}
+    info = {"mode": mode, "device": device, **_device_info(device)}
     if mode != "aot":
         return info, {}
     workdir.mkdir(parents=True, exist_ok=True)
-    fns, _ = lower(module, weights, device)
+    fns, _ = lower(module, weights, device, gemv=_gemv(info))
     artifacts = {}
     for name, fn in fns.items():
         path = workdir / f"{name}.pt2"
@@ -73,6 +73,8 @@ def build(
 
 
 def _aot_compile(fn, name: str, max_seq_len: int, device: str, path: Path) -> None:
+    import warnings
+
     from torch.export import Dim, export
 
     t = 1 if name == "decode" else 4  # a dynamic T needs an example of 2 or more
@@ -87,7 +89,8 @@ def _aot_compile(fn, name: str, max_seq_len: int, device: str, path: Path) -> No
         dims |= {"tokens": {1: tdim}, "pos": {0: tdim}}
     else:
         dims |= {"tokens": None, "pos": None}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation noise
         ep = export(fn, sample, dynamic_shapes=dims)
         torch._inductor.aoti_compile_and_package(
             ep,
@@ -118,8 +121,13 @@ def check_engine(info: dict[str, Any]) -> None:
         )
 
 
+def _gemv(info: dict[str, Any]) -> bool:
+    """Compiled CPU code gets one-token projections as fused reductions (arc.lowering)."""
+    return info.get("device", "cpu") == "cpu" and info.get("mode") in ("aot", "jit")
+
+
 def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device: str) -> Steps:
-    fns, kv = lower(module, weights, device)
+    fns, kv = lower(module, weights, device, gemv=_gemv({"device": device, **info}))
     mode = info.get("mode", "aot")
     if mode == "aot":
         calls = _load_aot(fns, kv, root)
@@ -161,4 +169,3 @@ def _boxed(compiled):
         return run([tokens, pos, slots])[0]
 
     return call
-

@@ -56,7 +56,13 @@ def hf_model():
 
 
 def hf_greedy(model, prompt_ids: list[int], n: int, eos: list[int] | None) -> list[int]:
-    """Hugging Face's own greedy generation: the reference for every lossless claim."""
+    """Hugging Face's own greedy generation: the reference for every lossless claim.
+
+    With `eos=None` it does not stop at EOS (like `arc run --ignore-eos`): HF's generate has no
+    such switch, so this drives HF's own forward and cache greedily instead.
+    """
+    if eos is None:
+        return _hf_greedy_no_eos(model, prompt_ids, n)
     with torch.inference_mode():
         out = model.generate(
             torch.tensor([prompt_ids]),
@@ -76,3 +82,31 @@ def engine_dir(tmp_path_factory) -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _hf_greedy_no_eos(model, prompt_ids: list[int], n: int) -> list[int]:
+    from transformers import DynamicCache
+
+    cache, out = DynamicCache(config=model.config), []
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+            out.append(int(logits[0, -1].argmax()))
+            ids = torch.tensor([[out[-1]]])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(engine_dir):
+    """ref -> an -O2 AOTInductor engine (256 slots) per tiny family, compiled once per run."""
+    from tests.e2e.cli import arc_json
+
+    engines = {}
+    for ref in TINY:
+        out = engine_dir / f"{ref}-O2.arc"
+        summary = arc_json("compile", ref, "-O2", "--max-seq-len", "256", "-o", str(out))
+        assert summary["target"] == "torch" and summary["device"] == "cpu"
+        assert [p["name"] for p in summary["passes"]] == ["kv-fusion"]
+        engines[ref] = out
+    return engines

@@ -101,12 +101,15 @@ class Generator:
 
 
 class _TextTracker:
-    """Decodes text as tokens come, only when someone needs it (streaming or stop strings)."""
+    """Decodes text as tokens come, only when someone needs it (streaming or stop strings).
+
+    Streams only text that can no longer change (see `_settled`).
+    """
 
     def __init__(self, tok, on_text, stop: Sequence[str]):
         self.tok, self.on_text, self.stop = tok, on_text, [s for s in stop if s]
         self.ids: list[int] = []
-        self.shown = 0
+        self.emitted = ""
         self.cut: int | None = None
 
     def push(self, token: int) -> bool:
@@ -118,17 +121,29 @@ class _TextTracker:
         if hits:
             self.cut = min(hits)
             text = text[: self.cut]
-        elif text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for the next token
-            return False
-        if self.on_text and len(text) > self.shown:
-            self.on_text(text[self.shown :])
-            self.shown = len(text)
+        self._emit(text if hits else self._settled(text))
         return bool(hits)
+
+    def _settled(self, text: str) -> str:
+        """`text` less what may still change: an unfinished UTF-8 tail, or a tail that could
+        be the start of a stop string (it would be cut if the stop string completes)."""
+        text = text.rstrip("\ufffd")
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = k
+                    break
+        return text[: len(text) - hold]
+
+    def _emit(self, text: str) -> None:
+        if self.on_text and len(text) > len(self.emitted) and text.startswith(self.emitted):
+            self.on_text(text[len(self.emitted) :])
+            self.emitted = text
 
     def finish(self, ids: list[int]) -> str:
         text = self.tok.decode(ids, skip_special_tokens=True)
         if self.cut is not None:
             text = text[: self.cut]
-        if self.on_text and len(text) > self.shown:
-            self.on_text(text[self.shown :])
+        self._emit(text)
         return text

@@ -68,5 +68,5 @@ def test_numerically_equal(traced):
         tokens = list(range(3, 40))
         a = _run(m, loaded.weights, tokens)
         b = _run(fused, loaded.weights, tokens)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)

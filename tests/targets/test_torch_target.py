@@ -1,0 +1,76 @@
+"""The torch target: lowered logits against HF's forward; AOT and jit against eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arc.lowering import lower
+from arc.pipeline import PassManager
+from arc.runtime.steps import Steps
+from tests.conftest import TINY
+
+TOKENS = [5, 77, 120, 3, 250, 19, 64, 64, 201, 9, 33, 140, 2, 99, 180, 45, 7, 300, 12, 88] * 2
+
+
+def _steps_logits(steps: Steps, tokens: list[int], split: int) -> torch.Tensor:
+    """Logits rows for positions split-1 .. len-1: one prefill, then decode steps."""
+    steps.reset()
+    with torch.inference_mode():
+        rows = [steps.prefill(tokens[:split], 0)]
+        rows += [steps.decode(t, i) for i, t in enumerate(tokens[split:], start=split)]
+    return torch.stack(rows[:-1])
+
+
+@pytest.mark.parametrize("ref", TINY)
+@pytest.mark.parametrize("spec", ["", "kv-fusion"])
+def test_eager_logits_match_hugging_face_forward(ref, spec, traced, hf_model):
+    loaded, module = traced(ref)
+    module, _ = PassManager(spec).run(module)
+    fns, kv = lower(module, loaded.weights)
+    steps = Steps(fns, max_seq_len=module.kv.max_seq_len, reset=kv.reset)
+    ours = _steps_logits(steps, TOKENS, split=11)
+    with torch.inference_mode():
+        ref_logits = hf_model(ref)(torch.tensor([TOKENS])).logits[0, 10:-1]
+    torch.testing.assert_close(ours, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_aot_engine_matches_eager(tiny_engines, traced):
+    from arc.runtime.load import load_engine
+
+    for ref, path in tiny_engines.items():
+        eng = load_engine(path)
+        loaded, _ = traced(ref)
+        fns, kv = lower(eng.module, loaded.weights)
+        eager = Steps(fns, max_seq_len=eng.module.kv.max_seq_len, reset=kv.reset)
+        aot = eng.generator.steps
+        torch.testing.assert_close(
+            _steps_logits(aot, TOKENS, 9), _steps_logits(eager, TOKENS, 9), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_jit_mode_matches_eager(traced):
+    from arc.targets import torch_compile
+
+    loaded, module = traced("tiny-llama")
+    module, _ = PassManager("kv-fusion").run(module)
+    jit = torch_compile.load(module, loaded.weights, None, {"mode": "jit"}, "cpu")
+    fns, kv = lower(module, loaded.weights)
+    eager = Steps(fns, max_seq_len=module.kv.max_seq_len, reset=kv.reset)
+    torch.testing.assert_close(
+        _steps_logits(jit, TOKENS, 7), _steps_logits(eager, TOKENS, 7), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(traced):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    loaded, module = traced("tiny-llama")
+    cpu_fns, cpu_kv = lower(module, loaded.weights, "cpu")
+    gpu_fns, gpu_kv = lower(module, loaded.weights, "cuda")
+    cpu = Steps(cpu_fns, max_seq_len=module.kv.max_seq_len, reset=cpu_kv.reset)
+    gpu = Steps(gpu_fns, max_seq_len=module.kv.max_seq_len, device="cuda", reset=gpu_kv.reset)
+    torch.testing.assert_close(
+        _steps_logits(gpu, TOKENS, 9).cpu(), _steps_logits(cpu, TOKENS, 9), rtol=1e-3, atol=1e-3
+    )
