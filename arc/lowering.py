@@ -66,10 +66,16 @@ class GraphModule(nn.Module):
     """Runs one IR graph. Buffers: `w_*` weights (shared), `kv.k{i}`/`kv.v{i}` cache (shared)."""
 
     def __init__(
-        self, graph: Graph, weights: Mapping[str, Tensor], kv: KVCache, *, gemv: bool = False
+        self,
+        graph: Graph,
+        weights: Mapping[str, Tensor],
+        kv: KVCache,
+        *,
+        gemv: bool = False,
+        sdpa: bool = True,
     ):
         super().__init__()
-        self.graph, self.gemv = graph, gemv
+        self.graph, self.gemv, self.sdpa = graph, gemv, sdpa
         for n in graph.nodes:
             for w in n.weights():
                 if not hasattr(self, buffer_name(w)):
@@ -145,10 +151,26 @@ def _attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos: Tensor, slot
     if n.attrs["mask"] == "sliding":  # Mistral: key visible iff q_pos - k_pos < window
         mask = mask & (pos[:, None] - slots[None, :] < n.attrs["window"])
     qh = _heads(q, n.attrs["heads"], n.attrs["head_dim"])  # [1, H, T, D]
-    out = F.scaled_dot_product_attention(
-        qh, k, v, attn_mask=mask, scale=n.attrs["head_dim"] ** -0.5, enable_gqa=True
-    )  # [1, H, T, D]
-    return _merge(out)
+    scale = n.attrs["head_dim"] ** -0.5
+    if m.sdpa:
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        out = _gqa_attention(qh, k, v, mask, scale)
+    return _merge(out)  # [1, T, H*D]
+
+
+def _gqa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Attention written out, q heads grouped per KV head (no K/V copies). Used where SDPA's
+    kernel choice puts stride guards on the dynamic slot count (torch.export on CUDA)."""
+    b, h, t, d = q.shape
+    kvh, length = k.shape[1], k.shape[2]
+    g = h // kvh
+    qg = q.reshape(b, kvh, g * t, d)  # [1, KV, G*T, D]: rows (group member, token)
+    scores = (qg @ k.transpose(-1, -2)) * scale  # [1, KV, G*T, L]
+    rows = mask[None].expand(g, t, length).reshape(g * t, length)  # [G*T, L]
+    scores = scores.masked_fill(~rows, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v  # [1, KV, G*T, D]
+    return out.reshape(b, h, t, d)
 
 
 KERNELS = {
@@ -168,13 +190,22 @@ KERNELS = {
 
 
 def lower(
-    module: Module, weights: Mapping[str, Tensor], device: str = "cpu", *, gemv: bool = False
+    module: Module,
+    weights: Mapping[str, Tensor],
+    device: str = "cpu",
+    *,
+    gemv: bool = False,
+    sdpa: bool = True,
 ):
     """(modules by function name, shared KV cache) with weights moved to `device`.
 
     `gemv`: write one-token projections as reductions, for compiled CPU code (see _linear).
+    `sdpa`: attention through F.scaled_dot_product_attention, else written out (_gqa_attention).
     """
     tensors = {k: v.to(device).contiguous() for k, v in materialize(module, weights).items()}
     kv = KVCache(module.kv, device)
-    fns = {name: GraphModule(g, tensors, kv, gemv=gemv) for name, g in module.functions.items()}
+    fns = {
+        name: GraphModule(g, tensors, kv, gemv=gemv, sdpa=sdpa)
+        for name, g in module.functions.items()
+    }
     return fns, kv

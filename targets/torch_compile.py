@@ -63,7 +63,7 @@ def build(
     if mode != "aot":
         return info, {}
     workdir.mkdir(parents=True, exist_ok=True)
-    fns, _ = lower(module, weights, device, gemv=_gemv(info))
+    fns, _ = lower(module, weights, device, **_kernels(info))
     artifacts = {}
     for name, fn in fns.items():
         path = workdir / f"{name}.pt2"
@@ -85,7 +85,9 @@ def _aot_compile(fn, name: str, max_seq_len: int, device: str, path: Path) -> No
     )
     dims: dict[str, Any] = {"slots": {0: Dim("L", min=1, max=max_seq_len)}}
     if name != "decode":
-        tdim = Dim("T", min=1, max=max_seq_len)
+        # T >= 2: a one-token chunk goes to decode (Steps.prefill), and with T == 1 allowed,
+        # export on CUDA cannot prove stride guards that differ for size-1 dims.
+        tdim = Dim("T", min=2, max=max_seq_len)
         dims |= {"tokens": {1: tdim}, "pos": {0: tdim}}
     else:
         dims |= {"tokens": None, "pos": None}
@@ -97,7 +99,6 @@ def _aot_compile(fn, name: str, max_seq_len: int, device: str, path: Path) -> No
             package_path=str(path),
             inductor_configs={
                 "aot_inductor.package_constants_in_so": False,  # weights come from the engine
-                "aot_inductor.check_lowerbound": False,  # T=1 is valid for the dynamic-T prefill
             },
         )
 
@@ -121,13 +122,17 @@ def check_engine(info: dict[str, Any]) -> None:
         )
 
 
-def _gemv(info: dict[str, Any]) -> bool:
-    """Compiled CPU code gets one-token projections as fused reductions (arc.lowering)."""
-    return info.get("device", "cpu") == "cpu" and info.get("mode") in ("aot", "jit")
+def _kernels(info: dict[str, Any]) -> dict[str, bool]:
+    """Kernel forms per device and mode (see arc.lowering): compiled CPU code gets one-token
+    projections as fused reductions; CUDA gets attention written out, since SDPA's kernel
+    choice there guards on strides of the dynamic slot count and torch.export refuses it."""
+    compiled = info.get("mode") in ("aot", "jit")
+    cpu = info.get("device", "cpu") == "cpu"
+    return {"gemv": cpu and compiled, "sdpa": cpu}
 
 
 def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device: str) -> Steps:
-    fns, kv = lower(module, weights, device, gemv=_gemv({"device": device, **info}))
+    fns, kv = lower(module, weights, device, **_kernels({"device": device, **info}))
     mode = info.get("mode", "aot")
     if mode == "aot":
         calls = _load_aot(fns, kv, root)

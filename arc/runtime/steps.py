@@ -36,6 +36,8 @@ class Steps:
 
     def prefill(self, tokens: list[int], start: int) -> Tensor:
         """Logits [vocab] after `tokens` written at positions start.. (one chunk)."""
+        if len(tokens) == 1:  # the same computation; compiled prefill takes T >= 2
+            return self.decode(tokens[0], start)
         end = start + len(tokens)
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, T]
         logits = self.functions["prefill"](ids, self._positions[start:end], self._slots(end))

@@ -24,10 +24,11 @@ def _steps_logits(steps: Steps, tokens: list[int], split: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("ref", TINY)
 @pytest.mark.parametrize("spec", ["", "kv-fusion"])
-def test_eager_logits_match_hugging_face_forward(ref, spec, traced, hf_model):
+@pytest.mark.parametrize("sdpa", [True, False], ids=["sdpa", "gqa-math"])
+def test_eager_logits_match_hugging_face_forward(ref, spec, sdpa, traced, hf_model):
     loaded, module = traced(ref)
     module, _ = PassManager(spec).run(module)
-    fns, kv = lower(module, loaded.weights)
+    fns, kv = lower(module, loaded.weights, sdpa=sdpa)
     steps = Steps(fns, max_seq_len=module.kv.max_seq_len, reset=kv.reset)
     ours = _steps_logits(steps, TOKENS, split=11)
     with torch.inference_mode():
