@@ -160,17 +160,15 @@ def _attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos: Tensor, slot
 
 
 def _gqa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """Attention written out, q heads grouped per KV head (no K/V copies). Used where SDPA's
-    kernel choice puts stride guards on the dynamic slot count (torch.export on CUDA)."""
-    b, h, t, d = q.shape
-    kvh, length = k.shape[1], k.shape[2]
-    g = h // kvh
-    qg = q.reshape(b, kvh, g * t, d)  # [1, KV, G*T, D]: rows (group member, token)
-    scores = (qg @ k.transpose(-1, -2)) * scale  # [1, KV, G*T, L]
-    rows = mask[None].expand(g, t, length).reshape(g * t, length)  # [G*T, L]
-    scores = scores.masked_fill(~rows, float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ v  # [1, KV, G*T, D]
-    return out.reshape(b, h, t, d)
+    """Attention written out, K/V heads repeated for their query groups. Used where SDPA's
+    kernel choice puts stride guards on the dynamic sizes (torch.export on CUDA); grouping q
+    instead of repeating K/V would merge T into another dim, which guards the same way."""
+    g = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(g, dim=1)  # [1, H, L, D]
+    v = v.repeat_interleave(g, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale  # [1, H, T, L]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v  # [1, H, T, D]
 
 
 KERNELS = {

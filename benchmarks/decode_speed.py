@@ -22,8 +22,9 @@ PROMPT = "Write a Python function that checks if a number is prime."
 
 
 def hf_row(model_ref: str, prompt_ids: list[int], n: int):
-    from arc.models import loader
     from transformers import AutoModelForCausalLM
+
+    from arc.models import loader
 
     _, directory = loader.resolve(model_ref)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()

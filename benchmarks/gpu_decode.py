@@ -26,10 +26,20 @@ def build_model(out: Path) -> Path:
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-        rms_norm_eps=1e-5, rope_theta=1e5, tie_word_embeddings=True, initializer_range=0.05,
-        eos_token_id=258, bos_token_id=None, pad_token_id=None,
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=1e5,
+        tie_word_embeddings=True,
+        initializer_range=0.05,
+        eos_token_id=258,
+        bos_token_id=None,
+        pad_token_id=None,
     )
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(out)
     byte_tokenizer().save_pretrained(out)
@@ -49,7 +59,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     model_dir = build_model(work / "smol-shaped")
     summary = compile_model(
-        str(model_dir), work / "gpu.arc",
+        str(model_dir),
+        work / "gpu.arc",
         CompileOptions(device="cuda", spec="kv-fusion", max_seq_len=1024),
     )
     print(f"compiled for {torch.cuda.get_device_name()} in {summary['compile_s']:.1f} s")
@@ -61,12 +72,14 @@ def main() -> None:
 
     def hf_run():
         with torch.inference_mode():
+
             def gen(k):
                 torch.cuda.synchronize()
                 t = time.perf_counter()
                 out = hf.generate(ids, do_sample=False, max_new_tokens=k, min_new_tokens=k)
                 torch.cuda.synchronize()
-                return time.perf_counter() - t, out[0, len(prompt):].tolist()
+                return time.perf_counter() - t, out[0, len(prompt) :].tolist()
+
             t1, _ = gen(1)
             tn, toks = gen(n)
         return (n - 1) / (tn - t1), toks

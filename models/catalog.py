@@ -16,10 +16,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from arc.models import gguf, tiny
-
 from arc.cache import cache_dir
 from arc.errors import ArcError
+from arc.models import gguf, tiny
 
 
 @dataclass(frozen=True)

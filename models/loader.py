@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from arc.models import FAMILIES, catalog, gguf
-
 from arc.errors import ArcError, UnsupportedError
+from arc.models import FAMILIES, catalog, gguf
 
 
 @dataclass

@@ -67,12 +67,21 @@ def build(
     artifacts = {}
     for name, fn in fns.items():
         path = workdir / f"{name}.pt2"
-        _aot_compile(fn, name, module.kv.max_seq_len, device, path)
+        _aot_compile(fn, name, module.kv.max_seq_len, _full_slots(info), device, path)
         artifacts[f"{name}.pt2"] = path
     return info, artifacts
 
 
-def _aot_compile(fn, name: str, max_seq_len: int, device: str, path: Path) -> None:
+def _full_slots(info: dict[str, Any]) -> bool:
+    """CUDA AOT graphs read the whole cache (static L): torch.export on CUDA leaves stride
+    guards on a dynamic slot count that it cannot prove; a GPU reads a 2k-slot cache in
+    microseconds, so little is lost. CPU graphs read only the filled part (dynamic L)."""
+    return info.get("device") == "cuda" and info.get("mode") == "aot"
+
+
+def _aot_compile(
+    fn, name: str, max_seq_len: int, full_slots: bool, device: str, path: Path
+) -> None:
     import warnings
 
     from torch.export import Dim, export
@@ -81,9 +90,9 @@ def _aot_compile(fn, name: str, max_seq_len: int, device: str, path: Path) -> No
     sample = (
         torch.zeros(1, t, dtype=torch.long, device=device),
         torch.arange(t, device=device),
-        torch.arange(t + 3, device=device),
+        torch.arange(max_seq_len if full_slots else t + 3, device=device),
     )
-    dims: dict[str, Any] = {"slots": {0: Dim("L", min=1, max=max_seq_len)}}
+    dims: dict[str, Any] = {"slots": None if full_slots else {0: Dim("L", min=1, max=max_seq_len)}}
     if name != "decode":
         # T >= 2: a one-token chunk goes to decode (Steps.prefill), and with T == 1 allowed,
         # export on CUDA cannot prove stride guards that differ for size-1 dims.
@@ -140,7 +149,9 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
         calls = {k: torch.compile(fn, dynamic=True) for k, fn in fns.items()}
     else:
         calls = dict(fns)
-    return Steps(calls, max_seq_len=module.kv.max_seq_len, device=device, reset=kv.reset)
+    seq = module.kv.max_seq_len
+    bucket = seq if _full_slots({"device": device, **info}) else 64
+    return Steps(calls, max_seq_len=seq, device=device, reset=kv.reset, bucket=bucket)
 
 
 def _load_aot(fns: dict, kv, root: Path) -> dict:

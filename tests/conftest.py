@@ -41,8 +41,9 @@ def traced():
 @pytest.fixture(scope="session")
 def hf_model():
     """model ref -> the Hugging Face model (fp32, eval) from the same weights."""
-    from arc.models import loader
     from transformers import AutoModelForCausalLM
+
+    from arc.models import loader
 
     cache: dict = {}
 
