@@ -215,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--torch-mode",
         choices=["aot", "jit", "eager"],
-        default="aot",
-        help="torch target: AOTInductor package (aot), torch.compile at load, or eager",
+        help="torch target: AOTInductor package (aot, default on CPU), torch.compile at load "
+        "(jit), or eager (default on CUDA)",
     )
     c.add_argument("--print-after", help="print the IR after these passes (comma list)")
     c.add_argument("--dump-ir", help="write the IR before and after each pass to this directory")

@@ -56,9 +56,16 @@ def _device_info(device: str) -> dict[str, Any]:
 def build(
     module: Module, weights: dict, device: str, workdir: Path, options: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Path]]:
-    mode = options.get("mode") or "aot"
+    mode = options.get("mode") or ("aot" if device == "cpu" else "eager")
     if mode not in MODES:
         raise UnsupportedError(f"torch mode {mode!r}; choose from {', '.join(MODES)}")
+    if mode == "aot" and device == "cuda":
+        # Built and exported on an H100 (torch 2.11), but loading the package segfaulted in
+        # testing; refuse rather than hand out an engine that crashes.
+        raise UnsupportedError(
+            "torch AOT engines for CUDA are not verified yet (their load crashed in testing); "
+            "use --torch-mode eager or jit with --device cuda"
+        )
     info = {"mode": mode, "device": device, **_device_info(device)}
     if mode != "aot":
         return info, {}

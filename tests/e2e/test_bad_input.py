@@ -127,6 +127,15 @@ def test_bad_pass_spec_and_unbuilt_target(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_cuda_without_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    done = arc("compile", "tiny-llama", "--device", "cuda", "-o", str(tmp_path / "x.arc"))
+    assert_clean_error(done, "no CUDA GPU is visible")
+
+
 def test_inspect_engine_and_model(engine):
     done = arc("inspect", str(engine))
     assert done.returncode == 0
