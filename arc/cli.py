@@ -27,10 +27,12 @@ def _stage_bar(enabled: bool):
     from tqdm import tqdm
 
     bar = tqdm(total=4, desc="compile", disable=not enabled, file=sys.stderr, leave=False)
+    started = []
 
-    def stage(name: str) -> None:
-        if bar.n or name != "load + trace":
+    def stage(name: str) -> None:  # a new stage: the one before it is done
+        if started:
             bar.update(1)
+        started.append(name)
         bar.set_description(name)
 
     return bar, stage
@@ -92,7 +94,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.max_new_tokens < 1:
         raise ArcError("--max-new-tokens must be at least 1")
     torch.set_num_threads(a.threads or torch.get_num_threads())
-    eng = load_engine(a.engine)
+    eng = load_engine(a.engine, progress=sys.stderr.isatty() and not a.json)
     ids = eng.prompt_ids(a.prompt, chat=not a.no_chat_template, system=a.system)
     sampling = SamplingParams(a.temperature, a.top_k, a.top_p, a.seed)
     stream = (lambda s: print(s, end="", flush=True)) if a.stream and not a.json else None

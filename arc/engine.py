@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
         return _manifest(zf, path)
 
 
-def open_engine(path: Path) -> Engine:
-    """Check everything in engine `path`, unpack its payloads to the cache, return them."""
+def open_engine(path: Path, progress: Callable[[int], object] = lambda n: None) -> Engine:
+    """Check everything in engine `path`, unpack its payloads to the cache, return them.
+
+    `progress(n)` is called with each n bytes checked (for a progress bar)."""
     path = Path(path)
     with _open_zip(path) as zf:
         manifest = _manifest(zf, path)
@@ -88,11 +91,13 @@ def open_engine(path: Path) -> Engine:
         tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".unpack-")) if fresh else None
         try:
             for name, want in manifest["files"].items():
-                _check_member(zf, path, name, want, tmp)
+                _check_member(zf, path, name, want, tmp, progress)
             if fresh:
                 (tmp / ".complete").write_text("ok")
-                shutil.rmtree(root, ignore_errors=True)
-                tmp.rename(root)
+                try:
+                    tmp.rename(root)  # atomic: a reader sees all payloads or none
+                except OSError:
+                    pass  # another process unpacked the same engine first; keep theirs
         finally:
             if tmp is not None and tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -132,7 +137,7 @@ def _manifest(zf: zipfile.ZipFile, path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_member(zf, path: Path, name: str, want: dict, unpack_to: Path | None) -> None:
+def _check_member(zf, path: Path, name: str, want: dict, unpack_to: Path | None, progress) -> None:
     try:
         info = zf.getinfo(name)
     except KeyError:
@@ -148,6 +153,7 @@ def _check_member(zf, path: Path, name: str, want: dict, unpack_to: Path | None)
         with zf.open(info) as src:
             while chunk := src.read(1 << 22):
                 h.update(chunk)
+                progress(len(chunk))
                 if dst:
                     dst.write(chunk)
     except (zipfile.BadZipFile, OSError, EOFError) as e:

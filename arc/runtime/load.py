@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,15 +36,27 @@ class LoadedEngine:
         return list(tok.encode(prompt, add_special_tokens=True))
 
 
-def load_engine(path: str | Path) -> LoadedEngine:
+def load_engine(path: str | Path, *, progress: bool = False) -> LoadedEngine:
+    """Check and load engine `path`; `progress` shows a bar (stderr) while payloads are checked."""
     from safetensors.torch import load_file
+    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     manifest = read_manifest(Path(path))  # cheap checks first: format, version, self-digest
     tinfo = manifest["target"]
     target = targets.get(tinfo["name"])
     target.check_engine(tinfo)  # device, GPU arch, torch version: before any native code
-    engine = open_engine(Path(path))  # every payload's size and SHA-256
+    total = sum(f["size"] for f in manifest["files"].values())
+    with tqdm(
+        total=total,
+        desc="check engine",
+        unit="B",
+        unit_scale=True,
+        leave=False,
+        disable=not progress,
+        file=sys.stderr,
+    ) as bar:
+        engine = open_engine(Path(path), bar.update)  # every payload's size and SHA-256
     try:
         module = module_from_json(manifest["ir"])
     except (KeyError, ValueError, TypeError) as e:

@@ -74,7 +74,7 @@ def test_records_and_instruments(traced, tmp_path):
     _, m = traced("tiny-llama")
     printed = []
     pm = PassManager(
-        "kv-fusion,probe-noop" if "probe-noop" in REGISTRY else "kv-fusion",
+        "kv-fusion",
         instruments=[PrintAfter(["kv-fusion"], write=printed.append), DumpDir(tmp_path)],
     )
     out, records = pm.run(m)
