@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -12,3 +14,20 @@ def cache_dir(*parts: str) -> Path:
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def atomic_dir(out: Path, make: Callable[[Path], object]) -> Path:
+    """Build directory `out` with `make(tmp)` in a sibling temp dir, then rename it into place,
+    so a crash or a failed build never leaves half of it."""
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        make(tmp)
+        if out.exists():
+            out.rmdir()  # the empty placeholder cache_dir() made
+        tmp.rename(out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

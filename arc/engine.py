@@ -55,6 +55,9 @@ def write_engine(out: Path, manifest: dict[str, Any], payloads: dict[str, Path])
             zf.writestr(MANIFEST_SHA, hashlib.sha256(text).hexdigest())
             for name, path in payloads.items():
                 zf.write(path, name)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an engine is an ordinary file
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from arc.cache import cache_dir
+from arc.cache import atomic_dir, cache_dir
 from arc.errors import ArcError
 from arc.models import gguf, tiny
 
@@ -44,17 +44,8 @@ def resolve(name: str) -> Path:
     if (out / "config.json").exists():
         return out
     if name in tiny.KINDS:
-        return _atomic_dir(out, lambda tmp: tiny.build(name, tmp))
-    return _atomic_dir(out, lambda tmp: gguf.convert(_smollm2_gguf(), tmp))
-
-
-def _atomic_dir(out: Path, make) -> Path:
-    """Build into a sibling temp dir and rename, so a crash never leaves half a model."""
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    make(tmp)
-    out.rmdir()
-    tmp.rename(out)
-    return out
+        return atomic_dir(out, lambda tmp: tiny.build(name, tmp))
+    return atomic_dir(out, lambda tmp: gguf.convert(_smollm2_gguf(), tmp))
 
 
 def _smollm2_gguf() -> Path:

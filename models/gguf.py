@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from arc.cache import cache_dir
+from arc.cache import atomic_dir, cache_dir
 from arc.errors import ArcError
 
 
@@ -19,7 +19,7 @@ def cached_dir(path: Path) -> Path:
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
     out = cache_dir("gguf", f"{path.stem}-{key[:12]}")
     if not (out / "config.json").exists():
-        convert(path, out)
+        atomic_dir(out, lambda tmp: convert(path, tmp))
     return out
 
 

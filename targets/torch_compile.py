@@ -60,8 +60,10 @@ def build(
     if mode not in MODES:
         raise UnsupportedError(f"torch mode {mode!r}; choose from {', '.join(MODES)}")
     if mode == "aot" and device == "cuda":
-        # Built and exported on an H100 (torch 2.11), but loading the package segfaulted in
-        # testing; refuse rather than hand out an engine that crashes.
+        # Tried on an H100 (torch 2.11): export needs the written-out attention
+        # (lower(sdpa=False)) and a static slot count (dynamic L leaves stride guards export
+        # cannot prove); it then builds, but loading the package segfaulted. Refuse rather
+        # than hand out an engine that crashes; see docs/ARCHITECTURE.md.
         raise UnsupportedError(
             "torch AOT engines for CUDA are not verified yet (their load crashed in testing); "
             "use --torch-mode eager or jit with --device cuda"
@@ -74,21 +76,12 @@ def build(
     artifacts = {}
     for name, fn in fns.items():
         path = workdir / f"{name}.pt2"
-        _aot_compile(fn, name, module.kv.max_seq_len, _full_slots(info), device, path)
+        _aot_compile(fn, name, module.kv.max_seq_len, device, path)
         artifacts[f"{name}.pt2"] = path
     return info, artifacts
 
 
-def _full_slots(info: dict[str, Any]) -> bool:
-    """CUDA AOT graphs read the whole cache (static L): torch.export on CUDA leaves stride
-    guards on a dynamic slot count that it cannot prove; a GPU reads a 2k-slot cache in
-    microseconds, so little is lost. CPU graphs read only the filled part (dynamic L)."""
-    return info.get("device") == "cuda" and info.get("mode") == "aot"
-
-
-def _aot_compile(
-    fn, name: str, max_seq_len: int, full_slots: bool, device: str, path: Path
-) -> None:
+def _aot_compile(fn, name: str, max_seq_len: int, device: str, path: Path) -> None:
     import warnings
 
     from torch.export import Dim, export
@@ -97,9 +90,9 @@ def _aot_compile(
     sample = (
         torch.zeros(1, t, dtype=torch.long, device=device),
         torch.arange(t, device=device),
-        torch.arange(max_seq_len if full_slots else t + 3, device=device),
+        torch.arange(t + 3, device=device),
     )
-    dims: dict[str, Any] = {"slots": None if full_slots else {0: Dim("L", min=1, max=max_seq_len)}}
+    dims: dict[str, Any] = {"slots": {0: Dim("L", min=1, max=max_seq_len)}}
     if name != "decode":
         # T >= 2: a one-token chunk goes to decode (Steps.prefill), and with T == 1 allowed,
         # export on CUDA cannot prove stride guards that differ for size-1 dims.
@@ -140,11 +133,9 @@ def check_engine(info: dict[str, Any]) -> None:
 
 def _kernels(info: dict[str, Any]) -> dict[str, bool]:
     """Kernel forms per device and mode (see arc.lowering): compiled CPU code gets one-token
-    projections as fused reductions; CUDA gets attention written out, since SDPA's kernel
-    choice there guards on strides of the dynamic slot count and torch.export refuses it."""
+    projections as fused reductions (2.6x faster decode on a 2-core CPU)."""
     compiled = info.get("mode") in ("aot", "jit")
-    cpu = info.get("device", "cpu") == "cpu"
-    return {"gemv": cpu and compiled, "sdpa": cpu}
+    return {"gemv": info.get("device", "cpu") == "cpu" and compiled}
 
 
 def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device: str) -> Steps:
@@ -156,9 +147,7 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
         calls = {k: torch.compile(fn, dynamic=True) for k, fn in fns.items()}
     else:
         calls = dict(fns)
-    seq = module.kv.max_seq_len
-    bucket = seq if _full_slots({"device": device, **info}) else 64
-    return Steps(calls, max_seq_len=seq, device=device, reset=kv.reset, bucket=bucket)
+    return Steps(calls, max_seq_len=module.kv.max_seq_len, device=device, reset=kv.reset)
 
 
 def _load_aot(fns: dict, kv, root: Path) -> dict:
