@@ -16,6 +16,7 @@ from arc.errors import ArcError
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # arc reads local files only, never a hub
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -263,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `arc inspect ... | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ class PassInfo:
 
     @property
     def doc(self) -> str:
-        return (inspect.getdoc(inspect.getmodule(self.fn)) or "").split("\n")[0]
+        first = (inspect.getdoc(inspect.getmodule(self.fn)) or "").split("\n")[0]
+        return first.removeprefix(f"{self.name}: ")
 
 
 @dataclass

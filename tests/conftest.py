@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: no hub calls
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
