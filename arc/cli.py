@@ -136,7 +136,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     else:
         from arc.compiler import trace_model
 
-        _, module = trace_model(a.thing)
+        _, module = trace_model(a.thing, weights=False)
     if a.dot:
         if a.dot not in module.functions:
             raise ArcError(f"no function {a.dot!r}; have {', '.join(module.functions)}")

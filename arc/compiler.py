@@ -35,13 +35,14 @@ class CompileOptions:
     instruments: Sequence[Instrument] = ()
 
 
-def trace_model(ref: str, max_seq_len: int | None = None):
-    """(loaded model, traced Module) for a model reference."""
+def trace_model(ref: str, max_seq_len: int | None = None, *, weights: bool = True):
+    """(loaded model, traced Module) for a model reference; `weights=False` skips reading
+    the tensors (tracing needs only the config)."""
     from arc.models import loader
 
-    loaded = loader.load(ref)
+    loaded = loader.load(ref, weights=weights)
     limit = loaded.arch.max_positions
-    seq = max_seq_len or min(DEFAULT_MAX_SEQ_LEN, limit)
+    seq = min(DEFAULT_MAX_SEQ_LEN, limit) if max_seq_len is None else max_seq_len
     if seq < 2 or seq > limit:
         raise ArcError(f"--max-seq-len {seq} outside 2..{limit} (the model's positions)")
     meta = {
@@ -59,6 +60,8 @@ def compile_model(
 ) -> dict[str, Any]:
     """Build engine `out` for model `ref`; returns the `arc compile --json` summary."""
     t0 = time.perf_counter()
+    if opts.prefill_chunk < 1:
+        raise ArcError("--prefill-chunk must be at least 1")
     target = targets.get(opts.target)
     device = targets.resolve_device(target, opts.device)
     stage("load + trace")
