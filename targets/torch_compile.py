@@ -142,7 +142,7 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
     fns, kv = lower(module, weights, device, **_kernels({"device": device, **info}))
     mode = info.get("mode", "aot")
     if mode == "aot":
-        calls = _load_aot(fns, kv, root)
+        calls = _load_aot(fns, root)
     elif mode == "jit":
         calls = {k: torch.compile(fn, dynamic=True) for k, fn in fns.items()}
     else:
@@ -150,7 +150,7 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
     return Steps(calls, max_seq_len=module.kv.max_seq_len, device=device, reset=kv.reset)
 
 
-def _load_aot(fns: dict, kv, root: Path) -> dict:
+def _load_aot(fns: dict, root: Path) -> dict:
     """Load each package and bind our weight and KV tensors to it (shared, not copied).
 
     AOTInductor keeps raw pointers to user-managed constants and ignores strides, so every
