@@ -1,6 +1,7 @@
-"""The `arc` command: compile, run, inspect, passes, targets.
+"""The `arc` command: compile, run, inspect, passes, targets, cache.
 
-Exit codes: 0 success; 2 bad input (one line on stderr, no traceback); 1 a bug in arc.
+Exit codes: 0 success; 2 bad input (one line on stderr, no traceback); 1 a bug in arc;
+130 / 143 interrupted by SIGINT / SIGTERM, after `with` blocks have cleaned up.
 """
 
 from __future__ import annotations
@@ -8,8 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import NoReturn
 
 from arc.errors import ArcError
 
@@ -50,7 +54,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     spec = a.passes if a.passes is not None else preset_spec(f"O{a.opt}")
     instruments = []
     if a.print_after:
-        instruments.append(PrintAfter(a.print_after.split(","), write=_stderr))
+        instruments.append(PrintAfter(a.print_after.split(","), write=_stderr))  # known names
+        _check_in_pipeline(a.print_after.split(","), spec)
     if a.dump_ir:
         instruments.append(DumpDir(Path(a.dump_ir)))
     opts = CompileOptions(
@@ -59,7 +64,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
         spec=spec,
         max_seq_len=a.max_seq_len,
         prefill_chunk=a.prefill_chunk,
-        target_options={"mode": a.torch_mode},
+        target_options={"mode": a.torch_mode, "cpu": a.cpu},
         instruments=instruments,
     )
     bar, stage = _stage_bar(sys.stderr.isatty() and not a.json)
@@ -83,6 +88,17 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr)
 
 
+def _check_in_pipeline(names: list[str], spec: str) -> None:
+    """--print-after a pass this pipeline does not run would print nothing: say so instead."""
+    from arc.pipeline import parse_spec
+
+    running = [n for n, _ in parse_spec(spec)]
+    for name in filter(None, (n.strip() for n in names)):
+        if name not in running:
+            have = ", ".join(running) or "no passes"
+            raise ArcError(f"--print-after {name}: not in this pipeline ({have})")
+
+
 # ---------------------------------------------------------------- run
 
 
@@ -94,10 +110,12 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     if a.max_new_tokens < 1:
         raise ArcError("--max-new-tokens must be at least 1")
+    if a.threads is not None and a.threads < 1:
+        raise ArcError("--threads must be at least 1")
+    sampling = SamplingParams(a.temperature, a.top_k, a.top_p, a.seed).validate()
     torch.set_num_threads(a.threads or torch.get_num_threads())
     eng = load_engine(a.engine, progress=sys.stderr.isatty() and not a.json)
     ids = eng.prompt_ids(a.prompt, chat=not a.no_chat_template, system=a.system)
-    sampling = SamplingParams(a.temperature, a.top_k, a.top_p, a.seed)
     stream = (lambda s: print(s, end="", flush=True)) if a.stream and not a.json else None
     with torch.inference_mode():
         r = eng.generator.generate(
@@ -123,13 +141,14 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from arc.ir import format_module, module_from_json, to_dot
+    from arc.ir import format_module, to_dot
 
     if Path(a.thing).is_file() and not a.thing.endswith(".gguf"):
         from arc.engine import read_manifest
+        from arc.manifest import module_of
 
-        m = read_manifest(Path(a.thing))
-        module = module_from_json(m["ir"])
+        m = read_manifest(Path(a.thing))  # schema-checked: the summary's keys are all there
+        module = module_of(m, a.thing)
         if not (a.ir or a.dot):
             print(_engine_summary(a.thing, m, module))
             return 0
@@ -160,6 +179,13 @@ def _engine_summary(path: str, m: dict, module) -> str:
         f"compile   {m['compile_s']:.1f} s (backend build {m['build_s']:.1f} s)",
         f"passes    {m['pipeline'] or '(none)'}",
     ]
+    if "march" in m["target"]:
+        flags = m["target"].get("cpu_flags")
+        lines.insert(
+            3,
+            f"cpu       -march={m['target']['march']}  built on {m['target'].get('cpu_name')}"
+            f"  needs {' '.join(flags) if isinstance(flags, list) else '?'}",
+        )
     for r in m["passes"]:
         lines.append(
             f"  {r['name']:<14} {r['wall_ms']:8.2f} ms  nodes {r['nodes_in']} -> {r['nodes_out']}"
@@ -189,6 +215,12 @@ def cmd_passes(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(a: argparse.Namespace) -> int:
+    from arc.cache_cmd import cache_command
+
+    return cache_command(a.action, a.older_than, a.dry_run, a.json)
+
+
 def cmd_targets(a: argparse.Namespace) -> int:
     from arc.targets import cuda_available, describe
 
@@ -202,8 +234,15 @@ def cmd_targets(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"arc: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="arc", description="A compiler for autoregressive decoding.")
+    p = _Parser(prog="arc", description="A compiler for autoregressive decoding.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("compile", help="trace MODEL, run passes, build for a target, write .arc")
@@ -220,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["aot", "jit", "eager"],
         help="torch target: AOTInductor package (aot, default on CPU), torch.compile at load "
         "(jit), or eager (default on CUDA)",
+    )
+    c.add_argument(
+        "--cpu",
+        choices=["native", "x86-64-v3", "x86-64-v4"],
+        default="native",
+        help="CPU the native code is built for: this one (native, default), or any x86-64-v3 "
+        "(AVX2) / x86-64-v4 (AVX-512) CPU",
     )
     c.add_argument("--print-after", help="print the IR after these passes (comma list)")
     c.add_argument("--dump-ir", help="write the IR before and after each pass to this directory")
@@ -251,11 +297,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("passes", help="registered passes and -O presets").set_defaults(fn=cmd_passes)
     sub.add_parser("targets", help="targets, devices, installed").set_defaults(fn=cmd_targets)
+
+    k = sub.add_parser("cache", help="list arc's cache (converted models, unpacked engines)")
+    k.add_argument(
+        "action",
+        nargs="?",
+        choices=["list", "prune"],
+        default="list",
+        help="list entries (default), or prune: free those no process is using",
+    )
+    k.add_argument(
+        "--older-than",
+        metavar="AGE",
+        help="only entries unused for AGE (7d, 12h, 30m; a bare number is days)",
+    )
+    k.add_argument("--dry-run", action="store_true", help="prune: say what would be freed")
+    k.add_argument("--json", action="store_true", help="print one JSON object")
+    k.set_defaults(fn=cmd_cache)
     return p
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so `with` blocks clean up (temporary build dirs)."""
+
+
+def _on_sigterm(signum, frame) -> NoReturn:
+    raise _Terminated
+
+
+def _handle_sigterm():
+    """Install the SIGTERM handler (main thread only); returns the one it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = _handle_sigterm()
     try:
         _quiet_libraries()
         return args.fn(args)
@@ -264,9 +343,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except _Terminated:
+        return 128 + signal.SIGTERM
     except BrokenPipeError:  # `arc inspect ... | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ from arc.pipeline import Instrument, PassContext, PassManager, format_spec, reco
 from arc.trace import trace
 
 DEFAULT_MAX_SEQ_LEN = 2048
+# The AOT build exports prefill with a 4-token, 7-slot example (T and L are dynamic dims bounded
+# by the cache), so fewer than 7 slots fail deep in torch.export; 16 leaves margin for that
+# example to change, and a smaller cache is of no use for decoding anyway.
+MIN_SEQ_LEN = 16
 
 
 @dataclass
@@ -43,8 +47,13 @@ def trace_model(ref: str, max_seq_len: int | None = None, *, weights: bool = Tru
     loaded = loader.load(ref, weights=weights)
     limit = loaded.arch.max_positions
     seq = min(DEFAULT_MAX_SEQ_LEN, limit) if max_seq_len is None else max_seq_len
-    if seq < 2 or seq > limit:
-        raise ArcError(f"--max-seq-len {seq} outside 2..{limit} (the model's positions)")
+    if limit < MIN_SEQ_LEN:
+        raise ArcError(f"the model has only {limit} positions; arc needs at least {MIN_SEQ_LEN}")
+    if seq < MIN_SEQ_LEN or seq > limit:
+        raise ArcError(
+            f"--max-seq-len {seq} outside {MIN_SEQ_LEN}..{limit} "
+            f"(at least {MIN_SEQ_LEN} KV slots; at most the model's positions)"
+        )
     meta = {
         "family": loaded.family.FAMILY,
         "model_type": loaded.arch.model_type,
@@ -60,6 +69,7 @@ def compile_model(
 ) -> dict[str, Any]:
     """Build engine `out` for model `ref`; returns the `arc compile --json` summary."""
     t0 = time.perf_counter()
+    check_output(out)  # before the minutes of tracing and building, not after
     if opts.prefill_chunk < 1:
         raise ArcError("--prefill-chunk must be at least 1")
     target = targets.get(opts.target)
@@ -113,6 +123,25 @@ def compile_model(
         "build_s": manifest["build_s"],
         "size_bytes": out.stat().st_size,
     }
+
+
+def check_output(out: Path) -> None:
+    """Refuse an engine path that cannot be written: an existing directory or non-file, a
+    missing or unwritable directory (probed by creating a file there, which also holds for root
+    and read-only mounts)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ArcError(f"-o {out} is a directory; name the engine file, e.g. {out / 'model.arc'}")
+    if out.exists() and not out.is_file():
+        raise ArcError(f"-o {out} exists and is not a regular file")
+    parent = out.parent
+    if not parent.is_dir():
+        raise ArcError(f"-o {out}: directory {parent} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise ArcError(f"-o {out}: cannot write in {parent} ({e.strerror or e})") from None
 
 
 def _save_weights(weights, path: Path) -> Path:

@@ -5,6 +5,12 @@ records, decode plan, the IR, and the SHA-256 and size of every payload; `manife
 holds the digest of manifest.json itself, so a hand edit is caught. Reading checks all of that
 before any native code (an AOTInductor .so, say) is loaded, and never unpickles anything.
 Writing goes to a temporary file renamed into place: a failed compile leaves no half file.
+
+Trust: the digests catch corruption, not tampering (anyone can recompute them), and an engine
+holds native code; run only engines you trust, as with any executable. What reading does
+guarantee, for any file at all: payload names come from one allowlist (`allowed_payload`) and
+are all checked before anything is written, so nothing lands outside arc's cache; members must
+be stored (not compressed: no zip bombs), unique, and listed in the manifest.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import struct
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -28,6 +36,39 @@ FORMAT = "arc-engine"
 FORMAT_VERSION = 1
 MANIFEST, MANIFEST_SHA = "manifest.json", "manifest.sha256"
 WEIGHTS = "weights.safetensors"
+ARTIFACTS, TOKENIZER = "artifacts", "tokenizer"
+MAX_MANIFEST = 64 << 20  # the IR of a 70B model is a few MB; this is read into memory
+
+# The payload names arc writes: top-level files, and one level of files in these directories.
+# A new target that stores more adds its names here, and nowhere else.
+PAYLOAD_FILES = frozenset({WEIGHTS})
+PAYLOAD_DIRS = frozenset({ARTIFACTS, TOKENIZER})
+_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")  # no '/', '\\', NUL, leading dot
+# zip errors that mean "damaged file" (zipfile raises all of these on crafted input)
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+    struct.error,
+)
+
+
+def allowed_payload(name: object) -> bool:
+    """Whether `name` is a payload name arc writes: `weights.safetensors`, `artifacts/<file>`,
+    `tokenizer/<file>`. Relative POSIX names only: no absolute path, `..`, backslash, empty or
+    hidden part, so a name can never point outside the directory it is unpacked into."""
+    if not isinstance(name, str):
+        return False
+    parts = name.split("/")
+    if not all(_PART.fullmatch(p) for p in parts):
+        return False
+    if len(parts) == 1:
+        return name in PAYLOAD_FILES
+    return len(parts) == 2 and parts[0] in PAYLOAD_DIRS
 
 
 def _sha256_file(path: Path) -> str:
@@ -76,7 +117,8 @@ class Engine:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    """The checked manifest of engine `path` (format, version, self-digest); payloads unread."""
+    """The checked manifest of engine `path` (format, version, self-digest, schema, payload
+    names, zip members); payloads unread."""
     with _open_zip(path) as zf:
         return _manifest(zf, path)
 
@@ -87,8 +129,8 @@ def open_engine(path: Path, progress: Callable[[int], object] = lambda n: None) 
     `progress(n)` is called with each n bytes checked (for a progress bar)."""
     path = Path(path)
     with _open_zip(path) as zf:
-        manifest = _manifest(zf, path)
-        digest = hashlib.sha256(zf.read(MANIFEST)).hexdigest()
+        manifest = _manifest(zf, path)  # every name checked here, before anything is written
+        digest = hashlib.sha256(_read(zf, MANIFEST, path)).hexdigest()
         root = cache_dir("engines") / digest
         fresh = not (root / ".complete").exists()
         tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".unpack-")) if fresh else None
@@ -97,14 +139,26 @@ def open_engine(path: Path, progress: Callable[[int], object] = lambda n: None) 
                 _check_member(zf, path, name, want, tmp, progress)
             if fresh:
                 (tmp / ".complete").write_text("ok")
-                try:
-                    tmp.rename(root)  # atomic: a reader sees all payloads or none
-                except OSError:
-                    pass  # another process unpacked the same engine first; keep theirs
+                _place(tmp, root)
         finally:
             if tmp is not None and tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return Engine(path, manifest, root)
+
+
+def _place(tmp: Path, root: Path) -> None:
+    """Rename the verified unpack `tmp` to `root` (atomic: a reader sees all payloads or
+    none). If another process unpacked the same engine first, keep theirs; a `root` left
+    without `.complete` (a crash, or a hand-made directory) was never verified: replace it."""
+    for _ in range(2):
+        try:
+            tmp.rename(root)
+            return
+        except OSError:
+            if (root / ".complete").exists():
+                return
+            shutil.rmtree(root, ignore_errors=True)
+    raise EngineError(f"cannot unpack the engine into {root}: an unverified directory is there")
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
@@ -112,32 +166,95 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
         raise EngineError(f"{path}: no such engine file")
     try:
         return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise EngineError(f"{path}: not an arc engine, or truncated ({e})") from None
+    except _ZIP_ERRORS as e:
+        raise EngineError(f"{path}: not an arc engine, or truncated ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def _read(zf: zipfile.ZipFile, name: str, path: Path) -> bytes:
+    try:
+        return zf.read(name)
+    except _ZIP_ERRORS as e:
+        raise EngineError(f"{path}: {name} unreadable, engine corrupt ({_one_line(e)})") from None
 
 
 def _manifest(zf: zipfile.ZipFile, path: Path) -> dict[str, Any]:
-    names = set(zf.namelist())
+    from arc.manifest import validate
+
+    names = zf.namelist()
     if MANIFEST not in names or MANIFEST_SHA not in names:
         raise EngineError(f"{path}: not an arc engine (no manifest)")
+    _check_members(zf, path)  # before reading any member: stored, unique, not encrypted
+    if zf.getinfo(MANIFEST).file_size > MAX_MANIFEST:
+        raise EngineError(f"{path}: manifest.json is over {MAX_MANIFEST >> 20} MiB; not arc's")
+    text = _read(zf, MANIFEST, path)
     try:
-        text, want = zf.read(MANIFEST), zf.read(MANIFEST_SHA).decode().strip()
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise EngineError(f"{path}: manifest unreadable, engine corrupt ({e})") from None
+        want = _read(zf, MANIFEST_SHA, path).decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise EngineError(f"{path}: manifest.sha256 is not a digest, engine corrupt") from None
     if hashlib.sha256(text).hexdigest() != want:
         raise EngineError(f"{path}: manifest.json was modified (checksum mismatch); rebuild it")
     try:
         manifest = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise EngineError(f"{path}: manifest.json is not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise EngineError(f"{path}: manifest.json is not a JSON object")
     if manifest.get("format") != FORMAT:
-        raise EngineError(f"{path}: not an arc engine (format {manifest.get('format')!r})")
+        raise EngineError(f"{path}: not an arc engine (format {_short(manifest.get('format'))})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise EngineError(
-            f"{path}: engine format {manifest.get('format_version')} but this arc reads "
+            f"{path}: engine format {_short(manifest.get('format_version'))} but this arc reads "
             f"{FORMAT_VERSION}; rebuild it with arc {__version__}"
         )
+    validate(manifest, path)
+    _check_names(zf, manifest["files"], path)
     return manifest
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_members(zf: zipfile.ZipFile, path: Path) -> None:
+    """Refuse what arc never writes: duplicate names (which one would be read?), compressed
+    members (a small file could expand without bound), encrypted ones."""
+    seen: set[str] = set()
+    for info in zf.infolist():
+        name = _short(info.filename)
+        if info.filename in seen:
+            raise EngineError(f"{path}: member {name} appears twice; engine corrupt or crafted")
+        seen.add(info.filename)
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise EngineError(f"{path}: member {name} is compressed; arc engines store members")
+        if info.flag_bits & 0x1:
+            raise EngineError(f"{path}: member {name} is encrypted; not an arc engine")
+
+
+def _check_names(zf: zipfile.ZipFile, files: dict[str, Any], path: Path) -> None:
+    """Every payload name from the allowlist; every zip member a payload or the manifest."""
+    for name in files:
+        if not allowed_payload(name):
+            raise EngineError(
+                f"{path}: payload name {_short(name)} is not one arc writes "
+                f"({WEIGHTS}, {ARTIFACTS}/<file>, {TOKENIZER}/<file>); engine crafted or corrupt"
+            )
+    extra = set(zf.namelist()) - set(files) - {MANIFEST, MANIFEST_SHA}
+    if extra:
+        raise EngineError(f"{path}: member {_short(min(extra))} is not listed in the manifest")
+
+
+def _inside(root: Path, name: str) -> Path:
+    """`root / name`, checked to resolve inside `root` (names are allowlisted already; this
+    also holds if a directory on the way is a symlink)."""
+    dst = (root / name).resolve()
+    if not dst.is_relative_to(root.resolve()):
+        raise EngineError(f"payload {_short(name)} would be written outside {root}")
+    return dst
 
 
 def _check_member(zf, path: Path, name: str, want: dict, unpack_to: Path | None, progress) -> None:
@@ -150,8 +267,9 @@ def _check_member(zf, path: Path, name: str, want: dict, unpack_to: Path | None,
     h = hashlib.sha256()
     dst = None
     if unpack_to is not None:
-        (unpack_to / name).parent.mkdir(parents=True, exist_ok=True)
-        dst = open(unpack_to / name, "wb")
+        target = _inside(unpack_to, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        dst = open(target, "xb")  # x: never follow or reuse what is there
     try:
         with zf.open(info) as src:
             while chunk := src.read(1 << 22):
@@ -159,8 +277,10 @@ def _check_member(zf, path: Path, name: str, want: dict, unpack_to: Path | None,
                 progress(len(chunk))
                 if dst:
                     dst.write(chunk)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise EngineError(f"{path}: payload {name} unreadable, engine corrupt ({e})") from None
+    except _ZIP_ERRORS as e:
+        raise EngineError(
+            f"{path}: payload {name} unreadable, engine corrupt ({_one_line(e)})"
+        ) from None
     finally:
         if dst:
             dst.close()

@@ -4,10 +4,15 @@ Every target starts here: torch runs it (eager, torch.compile, or exported to an
 package), and the ONNX/TVM targets export it. Weights and the KV cache are buffers that the
 modules of one engine share (the same tensor objects), and the cache is updated in place.
 
-Calling convention of every lowered function (shapes with T new tokens, L slots read):
+Calling convention of a lowered function: its graph's inputs, in order. prefill and decode
+(shapes with T new tokens, L slots read):
     forward(tokens: i64[1, T], pos: i64[T], slots: i64[L]) -> logits f32[1, T or 1, vocab]
 `slots` are the KV positions attention may read this call (0..L-1); passing fewer than the
-cache holds is how a step reads only the filled part of a static cache.
+cache holds is how a step reads only the filled part of a static cache. A speculative verify
+(passes/spec_tree.py) with B tree nodes:
+    forward(tokens: i64[1, B], pos: i64[B], write: i64[B], visible: bool[B, L]) -> f32[1, B, vocab]
+`pos` is each node's position (prefix + depth), `write` the cache slot its K/V goes to, and
+`visible` which slots each node attends to (the committed prefix and its own ancestors).
 """
 
 from __future__ import annotations
@@ -61,6 +66,12 @@ class KVCache(nn.Module):
         for b in self.buffers():
             b.zero_()
 
+    def move(self, src: Tensor, dst: Tensor) -> None:
+        """Copy the K/V rows at slots `src` to slots `dst` in every layer (accepted tree nodes
+        move from their scratch slots to their place in the sequence)."""
+        for b in self.buffers():
+            b.index_copy_(2, dst, b.index_select(2, src))  # [1, KV, n, D]
+
 
 class GraphModule(nn.Module):
     """Runs one IR graph. Buffers: `w_*` weights (shared), `kv.k{i}`/`kv.v{i}` cache (shared)."""
@@ -85,12 +96,12 @@ class GraphModule(nn.Module):
     def w(self, name: str) -> Tensor:
         return getattr(self, buffer_name(name))
 
-    def forward(self, tokens: Tensor, pos: Tensor, slots: Tensor) -> Tensor:
+    def forward(self, *feeds: Tensor) -> Tensor:
         env: dict[int, object] = {}
-        feeds = {"tokens": tokens, "pos": pos, "slots": slots}
+        inputs = iter(feeds)  # the graph's inputs, in order
         for n in self.graph.nodes:
             if n.op is Op.INPUT:
-                env[n.id] = feeds[n.attrs["name"]]
+                env[n.id] = next(inputs)
             else:
                 env[n.id] = KERNELS[n.op](self, n, *[env[i] for i in n.inputs])
         return env[self.graph.outputs[0]]
@@ -106,13 +117,30 @@ def _rmsnorm(m: GraphModule, n: Node, x: Tensor) -> Tensor:
 
 def _linear(m: GraphModule, n: Node, x: Tensor) -> Tensor:
     w, b = m.w(n.attrs["w"]), n.attr("b")
-    if m.gemv and n.shape[-2] == 1:
+    t = n.shape[-2]
+    if m.gemv and isinstance(t, int) and 1 < t <= SMALL_T:
+        # A few tokens (a speculative verify): one fused reduction per (row, token), the row
+        # loop outermost, so each weight row streams from memory once and is re-read from L1
+        # for the other tokens. sgemm re-packs the weights per call and is slow at small M on
+        # this CPU; the reduction with tokens in vector lanes lets Inductor parallelize the
+        # reduction itself (a thread fork per row).
+        xc = x[0].contiguous()
+        # as_strided makes Inductor realize x: otherwise it inlines x's producer (SiLU,
+        # RMSNorm, the embedding gather) into the reduction and recomputes it for every row.
+        xc = torch.as_strided(xc, xc.shape, (xc.shape[1], 1))  # [T, K]
+        y = (w[:, None, :] * xc[None, :, :]).sum(-1)  # [N,1,K]*[1,T,K] -> [N, T]
+        y = y.t()[None]  # [1, T, N]
+        return y + m.w(b) if b else y
+    if m.gemv and t == 1:
         # One token: written as a reduction so a compiler (Inductor) emits one fused, threaded
         # GEMV. On a 2-core CPU MKL's M=1 sgemm runs single-threaded at ~10 GB/s of weights;
         # the fused reduction streams them at ~24 GB/s. Eager, this form would be slow.
         y = (x.unsqueeze(-2) * w).sum(-1)  # [1, 1, 1, K] * [N, K] -> [1, 1, N]
         return y + m.w(b) if b else y
     return F.linear(x, w, m.w(b) if b else None)
+
+
+SMALL_T = 32  # static token counts up to this use the small-T reduction form in _linear
 
 
 def _heads(x: Tensor, heads: int, head_dim: int) -> Tensor:
@@ -143,13 +171,20 @@ def _kv_write(m: GraphModule, n: Node, k: Tensor, v: Tensor, pos: Tensor) -> int
     return n.attrs["layer"]
 
 
-def _attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos: Tensor, slots: Tensor):
+def _attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos: Tensor, last: Tensor):
+    """`last` is `slots` [L] (causal, sliding) or the tree's `visible` mask [T, L] (tree)."""
     kc, vc = m.kv.layer(layer)
-    length = slots.shape[0]
+    kind, window = n.attrs["mask"], n.attr("window")
+    if kind == "tree":
+        mask, length = last, last.shape[1]
+        slots = torch.arange(length, device=last.device)  # [L]
+    else:
+        slots, length = last, last.shape[0]
+        mask = slots[None, :] <= pos[:, None]  # [T, L] causal over absolute positions
     k, v = kc[:, :, :length], vc[:, :, :length]  # [1, KV, L, D]
-    mask = slots[None, :] <= pos[:, None]  # [T, L] causal over absolute positions
-    if n.attrs["mask"] == "sliding":  # Mistral: key visible iff q_pos - k_pos < window
-        mask = mask & (pos[:, None] - slots[None, :] < n.attrs["window"])
+    if window:  # Mistral: key visible iff q_pos - k_pos < window. In a tree, a scratch slot's
+        # index is >= its node's position, so the test is exact while window > tree size.
+        mask = mask & (pos[:, None] - slots[None, :] < window)
     qh = _heads(q, n.attrs["heads"], n.attrs["head_dim"])  # [1, H, T, D]
     scale = n.attrs["head_dim"] ** -0.5
     if m.sdpa:

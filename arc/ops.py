@@ -21,7 +21,9 @@ class Op(str, Enum):
     SLICE = "slice"  # x[..., start:stop] (the outputs of a fused projection)
     ROPE = "rope"  # rotary position embedding (Su et al. 2021), half-split layout
     KV_WRITE = "kv_write"  # write k, v at positions into a layer's cache; yields the cache state
-    ATTENTION = "attention"  # q against the cache slots it reads, under a mask kind
+    ATTENTION = "attention"  # q against the cache slots it reads, under a mask kind:
+    #   causal|sliding: inputs (q, kv, pos, slots); tree: (q, kv, pos, visible) where
+    #   visible: bool[T, L] says which of the L slots each tree node sees (SpecInfer's tree mask)
     ADD = "add"
     MUL = "mul"
     SILU = "silu"
@@ -29,7 +31,7 @@ class Op(str, Enum):
     LM_HEAD = "lm_head"  # hidden -> logits, w=[vocab, hidden]
 
 
-MASK_KINDS = ("causal", "sliding")
+MASK_KINDS = ("causal", "sliding", "tree")
 
 # op -> number of tensor inputs
 ARITY: Mapping[Op, int] = {
@@ -109,6 +111,8 @@ def _attention(shapes, attrs, weights):
         raise ShapeError("attention: heads must be a multiple of kv_heads")
     if attrs["mask"] not in MASK_KINDS:
         raise ShapeError(f"attention: unknown mask kind {attrs['mask']!r}")
+    if attrs["mask"] == "tree" and tuple(shapes[3])[:1] != tuple(shapes[0])[1:2]:
+        raise ShapeError(f"attention: tree mask {shapes[3]} must be [T, L] for q {shapes[0]}")
     return shapes[0]
 
 

@@ -157,7 +157,16 @@ class VerifyInstrument(Instrument):
 
 
 class PrintAfter(Instrument):
+    """Prints the IR after the named passes (all passes when none are named)."""
+
     def __init__(self, names: Sequence[str] = (), write=print):
+        names = [n.strip() for n in names if n.strip()]
+        known = registry()
+        unknown = [n for n in names if n not in known]
+        if unknown:  # a typo would otherwise print nothing, silently
+            raise ArcError(
+                f"--print-after: unknown pass {unknown[0]!r}; known: {', '.join(sorted(known))}"
+            )
         self.names, self.write = set(names), write
 
     def after(self, name: str, module: Module) -> None:
@@ -170,6 +179,8 @@ class DumpDir(Instrument):
 
     def __init__(self, directory: Path):
         self.dir, self.count = Path(directory), 0
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ArcError(f"--dump-ir {self.dir} exists and is not a directory")
 
     def before(self, name: str, module: Module) -> None:
         if self.count == 0:
@@ -179,10 +190,13 @@ class DumpDir(Instrument):
         self._dump(name, module)
 
     def _dump(self, name: str, module: Module) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         stem = self.dir / f"{self.count:02d}-{name}"
-        stem.with_suffix(".ir").write_text(format_module(module))
-        stem.with_suffix(".json").write_text(dumps(module))
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            stem.with_suffix(".ir").write_text(format_module(module))
+            stem.with_suffix(".json").write_text(dumps(module))
+        except OSError as e:
+            raise ArcError(f"--dump-ir {self.dir}: cannot write ({e.strerror or e})") from None
         self.count += 1
 
 

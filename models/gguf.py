@@ -1,7 +1,9 @@
 """GGUF files -> a cached fp32 safetensors HF directory, via transformers' GGUF loader.
 
 transformers dequantizes the GGUF tensors (Q4_1, Q8_0, ...) to fp32 and maps llama.cpp's names
-to HF's; arc then reads the saved safetensors like any HF checkpoint.
+to HF's; arc then reads the saved safetensors like any HF checkpoint. Before that, the file's
+header and tensor table are read with the gguf package (seconds, nothing dequantized): a
+truncated file or an architecture arc does not support is refused up front.
 """
 
 from __future__ import annotations
@@ -9,15 +11,16 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from arc.cache import atomic_dir, cache_dir
-from arc.errors import ArcError
+from arc.cache import atomic_dir, cache_path, use_entry
+from arc.errors import ArcError, UnsupportedError
+from arc.models.guard import first_line, guarded
 
 
 def cached_dir(path: Path) -> Path:
     """The HF directory for GGUF `path`, converted once and cached by name, size and mtime."""
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-    out = cache_dir("gguf", f"{path.stem}-{key[:12]}")
+    out = cache_path("gguf", f"{path.stem}-{key[:12]}")
     if not (out / "config.json").exists():
         atomic_dir(out, lambda tmp: convert(path, tmp))
     return out
@@ -27,15 +30,17 @@ def convert(path: Path, out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ArcError(f"{path} is not a GGUF file")
-    try:
+    with use_entry(path):  # a GGUF in arc's cache (the downloaded smollm2) is held meanwhile
+        check(path)
         kw = dict(gguf_file=path.name)
-        tok = AutoTokenizer.from_pretrained(path.parent, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
-    except (ValueError, KeyError) as e:  # transformers' words for an architecture it can't map
-        raise ArcError(f"cannot read GGUF {path.name}: {str(e).splitlines()[0]}") from None
+        what = f"cannot read GGUF {path.name}"
+        tok = guarded(
+            f"{what} (tokenizer)", lambda: AutoTokenizer.from_pretrained(path.parent, **kw)
+        )
+        model = guarded(
+            what,
+            lambda: AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw),
+        )
     # Saved as plain fp32: forget the GGUF quantizer so save_pretrained writes real tensors.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -43,3 +48,35 @@ def convert(path: Path, out: Path) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def check(path: Path) -> str:
+    """The file's `general.architecture`, after checking it is a whole GGUF file of an
+    architecture arc supports; ArcError otherwise."""
+    from arc.models import FAMILIES
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ArcError(f"{path} is not a GGUF file")
+    arch = architecture(path)
+    if arch not in FAMILIES:
+        supported = ", ".join(sorted(FAMILIES))
+        raise UnsupportedError(
+            f"unsupported GGUF architecture {arch!r} in {path.name}; supported: {supported}"
+        )
+    return arch
+
+
+def architecture(path: Path) -> str:
+    """`general.architecture` via gguf's GGUFReader, which also checks that the header and every
+    tensor's data lie inside the file (a truncated download fails here, not mid-conversion)."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).fields.get("general.architecture")
+        arch = field.contents() if field is not None else None
+    except Exception as e:  # numpy / struct errors on a cut or garbled file
+        raise ArcError(f"GGUF {path.name} is truncated or corrupt ({first_line(e)})") from None
+    if not isinstance(arch, str):
+        raise ArcError(f"GGUF {path.name} does not name its architecture (general.architecture)")
+    return arch

@@ -7,8 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from arc.cache import EntryGone, use_entry
 from arc.errors import ArcError, UnsupportedError
 from arc.models import FAMILIES, catalog, gguf
+from arc.models.guard import first_line, guarded
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -39,18 +43,26 @@ def resolve(ref: str) -> tuple[str, Path]:
 
 
 def load(ref: str, *, weights: bool = True) -> LoadedModel:
+    try:
+        return _load(ref, weights)
+    except EntryGone:  # `arc cache prune` removed it between resolving and locking: rebuild
+        return _load(ref, weights)
+
+
+def _load(ref: str, weights: bool) -> LoadedModel:
     name, directory = resolve(ref)
-    cfg = _config(directory)
-    family = FAMILIES[cfg.model_type]
-    arch = family.arch_from_config(cfg, _rope(cfg)[1])
-    tensors = _weights(directory, family, arch, cfg) if weights else {}
-    return LoadedModel(name, directory, cfg, family, arch, tensors, _tokenizer(directory))
+    with use_entry(directory):  # a cache entry is held against prune while it is read
+        cfg = _config(directory)
+        family = FAMILIES[cfg.model_type]
+        arch = _arch(directory, family, cfg)
+        tensors = _weights(directory, family, arch, cfg) if weights else {}
+        return LoadedModel(name, directory, cfg, family, arch, tensors, _tokenizer(directory))
 
 
 def _config(directory: Path):
     from transformers import AutoConfig
 
-    raw = json.loads((directory / "config.json").read_text())
+    raw = _config_json(directory / "config.json")
     mtype = raw.get("model_type")
     if mtype not in FAMILIES:
         archs = ", ".join(raw.get("architectures") or []) or "?"
@@ -58,7 +70,37 @@ def _config(directory: Path):
         raise UnsupportedError(
             f"unsupported architecture {mtype!r} ({archs}); supported model types: {supported}"
         )
-    return AutoConfig.from_pretrained(directory)
+    return guarded(f"{directory}/config.json", lambda: AutoConfig.from_pretrained(directory))
+
+
+def _config_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise ArcError(f"{path} is not readable JSON ({first_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise ArcError(f"{path} is not a JSON object")
+    return raw
+
+
+def _arch(directory: Path, family, cfg):
+    """The family's Arch for `cfg`, or one line naming what in config.json does not fit."""
+    try:
+        arch = family.arch_from_config(cfg, _rope(cfg)[1])
+    except ArcError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
+        raise ArcError(f"{directory}/config.json: cannot read the architecture ({e})") from None
+    sizes = ("vocab", "hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate")
+    bad = [k for k in (*sizes, "max_positions") if not _positive_int(getattr(arch, k))]
+    if bad or arch.heads % arch.kv_heads or len(arch.windows) != arch.layers:
+        what = ", ".join(bad) or "heads / kv_heads / layer_types"
+        raise ArcError(f"{directory}/config.json: inconsistent model sizes ({what})")
+    return arch
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def _rope(cfg):
@@ -85,9 +127,7 @@ def _weights(directory: Path, family, arch, cfg) -> dict[str, Any]:
         raise ArcError(f"{directory} has no .safetensors weights (pickled weights are refused)")
     hf: dict[str, Any] = {}
     for f in files:
-        with safe_open(f, framework="pt") as sf:
-            for key in sf.keys():
-                hf[key] = sf.get_tensor(key)
+        hf |= guarded(f"cannot read weights {f}", lambda f=f: _read_safetensors(safe_open, f))
     out = {"rope.inv_freq": _rope(cfg)[0].float()}
     for ir_name, key in family.hf_weight_names(arch).items():
         if key not in hf:
@@ -99,10 +139,22 @@ def _weights(directory: Path, family, arch, cfg) -> dict[str, Any]:
     return out
 
 
+def _read_safetensors(safe_open, path: Path) -> dict[str, Any]:
+    with safe_open(path, framework="pt") as sf:
+        return {key: sf.get_tensor(key) for key in sf.keys()}
+
+
 def _tokenizer(directory: Path):
+    """The directory's own tokenizer: arc ships it in the engine, so a model without one (or
+    with one the tokenizers library cannot read) is refused here, before any build."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(directory)
+    if not any((directory / f).exists() for f in TOKENIZER_FILES):
+        raise ArcError(f"{directory} has no tokenizer (tokenizer.json or tokenizer.model)")
+    return guarded(
+        f"cannot read the tokenizer in {directory}",
+        lambda: AutoTokenizer.from_pretrained(directory),
+    )
 
 
 def eos_ids(loaded: LoadedModel) -> list[int]:

@@ -14,13 +14,16 @@ and checked before the package is loaded.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from arc import cpu as arc_cpu
 from arc.errors import EngineError, UnsupportedError
-from arc.ir import Module
+from arc.ir import Graph, Module
 from arc.lowering import lower
 from arc.ops import MASK_KINDS, Op
 from arc.runtime.steps import Steps
@@ -74,35 +77,76 @@ def build(
     workdir.mkdir(parents=True, exist_ok=True)
     fns, _ = lower(module, weights, device, **_kernels(info))
     artifacts = {}
-    for name, fn in fns.items():
-        path = workdir / f"{name}.pt2"
-        _aot_compile(fn, name, module.kv.max_seq_len, device, path)
-        artifacts[f"{name}.pt2"] = path
-    return info, artifacts
+    with _cpu_build(device, options.get("cpu") or "native") as cpu_info:
+        for name, fn in fns.items():
+            path = workdir / f"{name}.pt2"
+            _aot_compile(fn, module.functions[name], module.kv.max_seq_len, device, path)
+            artifacts[f"{name}.pt2"] = path
+    return info | cpu_info, artifacts
 
 
-def _aot_compile(fn, name: str, max_seq_len: int, device: str, path: Path) -> None:
+@contextmanager
+def _cpu_build(device: str, cpu: str) -> Iterator[dict[str, Any]]:
+    """Build CPU code for `--cpu cpu` (see arc.cpu), and yield what the manifest records of it:
+    `cpu`, `march`, `cpu_flags` (the extensions the code may use), `cpu_name`.
+
+    Inductor passes `-march` (default native) and, on top of it, its vector ISA's own options
+    (`-mavx512vnni`, `-mamx-tile`, ... where this CPU has them). So both are set here: the
+    march, and the vector ISAs Inductor may pick, cut to those within the march's extensions.
+    """
+    if device != "cpu":
+        yield {}
+        return
+    import torch._inductor.config as inductor_config
+    from torch._inductor import cpu_vec_isa
+
+    march, allowed = arc_cpu.build_target(cpu)
+    original = cpu_vec_isa.valid_vec_isa_list
+    usable = [
+        isa
+        for isa in _vec_isa_candidates(original())
+        if arc_cpu.gcc_flags_to_cpuinfo(isa.build_arch_flags()) <= allowed
+    ]
+    record = {"cpu": cpu, "march": march, "cpu_flags": sorted(allowed)}
+    cpu_vec_isa.valid_vec_isa_list = lambda: usable  # pick_vec_isa() reads it per call
+    try:
+        with inductor_config.patch({"cpp.march": march}):
+            yield record | {"cpu_name": arc_cpu.host_name()}
+    finally:
+        cpu_vec_isa.valid_vec_isa_list = original
+
+
+def _vec_isa_candidates(isas: list) -> list:
+    """Inductor's valid vector ISAs, plus AVX-512 without `-mavx512bf16`, so that an
+    x86-64-v4 build on a CPU with AVX512-BF16 still gets AVX-512 kernels (fp32 needs no BF16)."""
+    from torch._inductor.cpu_vec_isa import VecAVX512
+
+    class VecAVX512NoBF16(VecAVX512):
+        _is_avx512_bf16_supported = False
+
+        def __bool__(self) -> bool:
+            return True  # listed only where Inductor found VecAVX512 valid here
+
+        def build_arch_flags(self) -> str:
+            return self._arch_flags
+
+    out = []
+    for isa in isas:
+        out.append(isa)
+        if type(isa) is VecAVX512 and "bf16" in isa.build_arch_flags():
+            out.append(VecAVX512NoBF16())
+    return out
+
+
+def _aot_compile(fn, graph: Graph, max_seq_len: int, device: str, path: Path) -> None:
     import warnings
 
-    from torch.export import Dim, export
+    from torch.export import export
 
-    t = 1 if name == "decode" else 4  # a dynamic T needs an example of 2 or more
-    sample = (
-        torch.zeros(1, t, dtype=torch.long, device=device),
-        torch.arange(t, device=device),
-        torch.arange(t + 3, device=device),
-    )
-    dims: dict[str, Any] = {"slots": {0: Dim("L", min=1, max=max_seq_len)}}
-    if name != "decode":
-        # T >= 2: a one-token chunk goes to decode (Steps.prefill), and with T == 1 allowed,
-        # export on CUDA cannot prove stride guards that differ for size-1 dims.
-        tdim = Dim("T", min=2, max=max_seq_len)
-        dims |= {"tokens": {1: tdim}, "pos": {0: tdim}}
-    else:
-        dims |= {"tokens": None, "pos": None}
+    sample, dims = _export_inputs(graph, max_seq_len, device)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation noise
-        ep = export(fn, sample, dynamic_shapes=dims)
+        ep = export(fn, sample, dynamic_shapes={"feeds": dims})  # forward(*feeds)
         torch._inductor.aoti_compile_and_package(
             ep,
             package_path=str(path),
@@ -112,9 +156,40 @@ def _aot_compile(fn, name: str, max_seq_len: int, device: str, path: Path) -> No
         )
 
 
+def _export_inputs(graph: Graph, max_seq_len: int, device: str) -> tuple[tuple, tuple]:
+    """Example inputs and dynamic dims for `graph`'s inputs: symbol T (new tokens, >= 2: a
+    one-token chunk goes to decode, and with T == 1 allowed export on CUDA cannot prove
+    stride guards that differ for size-1 dims) and L (slots read); int dims stay static."""
+    from torch.export import Dim
+
+    syms = {"T": Dim("T", min=2, max=max_seq_len), "L": Dim("L", min=1, max=max_seq_len)}
+    sizes = {"T": 4, "L": min(37, max_seq_len - 1)}  # L unlike any static size: no unifying
+    samples, dims = [], []
+    for n in graph.inputs():
+        shape = [sizes.get(d, d) for d in n.attrs["shape"]]
+        if n.attrs["dtype"] == "bool":
+            samples.append(torch.ones(shape, dtype=torch.bool, device=device))
+        else:  # positions and slots must be valid indices: 0, 1, 2, ...
+            samples.append(torch.arange(_numel(shape), device=device).reshape(shape))
+        dyn = {i: syms[d] for i, d in enumerate(n.attrs["shape"]) if isinstance(d, str)}
+        dims.append(dyn or None)
+    return tuple(samples), tuple(dims)
+
+
+def _numel(shape: list[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
 def check_engine(info: dict[str, Any]) -> None:
     """Refuse, before loading native code, an artifact this machine cannot run."""
     device = info.get("device", "cpu")
+    if info.get("mode", "aot") not in MODES:
+        raise EngineError(
+            f"engine's torch mode {str(info.get('mode'))[:40]!r} is not one of {MODES}"
+        )
     if device == "cuda":
         if not torch.cuda.is_available():
             raise EngineError("engine was built for CUDA but no CUDA GPU is visible here")
@@ -128,6 +203,22 @@ def check_engine(info: dict[str, Any]) -> None:
         raise EngineError(
             f"engine's AOTInductor package needs torch {info.get('torch_version')}, "
             f"this is {torch.__version__}: rebuild it"
+        )
+    if info.get("mode") == "aot" and device == "cpu":
+        _check_cpu(info)
+
+
+def _check_cpu(info: dict[str, Any]) -> None:
+    """Refuse CPU code that uses an extension this CPU lacks (it would die with SIGILL)."""
+    flags = info.get("cpu_flags")
+    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+        raise EngineError("engine does not record the CPU extensions its code needs; rebuild it")
+    missing = arc_cpu.missing_flags(flags)
+    if missing:
+        built = f"-march={info.get('march')} on {info.get('cpu_name', 'another CPU')}"
+        raise EngineError(
+            f"engine's native code needs CPU extensions this CPU lacks: {', '.join(missing)} "
+            f"(built with {built}); rebuild it on this machine or with --cpu x86-64-v3"
         )
 
 
@@ -147,7 +238,9 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
         calls = {k: torch.compile(fn, dynamic=True) for k, fn in fns.items()}
     else:
         calls = dict(fns)
-    return Steps(calls, max_seq_len=module.kv.max_seq_len, device=device, reset=kv.reset)
+    return Steps(
+        calls, max_seq_len=module.kv.max_seq_len, device=device, reset=kv.reset, move=kv.move
+    )
 
 
 def _load_aot(fns: dict, root: Path) -> dict:
@@ -158,7 +251,7 @@ def _load_aot(fns: dict, root: Path) -> dict:
     """
     calls = {}
     for name, fn in fns.items():
-        compiled = torch._inductor.aoti_load_package(str(root / f"{name}.pt2"))
+        compiled = _load_package(root / f"{name}.pt2")
         ours = dict(fn.named_buffers())
         # Inductor may fold small constants (rope.inv_freq) into the code; bind the rest.
         expected = set(compiled.get_constant_fqns())
@@ -173,11 +266,26 @@ def _load_aot(fns: dict, root: Path) -> dict:
     return calls
 
 
+def _load_package(path: Path):
+    """aoti_load_package, without torch's warning that the package's vector ISA (AVX2 in an
+    x86-64-v3 build, say) is not this CPU's best: check_engine has checked what matters, that
+    this CPU has every extension the code uses."""
+    import logging
+
+    log = logging.getLogger("torch.export.pt2_archive._package")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return torch._inductor.aoti_load_package(str(path))
+    finally:
+        log.setLevel(level)
+
+
 def _boxed(compiled):
     """Call the package's runner directly: skips per-call pytree flattening (~2x less overhead)."""
     run = compiled.loader.boxed_run
 
-    def call(tokens, pos, slots):
-        return run([tokens, pos, slots])[0]
+    def call(*inputs):
+        return run(list(inputs))[0]
 
     return call

@@ -1,14 +1,18 @@
-"""The decode loop: chunked prefill, then one decode step per token (plain plan).
+"""Generation: chunked prefill, then the decode loop the engine's DecodePlan asks for:
+`plain` (one decode step per token, here) or `speculative` (arc/runtime/speculative.py).
 
-Stops on EOS (unless ignore_eos), on a stop string, at max_new_tokens, or when the cache is
-full. Reports prefill ms, decode ms and tok/s, forward passes, and accepted tokens per step.
+Both loops stop through one Stopper: on EOS (unless ignore_eos), on a stop string, at
+max_new_tokens, or when the cache is full, so a speculative run stops exactly where plain
+decoding would. Reports prefill ms, decode ms and tok/s, full-model forward passes, draft
+passes, and mean tokens per forward.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from arc.errors import ArcError
 from arc.runtime.sampling import Sampler, SamplingParams
@@ -23,18 +27,39 @@ class GenerationResult:
     prefill_ms: float
     decode_ms: float
     tokens_per_s: float
-    forward_passes: int
-    accepted_per_step: float
+    forward_passes: int  # full-model forwards after prefill (decode steps and verifies)
+    accepted_per_step: float  # mean tokens per verify (1.0 for plain decoding)
     stop_reason: str  # eos | stop_string | max_new_tokens | cache_full
+    draft_passes: int = 0  # forwards of a draft model (none for the training-free drafters)
+    verify_passes: int = 0  # tree verifies among forward_passes
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 class Generator:
-    def __init__(self, steps: Steps, tokenizer, eos_ids: Sequence[int], prefill_chunk: int = 256):
+    def __init__(
+        self,
+        steps: Steps,
+        tokenizer,
+        eos_ids: Sequence[int],
+        prefill_chunk: int = 256,
+        plan: Mapping[str, Any] | None = None,
+    ):
+        """`plan`: the engine's decode plan ({"kind", "options"}); speculative needs a verify."""
         self.steps, self.tok, self.eos = steps, tokenizer, set(eos_ids)
         self.chunk = prefill_chunk
+        self.plan = dict(plan or {"kind": "plain", "options": {}})
+        self.speculative = self.plan["kind"] == "speculative" and steps.has_verify
+        self._drafter = None  # made on first use; kept across requests (Token Recycling)
+
+    def drafter(self, vocab: int):
+        if self._drafter is None:
+            from arc.runtime import drafters
+
+            opts = self.plan["options"]
+            self._drafter = drafters.make(opts["draft"], opts, vocab)
+        return self._drafter
 
     def prefill(self, prompt_ids: list[int]):
         """Run the prompt through the cache in chunks; returns the last logits [vocab]."""
@@ -60,42 +85,78 @@ class Generator:
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
         on_text: Callable[[str], None] | None = None,
+        speculative: bool | None = None,
     ) -> GenerationResult:
+        """Generate after `prompt_ids`; `speculative=False` forces the plain loop."""
         sample = Sampler(sampling)
         t0 = time.perf_counter()
         logits = self.prefill(prompt_ids)
         out = [sample(logits)]
         t1 = time.perf_counter()
         text = _TextTracker(self.tok, on_text, stop)
-        reason = self._stop(out[-1], text, 1, max_new_tokens, ignore_eos)
-        forwards, pos = 0, len(prompt_ids)  # pos: where the newest token goes in the cache
-        while reason is None:
-            if pos >= self.steps.max_seq_len:
-                reason = "cache_full"
-                break
-            out.append(sample(self.steps.decode(out[-1], pos)))
-            pos, forwards = pos + 1, forwards + 1
-            reason = self._stop(out[-1], text, len(out), max_new_tokens, ignore_eos)
+        stopper = Stopper(self, out, text, max_new_tokens, ignore_eos)
+        reason = stopper.check(out[-1])
+        forwards = verifies = 0
+        if reason is None:
+            spec = self.speculative if speculative is None else speculative and self.speculative
+            if spec:
+                from arc.runtime.speculative import SpeculativeLoop
+
+                loop = SpeculativeLoop(
+                    self.steps, self.drafter(int(logits.shape[-1])), self.plan["options"]
+                )
+                history = list(prompt_ids) + out
+                reason, stats = loop.run(history, len(prompt_ids), sample, stopper)
+                forwards, verifies = stats.forward_passes, stats.verifies
+            else:
+                reason, forwards = self._plain(out, len(prompt_ids), sample, stopper)
         t2 = time.perf_counter()
         decode_s = t2 - t1
+        produced = len(out) - 1  # tokens after the first, which prefill produced
         return GenerationResult(
             prompt_ids=list(prompt_ids),
             token_ids=out,
             text=text.finish(out),
             prefill_ms=round((t1 - t0) * 1e3, 3),
             decode_ms=round(decode_s * 1e3, 3),
-            tokens_per_s=round(forwards / decode_s, 3) if forwards and decode_s > 0 else 0.0,
+            tokens_per_s=round(produced / decode_s, 3) if produced and decode_s > 0 else 0.0,
             forward_passes=forwards,
-            accepted_per_step=1.0,
+            accepted_per_step=round(produced / forwards, 3) if forwards else 1.0,
             stop_reason=reason,
+            verify_passes=verifies,
         )
 
-    def _stop(self, token: int, text, n: int, max_new: int, ignore_eos: bool) -> str | None:
-        if not ignore_eos and token in self.eos:
+    def _plain(self, out: list[int], pos: int, sample: Sampler, stopper) -> tuple[str, int]:
+        """One decode step per token; `pos` is where the newest token goes in the cache."""
+        forwards = 0
+        while True:
+            if pos >= self.steps.max_seq_len:
+                return "cache_full", forwards
+            tok = sample(self.steps.decode(out[-1], pos))
+            pos, forwards = pos + 1, forwards + 1
+            reason = stopper(tok)
+            if reason:
+                return reason, forwards
+
+
+class Stopper:
+    """The stop rules, shared by every loop: appends each new token to `out` and says why to
+    stop after it (eos, stop_string, max_new_tokens) or None."""
+
+    def __init__(self, gen: Generator, out: list[int], text, max_new: int, ignore_eos: bool):
+        self.eos, self.out, self.text = gen.eos, out, text
+        self.max_new, self.ignore_eos = max_new, ignore_eos
+
+    def __call__(self, token: int) -> str | None:
+        self.out.append(token)
+        return self.check(token)
+
+    def check(self, token: int) -> str | None:
+        if not self.ignore_eos and token in self.eos:
             return "eos"
-        if text.push(token):
+        if self.text.push(token):
             return "stop_string"
-        if n >= max_new:
+        if len(self.out) >= self.max_new:
             return "max_new_tokens"
         return None
 

@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from arc import targets
-from arc.engine import WEIGHTS, open_engine, read_manifest
-from arc.errors import EngineError
-from arc.ir import Module, module_from_json
+from arc.cache import EntryGone, EntryLock
+from arc.engine import ARTIFACTS, TOKENIZER, WEIGHTS, open_engine, read_manifest
+from arc.errors import ArcError, EngineError
+from arc.ir import Module
+from arc.manifest import module_of
 from arc.runtime.generate import Generator
+from arc.runtime.speculative import check_plan
 
 
 @dataclass
@@ -20,6 +23,7 @@ class LoadedEngine:
     module: Module
     generator: Generator
     tokenizer: Any
+    lock: Any = None  # holds the unpacked engine in the cache against `arc cache prune`
 
     def prompt_ids(self, prompt: str, *, chat: bool = True, system: str | None = None) -> list[int]:
         """Token ids for `prompt`, through the model's chat template when it has one."""
@@ -38,14 +42,22 @@ class LoadedEngine:
 
 def load_engine(path: str | Path, *, progress: bool = False) -> LoadedEngine:
     """Check and load engine `path`; `progress` shows a bar (stderr) while payloads are checked."""
-    from safetensors.torch import load_file
     from tqdm import tqdm
-    from transformers import AutoTokenizer
 
-    manifest = read_manifest(Path(path))  # cheap checks first: format, version, self-digest
+    manifest = read_manifest(Path(path))  # format, version, self-digest, schema, payload names
     tinfo = manifest["target"]
     target = targets.get(tinfo["name"])
-    target.check_engine(tinfo)  # device, GPU arch, torch version: before any native code
+    if manifest["device"] not in target.DEVICES:
+        raise EngineError(f"{path}: target {target.NAME} has no device {manifest['device']!r}")
+    target.check_engine(tinfo)  # device, GPU arch, CPU extensions, torch: before native code
+    module = module_of(manifest, path)
+    plan = manifest["decode_plan"]
+    if plan != {"kind": module.plan.kind, "options": dict(module.plan.options)}:
+        raise EngineError(f"{path}: decode_plan disagrees with the IR's plan")
+    try:
+        check_plan(plan["kind"], plan["options"], module)
+    except ArcError as e:
+        raise EngineError(f"{path}: {e}") from None
     total = sum(f["size"] for f in manifest["files"].values())
     with tqdm(
         total=total,
@@ -56,14 +68,65 @@ def load_engine(path: str | Path, *, progress: bool = False) -> LoadedEngine:
         disable=not progress,
         file=sys.stderr,
     ) as bar:
-        engine = open_engine(Path(path), bar.update)  # every payload's size and SHA-256
+        engine, lock = _open_locked(Path(path), bar.update)  # every payload's size, SHA-256
+    weights = _weights(engine, module, path)
     try:
-        module = module_from_json(manifest["ir"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise EngineError(f"{path}: IR in manifest unreadable ({e})") from None
-    weights = load_file(str(engine.file(WEIGHTS)))
-    steps = target.load(module, weights, engine.root / "artifacts", tinfo, manifest["device"])
-    tok = AutoTokenizer.from_pretrained(engine.root / manifest["tokenizer"]["dir"])
+        steps = target.load(module, weights, engine.root / ARTIFACTS, tinfo, manifest["device"])
+    except ArcError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a crafted IR that verifies but does not lower
+        raise EngineError(f"{path}: engine does not load ({_why(e)})") from None
+    tok = _tokenizer(engine.root / TOKENIZER, path)  # the verified payloads, nowhere else
     rt = manifest["runtime"]
-    gen = Generator(steps, tok, module.meta.get("eos_ids", []), prefill_chunk=rt["prefill_chunk"])
-    return LoadedEngine(manifest, module, gen, tok)
+    gen = Generator(
+        steps,
+        tok,
+        module.meta.get("eos_ids", []),
+        prefill_chunk=rt["prefill_chunk"],
+        plan=manifest["decode_plan"],
+    )
+    return LoadedEngine(manifest, module, gen, tok, lock)
+
+
+def _open_locked(path: Path, progress):
+    """Unpack (or find) the engine in the cache and hold it: a prune between the unpack and
+    the lock removes it, and then it is unpacked once more."""
+    for attempt in range(2):
+        engine = open_engine(path, progress)
+        try:
+            return engine, EntryLock(engine.root)
+        except EntryGone:
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _why(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:160]
+
+
+def _weights(engine, module: Module, path) -> dict:
+    """The engine's weights, checked against the weights its IR reads (name, shape): the engine
+    stores them materialized (fused ones concatenated), so lowering meets no missing or
+    misshapen tensor."""
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(engine.file(WEIGHTS)))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise EngineError(f"{path}: {WEIGHTS} unreadable ({_why(e)})") from None
+    for name in module.used_weights():
+        decl, have = module.weights[name], weights.get(name)
+        if have is None or tuple(have.shape) != tuple(decl.shape):
+            got = "missing" if have is None else f"shape {tuple(have.shape)}"
+            raise EngineError(f"{path}: weight {name[:60]!r} is {got}, the IR wants {decl.shape}")
+    return weights
+
+
+def _tokenizer(directory: Path, path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for bad files
+        raise EngineError(f"{path}: tokenizer unreadable ({_why(e)})") from None

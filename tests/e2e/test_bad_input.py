@@ -9,16 +9,13 @@ import zipfile
 import pytest
 
 from tests.e2e.cli import arc, arc_json, assert_clean_error
+from tests.e2e.engine_tools import craft
 
 
 @pytest.fixture(scope="module")
-def engine(engine_dir):
+def engine(eager_engine):
     """A small eager engine (no native artifact) to damage in several ways."""
-    out = engine_dir / "victim.arc"
-    arc_json(
-        "compile", "tiny-qwen2", "--torch-mode", "eager", "--max-seq-len", "64", "-o", str(out)
-    )
-    return out
+    return eager_engine
 
 
 def _rewrite(src, dst, edit_manifest=None, edit_payload=None, fix_digest=False):
@@ -42,8 +39,21 @@ def _run(path):
     return arc("run", str(path), "--prompt", "hi", "--max-new-tokens", "4")
 
 
-def test_good_engine_runs(engine):
-    assert _run(engine).returncode == 0
+def test_good_engine_runs(engine, hf_model):
+    """The undamaged engine decodes Hugging Face's greedy continuation of the chat-templated
+    prompt (so the refusals below are refusals of damage, not of everything)."""
+    from transformers import AutoTokenizer
+
+    from arc.models import loader
+    from tests.conftest import hf_greedy
+
+    r = arc_json("run", str(engine), "--prompt", "hi", "--max-new-tokens", "8", "--ignore-eos")
+    tok = AutoTokenizer.from_pretrained(loader.resolve("tiny-qwen2")[1])
+    msgs = [{"role": "user", "content": "hi"}]
+    want_prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
+    assert r["prompt_ids"] == list(want_prompt)
+    assert r["token_ids"] == hf_greedy(hf_model("tiny-qwen2"), r["prompt_ids"], 8, eos=None)
+    assert r["stop_reason"] == "max_new_tokens"
 
 
 def test_corrupted_payload_is_refused(engine, tmp_path):
@@ -71,7 +81,9 @@ def test_engine_for_other_torch_is_refused(engine, tmp_path):
         m["target"]["mode"], m["target"]["torch_version"] = "aot", "1.0.0"
         return m
 
-    bad = _rewrite(engine, tmp_path / "oldtorch.arc", edit_manifest=edit, fix_digest=True)
+    # an aot engine lists its artifact (the schema requires one); it is never loaded
+    artifact = {"artifacts/decode.pt2": b"not native code"}
+    bad = craft(engine, tmp_path / "oldtorch.arc", edit, extra=artifact)
     assert_clean_error(_run(bad), "needs torch 1.0.0")
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from tests.conftest import TINY, hf_greedy
 from tests.e2e.cli import arc_json
+from tests.e2e.recompile import compile_on_purpose, compiled_files, kernel_sources
 
 PROMPTS = [
     "Write a Python function that checks if a number is prime.",
@@ -15,21 +16,35 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def recompile_check_can_fail(tmp_path_factory):
+    """The no-recompile check below must see a compile when there is one: compiling on purpose
+    the same way (a fresh process, TORCHINDUCTOR_CACHE_DIR set) must trip both of its tests."""
+    cache = tmp_path_factory.mktemp("inductor-control")
+    compile_on_purpose(cache)
+    assert compiled_files(cache), "Inductor wrote nothing to TORCHINDUCTOR_CACHE_DIR"
+    assert kernel_sources(cache), "kernel names changed: update MARKERS in tests/e2e/recompile.py"
+
+
 @pytest.mark.parametrize("ref", TINY)
-def test_greedy_ids_equal_hugging_face(ref, tiny_engines, hf_model, tmp_path):
+def test_greedy_ids_equal_hugging_face(
+    ref, tiny_engines, hf_model, tmp_path, recompile_check_can_fail
+):
     inductor_cache = tmp_path / "inductor"
     inductor_cache.mkdir()
     env = {"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
+    verifies = 0
     for prompt in PROMPTS:
         r = arc_json(
             "run", str(tiny_engines[ref]), "--prompt", prompt, "--max-new-tokens", "40", env=env
         )
-        assert len(r["token_ids"]) >= 1 and r["forward_passes"] == len(r["token_ids"]) - 1
-        assert r["accepted_per_step"] == 1.0
+        # -O2 speculates: fewer forwards than tokens when drafts are accepted
+        assert len(r["token_ids"]) >= 1 and r["forward_passes"] <= len(r["token_ids"]) - 1
+        assert r["accepted_per_step"] >= 1.0
+        verifies += r["verify_passes"]
         want = hf_greedy(hf_model(ref), r["prompt_ids"], 40, eos=[258])
         assert r["token_ids"] == want, (ref, prompt)
-    # nothing was compiled at run time: inductor wrote no model kernel to its cache (torch
-    # itself compiles a few ~300-byte CPU feature probes, `__avx512_bf16_chk_kernel` and such)
-    sources = [p.read_text() for p in inductor_cache.rglob("*.cpp")]
-    assert not [s for s in sources if "cpp_fused" in s or "AOTInductorModel" in s]
-    assert sum(len(s) for s in sources) < 16_000, [len(s) for s in sources]
+    assert verifies > 0  # the AOT verify ran, and its output is HF's
+    # nothing was compiled at run time: Inductor left only torch's CPU feature probes
+    assert compiled_files(inductor_cache) == []
+    assert kernel_sources(inductor_cache) == []

@@ -1,0 +1,39 @@
+"""Training-free drafters for speculative decoding: each proposes scored drafted paths.
+
+A drafter's `propose(history, depth, budget)` returns {path: score}: paths are token tuples
+that would follow the last committed token, closed under prefixes, with scores in (0, 1] that
+do not grow along a path (a draft-side estimate that the model accepts the path). The tree
+builder (arc.runtime.tree.best_first) keeps the `budget` best. `observe(tree, best)` lets a
+drafter learn from each verify: `best[i]` is the model's argmax after tree node i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from arc.errors import ArcError
+from arc.runtime.tree import Tree
+
+Scored = dict[tuple[int, ...], float]
+
+
+class Drafter(Protocol):
+    name: str
+
+    def propose(self, history: list[int], depth: int, budget: int) -> Scored: ...
+
+    def observe(self, tree: Tree, best: list[int], topk: Any) -> None: ...
+
+
+def make(name: str, options: Mapping[str, Any], vocab: int) -> Drafter:
+    from arc.runtime.drafters import auto, ngram, recycle
+
+    static = options.get("shape") == "static"
+    if name == "ngram":
+        return ngram.NGram()
+    if name == "recycle":
+        return recycle.Recycle(vocab, static=static)
+    if name == "auto":
+        return auto.Merge([ngram.NGram(), recycle.Recycle(vocab, static=static)])
+    raise ArcError(f"drafter {name!r} is not available in this runtime")

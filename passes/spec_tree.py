@@ -1,0 +1,136 @@
+"""spec-tree: speculative decoding over a token tree — draft, verify in one forward, accept.
+
+What it does: adds a `verify` function to the Module, a copy of `decode` that runs a whole
+token tree of `budget + 1` nodes (the last committed token as root, plus drafted tokens) in
+one forward. Each node's K/V goes to a scratch slot (`write`), its rotary position is prefix
+length + depth (`pos`), and its attention reads the committed prefix and its own ancestors
+only (`visible`, the ATTENTION mask kind `tree`). It sets the DecodePlan to `speculative` so
+the runtime drafts a tree (arc/runtime/drafters), verifies it, accepts the longest path the
+model agrees with plus one bonus token, and moves the accepted K/V into place.
+
+Why it helps decoding: a decode step on a CPU is bound by reading every weight once. A verify
+forward over a handful of tokens reads the same weights once too, so when the model accepts
+k drafted tokens, one weight pass yields k + 1 tokens. Greedy acceptance keeps exactly the
+tokens plain decoding would produce; sampling uses multi-branch rejection sampling, which
+preserves the model's distribution. So the pass is lossless.
+
+Papers: SpecInfer (Miao et al. 2024, tree attention and multi-branch verification); Medusa
+(Cai et al. 2024, static trees); EAGLE-2 (Li et al. 2024, dynamic trees from draft
+confidence); Token Recycling (Luo et al. 2024, the `recycle` drafter); prompt lookup
+decoding (Saxena 2023) and Lookahead decoding (Fu et al. 2024) for `ngram` and `jacobi`.
+
+Preconditions: a `decode` function; the tree (budget + 1 nodes) fits the cache and every
+sliding window (a scratch slot's index stands in for its position in the window test).
+
+Before:  %2 = input slots  # i64[L]   %9 = attention(%5, %8, %1, %2, mask=causal)  # [1,1,576]
+After:   @verify: %2 = input write  # i64[9]   %3 = input visible  # bool[9,L]
+         %10 = attention(%6, %9, %1, %3, mask=tree)  # f32[1,9,576]
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import MappingProxyType
+
+from arc.errors import ArcError
+from arc.ir import DecodePlan, GraphBuilder, Module, Node, rebuild
+from arc.ops import Op
+from arc.pipeline import PassContext, register_pass
+
+DRAFTERS = ("ngram", "recycle", "jacobi", "self", "auto")
+SHAPES = ("static", "dynamic")
+MAX_BUDGET = 31  # verify compiles with static T = budget + 1; the small-T kernels go to 32
+
+
+@register_pass("spec-tree", after=("kv-fusion",))
+def spec_tree(
+    module: Module,
+    ctx: PassContext,
+    *,
+    draft: str = "auto",
+    budget: int = 7,
+    depth: int = 5,
+    shape: str = "dynamic",
+    adaptive: bool = True,
+) -> Module:
+    """Add `verify` (a tree of budget + 1 nodes) and a speculative DecodePlan."""
+    _check_options(module, draft, budget, depth, shape)
+    verify = _verify_graph(module, budget + 1)
+    functions = {**module.functions, "verify": verify}
+    plan = DecodePlan(
+        "speculative",
+        MappingProxyType(
+            {
+                "draft": draft,
+                "budget": budget,
+                "depth": depth,
+                "shape": shape,
+                "adaptive": adaptive,
+                "verify_tokens": budget + 1,
+            }
+        ),
+    )
+    return module.with_functions(functions, plan=plan)
+
+
+def _check_options(module: Module, draft: str, budget: int, depth: int, shape: str) -> None:
+    if "decode" not in module.functions:
+        raise ArcError("spec-tree: the module has no decode function")
+    if draft not in DRAFTERS:
+        raise ArcError(f"spec-tree: unknown drafter {draft!r}; choose from {', '.join(DRAFTERS)}")
+    if draft == "self" and "draft" not in module.functions:
+        raise ArcError(
+            "spec-tree: draft=self needs a `draft` function (layer-skip{mode=draft} before it)"
+        )
+    if shape not in SHAPES:
+        raise ArcError(f"spec-tree: unknown tree shape {shape!r}; choose static or dynamic")
+    if not 1 <= budget <= MAX_BUDGET:
+        raise ArcError(f"spec-tree: budget={budget} must be 1..{MAX_BUDGET} drafted nodes")
+    if not 1 <= depth <= budget:
+        raise ArcError(f"spec-tree: depth={depth} must be 1..budget ({budget})")
+    if 2 * (budget + 1) > module.kv.max_seq_len:
+        raise ArcError(
+            f"spec-tree: a tree of {budget + 1} nodes cannot fit a cache of "
+            f"{module.kv.max_seq_len} slots with room for the sequence; lower budget"
+        )
+    windows = [
+        n.attrs["window"]
+        for n in module.functions["decode"].nodes
+        if n.op is Op.ATTENTION and n.attr("window")
+    ]
+    if windows and budget + 1 >= min(windows):
+        raise ArcError(
+            f"spec-tree: a tree of {budget + 1} nodes must be smaller than the sliding "
+            f"window ({min(windows)}); lower budget"
+        )
+
+
+def _verify_graph(module: Module, nodes: int):
+    """`decode` rewritten for `nodes` tree nodes: static T, scratch writes, tree mask."""
+    decode = module.functions["decode"]
+    new: dict[str, int] = {}
+
+    def rewrite(b: GraphBuilder, n: Node, ins: list[int]):
+        if n.op is Op.INPUT:
+            return _input(b, n.attrs["name"], nodes, new)
+        if n.op is Op.KV_WRITE:
+            return b.add(Op.KV_WRITE, [ins[0], ins[1], new["write"]], **dict(n.attrs))
+        if n.op is Op.ATTENTION:
+            attrs = dict(n.attrs, mask="tree")
+            return b.add(Op.ATTENTION, [ins[0], ins[1], ins[2], new["visible"]], **attrs)
+        return None
+
+    g = rebuild(decode, module.weight_shapes(), rewrite)
+    return replace(g, name="verify")
+
+
+def _input(b: GraphBuilder, name: str, nodes: int, new: dict[str, int]) -> int:
+    if name == "tokens":
+        return b.input("tokens", (1, nodes), "i64")  # [1, B] tree tokens, root first
+    if name == "pos":
+        return b.input("pos", (nodes,), "i64")  # [B] prefix length + depth
+    if name == "slots":  # replaced: where each node writes, and what each node sees
+        new["write"] = b.input("write", (nodes,), "i64")  # [B] scratch cache slots
+        new["visible"] = b.input("visible", (nodes, "L"), "bool")  # [B, L] tree mask
+        return new["visible"]
+    raise ArcError(f"spec-tree: decode has an unexpected input {name!r}")

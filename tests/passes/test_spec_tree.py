@@ -1,0 +1,121 @@
+"""spec-tree: the verify function's structure, and its logits against sequential decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arc.errors import ArcError
+from arc.ir import dumps, loads
+from arc.lowering import lower
+from arc.ops import Op
+from arc.pipeline import PassManager
+from arc.runtime.steps import Steps
+from arc.runtime.tree import Tree
+from tests.conftest import TINY
+
+
+def test_structure(traced):
+    _, m = traced("tiny-llama")
+    out, _ = PassManager("kv-fusion,spec-tree{budget=5,depth=3}").run(m)
+    assert "verify" not in m.functions and m.plan.kind == "plain"  # the input is untouched
+    g = out.functions["verify"]
+    ins = {n.attrs["name"]: (n.shape, n.dtype) for n in g.inputs()}
+    assert ins == {
+        "tokens": ((1, 6), "i64"),
+        "pos": ((6,), "i64"),
+        "write": ((6,), "i64"),
+        "visible": ((6, "L"), "bool"),
+    }
+    write = next(n.id for n in g.inputs() if n.attrs["name"] == "write")
+    attn = [n for n in g.nodes if n.op is Op.ATTENTION]
+    assert len(attn) == m.kv.layers and {n.attrs["mask"] for n in attn} == {"tree"}
+    assert all(n.inputs[2] == write for n in g.nodes if n.op is Op.KV_WRITE)
+    assert g.node(g.outputs[0]).shape == (1, 6, 320)  # logits for every node
+    assert out.plan.kind == "speculative" and out.plan.options["verify_tokens"] == 6
+    assert out.functions["decode"] is not None and len(out.functions) == 3
+    assert dumps(loads(dumps(out))) == dumps(out)
+
+
+def _tree() -> Tree:
+    """root -> a -> b -> c, root -> d -> e, a -> f: branches at two depths."""
+    t = Tree(17)
+    t.add_path([40, 41, 42])
+    t.add_path([50, 51])
+    t.add_path([40, 60])
+    return t
+
+
+def _path_logits(steps: Steps, prefix: list[int], path: list[int]) -> torch.Tensor:
+    """Logits after each token of prefix[-1:] + path, decoding one token at a time."""
+    steps.reset()
+    steps.prefill(prefix[:-1], 0)
+    seq = prefix[-1:] + path
+    return torch.stack([steps.decode(t, len(prefix) - 1 + i) for i, t in enumerate(seq)])
+
+
+@pytest.mark.parametrize("ref", TINY)
+@pytest.mark.parametrize("gemv", [False, True], ids=["linear", "small-t-reduction"])
+def test_verify_logits_equal_sequential_decoding(ref, gemv, traced):
+    loaded, m = traced(ref)
+    out, _ = PassManager("kv-fusion,spec-tree{budget=9,depth=4}").run(m)
+    fns, kv = lower(out, loaded.weights, gemv=gemv)
+    steps = Steps(fns, max_seq_len=out.kv.max_seq_len, reset=kv.reset, move=kv.move)
+    prefix = [5, 77, 120, 3, 250, 19, 64, 64, 201, 9, 33, 140, 2, 99, 180, 45, 7] * 2  # 34
+    tree = _tree()
+    tree.tokens[0] = prefix[-1]
+    with torch.inference_mode():
+        steps.reset()
+        steps.prefill(prefix[:-1], 0)
+        got = steps.verify(*tree.inputs(len(prefix) - 1, 10))[: len(tree)]
+        for leaf in (3, 5, 6):
+            nodes = tree.ancestors(leaf)[::-1]  # root .. leaf
+            want = _path_logits(steps, prefix, [tree.tokens[i] for i in nodes[1:]])
+            torch.testing.assert_close(got[nodes], want, rtol=1e-4, atol=1e-4)
+
+
+def test_moved_kv_equals_sequential_kv(traced):
+    """After accepting a path that is not the first branch, the moved cache rows are what
+    decoding that path token by token writes."""
+    loaded, m = traced("tiny-qwen2")
+    out, _ = PassManager("spec-tree{budget=9}").run(m)
+    fns, kv = lower(out, loaded.weights)
+    steps = Steps(fns, max_seq_len=out.kv.max_seq_len, reset=kv.reset, move=kv.move)
+    prefix, tree = [5, 77, 120, 3, 250, 19], _tree()
+    tree.tokens[0] = prefix[-1]
+    p = len(prefix) - 1
+    with torch.inference_mode():
+        steps.reset()
+        steps.prefill(prefix[:-1], 0)
+        steps.verify(*tree.inputs(p, 10))
+        steps.move([p + 4, p + 5], [p + 1, p + 2])  # accept root -> d -> e
+        moved = [b[:, :, : p + 3].clone() for b in kv.buffers()]
+        _path_logits(steps, prefix, [50, 51])
+        want = [b[:, :, : p + 3] for b in kv.buffers()]
+    for a, b in zip(moved, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("spec-tree{budget=0}", "budget=0"),
+        ("spec-tree{budget=4,depth=5}", "depth=5"),
+        ("spec-tree{draft=magic}", "unknown drafter"),
+        ("spec-tree{draft=self}", "draft=self needs a `draft` function"),
+        ("spec-tree{shape=round}", "unknown tree shape"),
+    ],
+)
+def test_bad_options(spec, fragment, traced):
+    _, m = traced("tiny-llama")
+    with pytest.raises(ArcError, match=fragment.replace("{", r"\{")):
+        PassManager(spec).run(m)
+
+
+def test_tree_must_fit_cache_and_window(traced):
+    _, small = traced("tiny-llama", max_seq_len=16)
+    with pytest.raises(ArcError, match="cannot fit a cache"):
+        PassManager("spec-tree{budget=8}").run(small)
+    _, mistral = traced("tiny-mistral")  # sliding window 24
+    with pytest.raises(ArcError, match="sliding"):
+        PassManager("spec-tree{budget=24,depth=4}").run(mistral)

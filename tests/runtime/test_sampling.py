@@ -1,0 +1,82 @@
+"""The sampler is numerically safe for every valid setting and refuses invalid ones."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from arc.errors import ArcError
+from arc.runtime.sampling import SEED_MAX, Sampler, SamplingParams, filter_logits
+
+
+def _draws(logits: torch.Tensor, params: SamplingParams, n: int = 50) -> set[int]:
+    sample = Sampler(params)
+    return {sample(logits) for _ in range(n)}
+
+
+def test_tiny_temperature_is_the_argmax_not_nan():
+    logits = torch.tensor([1.0, 3.0, 2.9999, -5.0])
+    for t in (1e-6, 1e-40, 1e-300, 5e-324):
+        x = filter_logits(logits, SamplingParams(temperature=t))
+        assert not torch.isnan(x).any() and x[1] == 0, (t, x)
+        assert _draws(logits, SamplingParams(temperature=t, seed=0)) == {1}
+
+
+def test_huge_logits_do_not_overflow():
+    logits = torch.tensor([3.0e38, -3.0e38, 1.0e38, float("inf"), float("nan")])
+    x = filter_logits(logits, SamplingParams(temperature=0.7))
+    assert not torch.isnan(x).any()
+    assert _draws(logits, SamplingParams(temperature=0.7, seed=1)) == {3}  # the +inf logit
+    big = torch.tensor([1e30, 1e30 - 1e24, -1e30])
+    assert _draws(big, SamplingParams(temperature=1e-3, seed=2)) <= {0, 1}
+
+
+def test_tiny_top_p_keeps_the_top_token():
+    logits = torch.tensor([0.1, 0.3, 0.2])
+    x = filter_logits(logits, SamplingParams(temperature=1.0, top_p=1e-12))
+    assert torch.isfinite(x).tolist() == [False, True, False]
+    assert _draws(logits, SamplingParams(temperature=1.0, top_p=1e-12, seed=0)) == {1}
+
+
+def test_all_masked_logits_fall_back_to_argmax():
+    logits = torch.full((4,), float("-inf"))
+    assert Sampler(SamplingParams(temperature=1.0, seed=0))(logits) in range(4)
+
+
+def test_filters_work_on_a_batch_of_rows():
+    """Speculative sampling filters several positions at once: rows are independent."""
+    rows = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    x = filter_logits(rows, SamplingParams(temperature=1.0, top_k=2))
+    assert torch.isfinite(x).tolist() == [[True, True, False, False], [False, False, True, True]]
+    one = filter_logits(rows[1], SamplingParams(temperature=1.0, top_p=0.5))
+    both = filter_logits(rows, SamplingParams(temperature=1.0, top_p=0.5))
+    assert torch.equal(both[1], one) and x.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "params, flag",
+    [
+        (SamplingParams(temperature=math.nan), "--temperature"),
+        (SamplingParams(temperature=math.inf), "--temperature"),
+        (SamplingParams(temperature=-1.0), "--temperature"),
+        (SamplingParams(top_k=-3), "--top-k"),
+        (SamplingParams(top_p=0.0), "--top-p"),
+        (SamplingParams(top_p=-0.5), "--top-p"),
+        (SamplingParams(top_p=1.5), "--top-p"),
+        (SamplingParams(top_p=math.nan), "--top-p"),
+        (SamplingParams(seed=-1), "--seed"),
+        (SamplingParams(seed=SEED_MAX + 1), "--seed"),
+    ],
+)
+def test_invalid_settings_are_refused(params, flag):
+    with pytest.raises(ArcError, match=flag):
+        params.validate()
+    with pytest.raises(ArcError, match=flag):
+        Sampler(params)
+
+
+def test_extreme_valid_seed_is_accepted():
+    for seed in (0, SEED_MAX):
+        Sampler(SamplingParams(temperature=1.0, seed=seed))(torch.zeros(5))

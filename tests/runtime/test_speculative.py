@@ -1,0 +1,140 @@
+"""Speculative decoding: greedy output identical to plain decoding for every drafter and tree
+shape, stop rules inside an accepted run, and distribution-preserving sampled acceptance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from arc.lowering import lower
+from arc.pipeline import PassManager
+from arc.runtime.accept import accept_sampled
+from arc.runtime.generate import Generator
+from arc.runtime.sampling import SamplingParams
+from arc.runtime.steps import Steps
+from arc.runtime.tree import Tree, best_first
+from tests.conftest import TINY
+
+REPEAT = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the"
+DRAFTERS = [(d, s) for d in ("ngram", "recycle", "auto") for s in ("static", "dynamic")]
+
+
+def _gen(traced, ref, spec, seq=256, eos=(258,)):
+    loaded, module = traced(ref, max_seq_len=seq)
+    module, _ = PassManager(spec).run(module)
+    fns, kv = lower(module, loaded.weights)
+    steps = Steps(fns, max_seq_len=seq, reset=kv.reset, move=kv.move)
+    plan = {"kind": module.plan.kind, "options": dict(module.plan.options)}
+    return Generator(steps, loaded.tokenizer, list(eos), plan=plan), loaded.tokenizer
+
+
+def _both(gen, ids, **kw):
+    with torch.inference_mode():
+        plain = gen.generate(ids, speculative=False, **kw)
+        spec = gen.generate(ids, **kw)
+        again = gen.generate(ids, **kw)  # Token Recycling's table is warm now
+    return plain, spec, again
+
+
+@pytest.mark.parametrize("ref", TINY)
+@pytest.mark.parametrize("draft, shape", DRAFTERS)
+def test_greedy_identical_to_plain(ref, draft, shape, traced):
+    spec = f"kv-fusion,spec-tree{{draft={draft},shape={shape},budget=7,depth=4,adaptive=false}}"
+    gen, tok = _gen(traced, ref, spec)
+    plain, a, b = _both(gen, tok.encode(REPEAT), max_new_tokens=90, ignore_eos=True)
+    assert a.token_ids == plain.token_ids == b.token_ids
+    assert a.verify_passes > 0 and b.forward_passes < len(b.token_ids) - 1  # it speculated
+    assert a.stop_reason == b.stop_reason == "max_new_tokens"
+
+
+def test_stops_inside_an_accepted_run(traced):
+    """EOS, stop strings and max_new_tokens landing in the middle of an accepted run stop
+    exactly where plain decoding stops."""
+    spec = "spec-tree{draft=auto,budget=7,depth=6,adaptive=false}"
+    gen, tok = _gen(traced, "tiny-llama", spec)
+    ids = tok.encode(REPEAT)
+    with torch.inference_mode():
+        ref = gen.generate(ids, max_new_tokens=80, ignore_eos=True, speculative=False)
+    assert len(set(ref.token_ids)) > 3
+    for n in (1, 2, 3, 5, 8, 13, 21, 34):  # max_new_tokens
+        plain, a, _ = _both(gen, ids, max_new_tokens=n, ignore_eos=True)
+        assert a.token_ids == plain.token_ids == ref.token_ids[:n], n
+    for k in (4, 11, 30):  # an EOS that the model emits after k tokens
+        eos_gen, _ = _gen(traced, "tiny-llama", spec, eos=(ref.token_ids[k],))
+        plain, a, b = _both(eos_gen, ids, max_new_tokens=80)
+        assert a.token_ids == plain.token_ids == b.token_ids and a.stop_reason == "eos"
+    stop = ref.text[20:23]
+    plain, a, b = _both(gen, ids, max_new_tokens=80, ignore_eos=True, stop=[stop])
+    assert a.text == plain.text == b.text and a.stop_reason == "stop_string"
+    assert a.token_ids == plain.token_ids
+
+
+def test_cache_filling_up(traced):
+    spec = "spec-tree{draft=auto,budget=5,depth=4,adaptive=false}"
+    gen, tok = _gen(traced, "tiny-qwen2", spec, seq=48)
+    plain, a, b = _both(gen, tok.encode(REPEAT[:30]), max_new_tokens=200, ignore_eos=True)
+    assert a.stop_reason == plain.stop_reason == "cache_full"
+    assert a.token_ids == plain.token_ids == b.token_ids and len(a.token_ids) == 48 - 30 + 1
+
+
+def test_adaptive_never_worse_in_forwards(traced):
+    """With adaptivity on, output is still identical (the loop mixes plain and tree steps)."""
+    gen, tok = _gen(traced, "tiny-mistral", "kv-fusion,spec-tree")
+    plain, a, b = _both(gen, tok.encode("hello there, "), max_new_tokens=60, ignore_eos=True)
+    assert a.token_ids == plain.token_ids == b.token_ids
+
+
+def test_best_first_keeps_prefixes():
+    scored = {(1,): 0.9, (1, 2): 0.5, (1, 2, 3): 0.4, (4,): 0.45, (4, 5): 0.1, (1, 6): 0.3}
+    assert best_first(scored, 3) == [(1,), (1, 2), (4,)]
+    assert best_first(scored, 10)[-1] == (4, 5)
+
+
+def _chi2_critical(df: int, z: float = 3.09) -> float:
+    """Upper chi-square quantile (p ~ 0.001) by the Wilson-Hilferty approximation."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_sampled_acceptance_preserves_the_distribution():
+    """Two-token outcomes of multi-branch rejection sampling over a tree match the model's
+    own joint distribution p(a) p(b | a), by a chi-square test over many seeded draws."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 6
+    logits = torch.randn(8, vocab, generator=g) * 1.5  # rows: tree nodes
+    tree = Tree(0)
+    for path in ([2, 1], [2, 4], [3, 3], [5]):  # drafted branches, some likely, some not
+        tree.add_path(path)
+    params = SamplingParams(temperature=0.9, top_k=5)
+    from arc.runtime.sampling import filter_logits
+
+    probs = torch.softmax(filter_logits(logits.double(), params), dim=-1)
+    expect = {}
+    for a in range(vocab):
+        child = tree.child(0, a)
+        row = probs[child] if child is not None else None
+        for b in range(vocab):
+            if row is None:  # a is a bonus token: what comes after is not sampled this step
+                expect[(a,)] = float(probs[0, a])
+                continue
+            expect[(a, b)] = float(probs[0, a] * row[b])
+    counts = dict.fromkeys(expect, 0)
+    n = 12000
+    for _ in range(n):
+        _, tokens = accept_sampled(tree, logits, params, g)
+        key = tuple(tokens[:2]) if tree.child(0, tokens[0]) is not None else (tokens[0],)
+        counts[key] += 1
+    cells = [k for k in expect if expect[k] * n >= 5]
+    chi2 = sum((counts[k] - n * expect[k]) ** 2 / (n * expect[k]) for k in cells)
+    rare = sum(counts[k] for k in expect if k not in cells)
+    assert rare <= 5 + 3 * sum(n * expect[k] for k in expect if k not in cells)
+    assert chi2 < _chi2_critical(len(cells) - 1), (chi2, len(cells))
+
+
+def test_sampled_generation_runs(traced):
+    gen, tok = _gen(traced, "tiny-llama", "spec-tree{adaptive=false}")
+    p = SamplingParams(temperature=0.8, top_p=0.95, seed=1)
+    with torch.inference_mode():
+        a = gen.generate(tok.encode(REPEAT), max_new_tokens=40, sampling=p, ignore_eos=True)
+    assert len(a.token_ids) == 40 and a.verify_passes > 0
