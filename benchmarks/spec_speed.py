@@ -1,0 +1,213 @@
+"""Speculative decoding against plain decoding: arc -O1 vs -O2 (spec-tree), and llama.cpp's
+plain decoding of the same GGUF when llama-cpp-python is installed, on a shipped prompt set.
+
+    python benchmarks/spec_speed.py [--model smollm2-135m] [--new-tokens 128] [--rounds 3]
+        [--system NAME=SPEC ...]   # more arc pipelines, e.g. o2-b3='kv-fusion,spec-tree{budget=3}'
+
+Every system runs in its own process (one worker per system per round; threads and allocators
+of one library never slow another), rounds are interleaved (O1, O2, llama.cpp, O1, ...), each
+worker warms up on one prompt first, and the median over rounds is reported. Greedy, stop at
+EOS or --new-tokens. Decode tok/s is tokens after the first over the decode time (prefill
+excluded) for every system. "same" says whether a system's ids equal -O1's (lossless check);
+llama.cpp runs the 4-bit GGUF, so its ids differ and only its speed is compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROMPTS = HERE / "prompts.json"
+
+
+# ---------------------------------------------------------------- workers (one process each)
+
+
+def worker_arc(engine: str, prompts: list[str], n: int, threads: int) -> list[dict]:
+    import torch
+
+    from arc.runtime.load import load_engine
+
+    torch.set_num_threads(threads)
+    eng = load_engine(engine)
+    gen = eng.generator
+    out = []
+    with torch.inference_mode():
+        gen.generate(eng.prompt_ids("Say hello."), max_new_tokens=16)  # warm-up
+        for p in prompts:
+            ids = eng.prompt_ids(p)
+            r = gen.generate(ids, max_new_tokens=n)
+            out.append(
+                {
+                    "prompt_ids": ids,
+                    "ids": r.token_ids,
+                    "produced": len(r.token_ids) - 1,
+                    "decode_s": r.decode_ms / 1e3,
+                    "forwards": r.forward_passes,
+                    "verifies": r.verify_passes,
+                }
+            )
+    return out
+
+
+def worker_llama(gguf: str, prompt_ids: list[list[int]], n: int, threads: int) -> list[dict]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_ctx=1024, n_threads=threads, n_batch=512, verbose=False)
+    eos = {llm.token_eos()}
+
+    def one(ids: list[int], limit: int) -> dict:
+        llm.reset()
+        toks, first = [], None
+        for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if first is None:
+                first = time.perf_counter()
+            toks.append(tok)
+            if tok in eos or len(toks) >= limit:
+                break
+        end = time.perf_counter()
+        return {"ids": toks, "produced": len(toks) - 1, "decode_s": end - first, "forwards": 0}
+
+    one(prompt_ids[0][:8], 16)  # warm-up
+    return [one(ids, n) for ids in prompt_ids]
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _spawn(args: list[str]) -> list[dict]:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"worker {args[:2]} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _compile(model: str, spec: str, out: Path) -> None:
+    if out.exists():
+        return
+    t = time.perf_counter()
+    cmd = [sys.executable, "-m", "arc.cli", "compile", model, "--passes", spec]
+    subprocess.run([*cmd, "--max-seq-len", "1024", "-o", str(out)], check=True)
+    print(f"compiled {out.name} ({spec or 'no passes'}) in {time.perf_counter() - t:.0f} s")
+
+
+def _llama_gguf() -> str | None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama.cpp: llama-cpp-python is not installed; skipped (see STACK-NOTES to build)")
+        return None
+    from arc.models.catalog import _smollm2_gguf
+
+    return str(_smollm2_gguf())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engines", default=str(HERE / ".engines"))
+    ap.add_argument("--system", action="append", default=[], help="NAME=PIPELINE-SPEC")
+    ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--json", help="also write the results here")
+    a = ap.parse_args()
+    from arc.presets import preset_spec
+
+    systems = {"arc -O1": preset_spec("O1"), "arc -O2": preset_spec("O2")}
+    systems |= dict(s.split("=", 1) for s in a.system)
+    engines = Path(a.engines)
+    engines.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, spec in systems.items():
+        paths[name] = engines / f"{a.model}-{_slug(spec)}.arc"
+        _compile(a.model, spec, paths[name])
+    prompts = [p["prompt"] for p in json.loads(PROMPTS.read_text())]
+    gguf = None if a.no_llama or a.model != "smollm2-135m" else _llama_gguf()
+
+    runs: dict[str, list[list[dict]]] = {name: [] for name in paths}
+    if gguf:
+        runs["llama.cpp (Q4_1 GGUF)"] = []
+    common = [str(a.new_tokens), str(a.threads)]
+    for r in range(a.rounds):
+        for name, path in paths.items():
+            runs[name].append(_spawn(["--worker-arc", str(path), *common]))
+            print(f"round {r + 1}: {name} done", file=sys.stderr)
+        if gguf:
+            ids_file = engines / "prompt_ids.json"
+            ids_file.write_text(json.dumps([x["prompt_ids"] for x in runs["arc -O1"][0]]))
+            runs["llama.cpp (Q4_1 GGUF)"].append(
+                _spawn(["--worker-llama", gguf, str(ids_file), *common])
+            )
+    report(runs, prompts, a)
+
+
+def _slug(spec: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in spec).strip("-") or "O0"
+
+
+def report(runs: dict, prompts: list[str], a) -> None:
+    kinds = [p["kind"] for p in json.loads(PROMPTS.read_text())]
+    base = runs["arc -O1"]
+    names = list(runs)
+
+    def tps(rounds, i):  # median over rounds of prompt i's decode tok/s
+        return statistics.median(x[i]["produced"] / x[i]["decode_s"] for x in rounds)
+
+    def overall(rounds):  # median over rounds of all tokens / all decode time
+        return statistics.median(
+            sum(x["produced"] for x in rnd) / sum(x["decode_s"] for x in rnd) for rnd in rounds
+        )
+
+    print(
+        f"\n{a.model}, batch 1, greedy, {a.threads} threads, up to {a.new_tokens} new tokens, "
+        f"median of {a.rounds} interleaved rounds, each system in its own process"
+    )
+    head = f"{'#':>2} {'kind':<12}" + "".join(f"{n[:22]:>24}" for n in names)
+    print(head + "   (tok/s; x = speedup over -O1; MAT = tokens per forward)")
+    result = {"prompts": [], "overall": {}}
+    for i, kind in enumerate(kinds):
+        cells, row = [], {"kind": kind}
+        for n in names:
+            v = tps(runs[n], i)
+            x = runs[n][0][i]
+            mat = x["produced"] / x["forwards"] if x["forwards"] else float("nan")
+            same = "" if n.startswith("llama") else ("=" if x["ids"] == base[0][i]["ids"] else "!")
+            ratio = v / tps(base, i)
+            cells.append(f"{v:6.1f} {ratio:4.2f}x {mat:4.2f}{same:1}")
+            row[n] = {"tok_s": v, "x_O1": ratio, "mat": mat, "same_as_O1": same != "!"}
+        print(f"{i:>2} {kind:<12}" + "".join(f"{c:>24}" for c in cells))
+        result["prompts"].append(row)
+    cells = []
+    for n in names:
+        v = overall(runs[n])
+        cells.append(f"{v:6.1f} {v / overall(base):4.2f}x")
+        result["overall"][n] = {"tok_s": v, "x_O1": v / overall(base)}
+    print(f"{'':>2} {'overall':<12}" + "".join(f"{c:>24}" for c in cells))
+    print("(= ids identical to -O1, ! different)")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker-arc":
+        _, _, engine, n, threads = sys.argv
+        prompts = [p["prompt"] for p in json.loads(PROMPTS.read_text())]
+        print(json.dumps(worker_arc(engine, prompts, int(n), int(threads))))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--worker-llama":
+        _, _, gguf, ids_file, n, threads = sys.argv
+        ids = json.loads(Path(ids_file).read_text())
+        print(json.dumps(worker_llama(gguf, ids, int(n), int(threads))))
+    else:
+        main()

@@ -1,0 +1,83 @@
+"""What a speculative verify costs: one forward over a T-node token tree, as a ratio to one
+decode step, at context 200 and 1000 (the numbers that decide how big a tree can pay).
+
+    python benchmarks/verify_cost.py [--model smollm2-135m] [--sizes 2,4,8,16,32] [--reps 15]
+
+Each verify size is its own `verify` function (spec-tree{budget=T-1}), compiled with the
+torch target's CPU kernels (arc.lowering with gemv=True) by Inductor via torch.compile in this
+process, the same code generator the AOT engine's packages come from. T=1 is the decode step.
+Times are medians over --reps calls after warm-up; the tree is a chain (the mask's shape does
+not change the work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from arc.compiler import trace_model
+from arc.lowering import lower
+from arc.pipeline import PassManager
+from arc.runtime.steps import Steps
+from arc.runtime.tree import Tree
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--sizes", default="2,4,8,16,32")
+    ap.add_argument("--contexts", default="200,1000")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    sizes = [int(s) for s in a.sizes.split(",")]
+    contexts = [int(c) for c in a.contexts.split(",")]
+    loaded, traced = trace_model(a.model, max(contexts) + max(sizes) + 64)
+    rows = {c: {} for c in contexts}
+    for t in sizes:
+        spec = f"kv-fusion,spec-tree{{budget={t - 1},depth={min(5, t - 1)}}}"
+        module, _ = PassManager(spec).run(traced)
+        fns, kv = lower(module, loaded.weights, gemv=True)
+        calls = {k: torch.compile(f, dynamic=False) for k, f in fns.items() if k != "prefill"}
+        steps = Steps(
+            {**calls, "prefill": fns["prefill"]},
+            max_seq_len=module.kv.max_seq_len,
+            reset=kv.reset,
+            move=kv.move,
+        )
+        tree = Tree(5)
+        for i in range(t - 1):
+            tree.add(i, 10 + i)
+        with torch.inference_mode():
+            for c in contexts:
+                steps.reset()
+                steps.prefill([100 + i % 1000 for i in range(c)], 0)
+                ins = tree.inputs(c, t)
+                if 1 not in rows[c]:
+                    rows[c][1] = _median_ms(lambda s=steps, c=c: s.decode(5, c), a.reps)
+                rows[c][t] = _median_ms(lambda s=steps, i=ins: s.verify(*i), a.reps)
+        print(f"T={t}: " + ", ".join(f"ctx {c}: {rows[c][t]:.1f} ms" for c in contexts))
+    print(f"\n{a.model}, fp32, {a.threads} threads; verify time / decode step time")
+    print(f"{'T':>4}" + "".join(f"{'ctx ' + str(c):>18}" for c in contexts))
+    for t in [1, *sizes]:
+        cells = [f"{rows[c][t]:7.1f} ms {rows[c][t] / rows[c][1]:5.2f}x" for c in contexts]
+        print(f"{t:>4}" + "".join(f"{x:>18}" for x in cells))
+
+
+if __name__ == "__main__":
+    main()
