@@ -175,7 +175,8 @@ def _engine_summary(path: str, m: dict, module) -> str:
         f"  dtype={m['dtype']}  torch={m['target'].get('torch_version')}",
         f"cache     max_seq_len={m['runtime']['max_seq_len']}  "
         f"prefill_chunk={m['runtime']['prefill_chunk']}",
-        f"plan      {m['decode_plan']['kind']}",
+        f"plan      {m['decode_plan']['kind']}  "
+        + " ".join(f"{k}={v}" for k, v in sorted(m["decode_plan"]["options"].items())),
         f"compile   {m['compile_s']:.1f} s (backend build {m['build_s']:.1f} s)",
         f"passes    {m['pipeline'] or '(none)'}",
     ]

@@ -17,7 +17,9 @@ preserves the model's distribution. So the pass is lossless.
 Papers: SpecInfer (Miao et al. 2024, tree attention and multi-branch verification); Medusa
 (Cai et al. 2024, static trees); EAGLE-2 (Li et al. 2024, dynamic trees from draft
 confidence); Token Recycling (Luo et al. 2024, the `recycle` drafter); prompt lookup
-decoding (Saxena 2023) and Lookahead decoding (Fu et al. 2024) for `ngram` and `jacobi`.
+decoding (Saxena 2023) for `ngram`; Draft & Verify (Zhang et al. 2024) for `self`, which needs
+the layer-skipped `draft` function (not built yet, so it is refused). `jacobi` (Lookahead
+decoding, Fu et al. 2024) is named but not built: refused with a clear message.
 
 Preconditions: a `decode` function; the tree (budget + 1 nodes) fits the cache and every
 sliding window (a scratch slot's index stands in for its position in the window test).
@@ -37,7 +39,8 @@ from arc.ir import DecodePlan, GraphBuilder, Module, Node, rebuild
 from arc.ops import Op
 from arc.pipeline import PassContext, register_pass
 
-DRAFTERS = ("ngram", "recycle", "jacobi", "self", "auto")
+DRAFTERS = ("ngram", "recycle", "self", "auto")
+NOT_BUILT = {"jacobi": "Jacobi/lookahead drafting is not built yet; use ngram, recycle or auto"}
 SHAPES = ("static", "dynamic")
 MAX_BUDGET = 31  # verify compiles with static T = budget + 1; the small-T kernels go to 32
 
@@ -76,6 +79,8 @@ def spec_tree(
 def _check_options(module: Module, draft: str, budget: int, depth: int, shape: str) -> None:
     if "decode" not in module.functions:
         raise ArcError("spec-tree: the module has no decode function")
+    if draft in NOT_BUILT:
+        raise ArcError(f"spec-tree: draft={draft}: {NOT_BUILT[draft]}")
     if draft not in DRAFTERS:
         raise ArcError(f"spec-tree: unknown drafter {draft!r}; choose from {', '.join(DRAFTERS)}")
     if draft == "self" and "draft" not in module.functions:

@@ -113,3 +113,11 @@ def tiny_engines(engine_dir):
         assert [p["name"] for p in summary["passes"]] == ["kv-fusion", "spec-tree"]
         engines[ref] = out
     return engines
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Counts that tests report (`record_property`), printed at the end of the run: the fuzz
+    test's number of damaged engines tried shows in CI's log without -s."""
+    for report in terminalreporter.stats.get("passed", []):
+        for key, value in getattr(report, "user_properties", []):
+            terminalreporter.write_line(f"{report.nodeid}: {key} = {value}")
