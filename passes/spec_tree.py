@@ -1,8 +1,9 @@
 """spec-tree: speculative decoding over a token tree — draft, verify in one forward, accept.
 
-What it does: adds a `verify` function to the Module, a copy of `decode` that runs a whole
-token tree of `budget + 1` nodes (the last committed token as root, plus drafted tokens) in
-one forward. Each node's K/V goes to a scratch slot (`write`), its rotary position is prefix
+What it does: adds `verify_B` functions to the Module, copies of `decode` that run a whole
+token tree of B nodes (the last committed token as root, plus drafted tokens) in one forward:
+B = budget + 1, and with `ladder` also 2, 4, 8, 16 below it, so the runtime can verify a tree
+sized to how much the draft is likely to be accepted (a verify's cost grows with B). Each node's K/V goes to a scratch slot (`write`), its rotary position is prefix
 length + depth (`pos`), and its attention reads the committed prefix and its own ancestors
 only (`visible`, the ATTENTION mask kind `tree`). It sets the DecodePlan to `speculative` so
 the runtime drafts a tree (arc/runtime/drafters), verifies it, accepts the longest path the
@@ -25,7 +26,7 @@ Preconditions: a `decode` function; the tree (budget + 1 nodes) fits the cache a
 sliding window (a scratch slot's index stands in for its position in the window test).
 
 Before:  %2 = input slots  # i64[L]   %9 = attention(%5, %8, %1, %2, mask=causal)  # [1,1,576]
-After:   @verify: %2 = input write  # i64[9]   %3 = input visible  # bool[9,L]
+After:   @verify_9: %2 = input write  # i64[9]   %3 = input visible  # bool[9,L]
          %10 = attention(%6, %9, %1, %3, mask=tree)  # f32[1,9,576]
 """
 
@@ -55,11 +56,15 @@ def spec_tree(
     depth: int = 5,
     shape: str = "dynamic",
     adaptive: bool = True,
+    ladder: bool = True,
 ) -> Module:
-    """Add `verify` (a tree of budget + 1 nodes) and a speculative DecodePlan."""
+    """Add `verify_B` functions (trees of B nodes: budget + 1, and with `ladder` also 2, 4,
+    8, ... below it, so the runtime can fit the tree to the draft) and a speculative plan."""
     _check_options(module, draft, budget, depth, shape)
-    verify = _verify_graph(module, budget + 1)
-    functions = {**module.functions, "verify": verify}
+    sizes = verify_sizes(budget, ladder)
+    functions = dict(module.functions)
+    for size in sizes:
+        functions[f"verify_{size}"] = _verify_graph(module, size)
     plan = DecodePlan(
         "speculative",
         MappingProxyType(
@@ -70,10 +75,17 @@ def spec_tree(
                 "shape": shape,
                 "adaptive": adaptive,
                 "verify_tokens": budget + 1,
+                "verify_sizes": sizes,
             }
         ),
     )
     return module.with_functions(functions, plan=plan)
+
+
+def verify_sizes(budget: int, ladder: bool) -> list[int]:
+    """Tree sizes (nodes, root included) that get a verify function."""
+    top = budget + 1
+    return sorted({top, *(b for b in (2, 4, 8, 16) if ladder and b < top)})
 
 
 def _check_options(module: Module, draft: str, budget: int, depth: int, shape: str) -> None:
@@ -126,7 +138,7 @@ def _verify_graph(module: Module, nodes: int):
         return None
 
     g = rebuild(decode, module.weight_shapes(), rewrite)
-    return replace(g, name="verify")
+    return replace(g, name=f"verify_{nodes}")
 
 
 def _input(b: GraphBuilder, name: str, nodes: int, new: dict[str, int]) -> int:

@@ -50,7 +50,7 @@ class Generator:
         self.steps, self.tok, self.eos = steps, tokenizer, set(eos_ids)
         self.chunk = prefill_chunk
         self.plan = dict(plan or {"kind": "plain", "options": {}})
-        self.speculative = self.plan["kind"] == "speculative" and steps.has_verify
+        self.speculative = self.plan["kind"] == "speculative" and bool(steps.verify_sizes)
         self._drafter = None  # made on first use; kept across requests (Token Recycling)
 
     def drafter(self, vocab: int):

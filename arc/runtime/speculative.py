@@ -1,18 +1,19 @@
 """The speculative loop: draft a tree -> verify it in one forward -> accept -> move KV.
 
 Driven by a `speculative` DecodePlan (passes/spec_tree.py). Each step the drafter proposes
-scored paths after the last token, the best `budget` become a tree (arc.runtime.tree), one
-`verify` forward returns logits for every node, acceptance keeps the path the model agrees
-with plus a bonus token (arc.runtime.accept), and the accepted nodes' K/V rows move from their
-scratch slots to their place in the sequence. Accepted tokens pass one by one through the same
-stop rules as plain decoding (generate.Stopper), so output stops exactly where it would.
+scored paths after the last token, the best become a tree (arc.runtime.tree), one `verify_B`
+forward returns logits for every node, acceptance keeps the path the model agrees with plus a
+bonus token (arc.runtime.accept), and the accepted nodes' K/V rows move from their scratch
+slots to their place in the sequence. Accepted tokens pass one by one through the same stop
+rules as plain decoding (generate.Stopper), so output stops exactly where it would.
 
-Cost-aware (`adaptive`): a verify costs more than a decode step, so speculation pays only when
-enough tokens are accepted. The loop keeps running estimates of both step times and of tokens
-per verify, and takes a plain decode step whenever the tree would not pay for itself: when the
-drafter has nothing to propose, when the cache has no room for the tree, or when measured
-tokens per verify over verify time falls below one token per decode time (then it probes the
-tree again every few steps, as acceptance changes along a request).
+Cost-aware (`adaptive`): a verify of B nodes costs more than a decode step, and more the
+larger B is. Each step the loop picks B (or a plain decode step, B = 1) to maximize expected
+tokens per second: expected tokens of a tree of the B-1 best paths are 1 + c * (sum of their
+scores) -- a path's score estimates the chance the model accepts it, so the sum is the
+expected accepted length (EAGLE-2's reasoning) -- with c a running calibration of accepted over
+predicted tokens; the time of each B is a running mean measured on this device. When plain
+steps win for a while, a tree is still tried every few steps so estimates follow the request.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from arc.runtime.steps import Steps
 from arc.runtime.tree import Tree, best_first, build
 
 TOPK = 4  # successors kept per verified node for Token Recycling
-PROBE_EVERY = 8  # plain steps between probes while speculation does not pay
+PROBE_EVERY = 8  # plain steps with a draft at hand before a tree is tried anyway
+PRIOR_COST = 0.15  # untimed sizes: a decode step's time x (1 + PRIOR_COST * (B - 1))
 
 
 @dataclass
@@ -56,32 +58,30 @@ class _Ema:
 class SpeculativeLoop:
     def __init__(self, steps: Steps, drafter: Drafter, options: Mapping[str, Any]):
         self.steps, self.drafter = steps, drafter
-        self.size = int(options["verify_tokens"])  # B: the verify's static node count
-        self.budget, self.depth = int(options["budget"]), int(options["depth"])
+        self.sizes = [b for b in steps.verify_sizes if b <= int(options["verify_tokens"])]
+        self.budget, self.depth = max(self.sizes) - 1, int(options["depth"])
         self.adaptive = bool(options.get("adaptive", True))
-        self.t_verify, self.t_decode = _Ema(), _Ema()
-        self.per_verify = _Ema(2.0)  # tokens per verify; optimistic start, so it is tried
+        self.cost = {b: _Ema() for b in [1, *self.sizes]}  # seconds per step of each size
+        self.accepted, self.predicted = _Ema(1.0), _Ema(1.0)  # drafted tokens per verify
+        self.idle = 0
 
     def run(self, history: list[int], pos: int, sample: Sampler, stopper) -> tuple[str, SpecStats]:
         """Decode after `history` (prompt + first token; the last one is not in the cache yet,
         it goes to slot `pos`) until `stopper` says stop. Returns (stop reason, stats)."""
-        stats, wait = SpecStats(), 1  # the first step is plain: it times a decode step
+        stats, first = SpecStats(), True  # the first step is plain: it times a decode step
         while True:
-            if pos >= self.steps.max_seq_len:
+            room = self.steps.max_seq_len - pos
+            if room <= 0:
                 return "cache_full", stats
-            tree, t0 = None, time.perf_counter()
-            if wait <= 0 and pos + self.size <= self.steps.max_seq_len:
-                tree = self._draft(history)
-            if tree is None or len(tree) == 1:
-                wait -= 1
+            paths = [] if first else self._draft(history)
+            size, first = self._choose(paths, room), False
+            if size == 1:
                 new = [self._plain(history[-1], pos, sample)]
                 stats.plain_steps += 1
             else:
-                new = self._verify(tree, pos, sample, t0)
+                new = self._verify(history[-1], paths[: size - 1], size, pos, sample)
                 stats.verifies += 1
                 stats.tokens_from_verify += len(new)
-                if self.adaptive and not self._pays():
-                    wait = PROBE_EVERY
             for tok in new:
                 history.append(tok)
                 pos += 1
@@ -89,21 +89,52 @@ class SpeculativeLoop:
                 if reason:
                     return reason, stats
 
-    def _draft(self, history: list[int]):
+    def _draft(self, history: list[int]) -> list[tuple[tuple[int, ...], float]]:
+        """The best drafted paths, best first, with their scores; any prefix of the list is
+        a tree (closed under prefixes)."""
         scored = self.drafter.propose(history, self.depth, self.budget)
-        return build(history[-1], best_first(scored, self.budget))
+        return [(p, scored[p]) for p in best_first(scored, self.budget)]
+
+    def _choose(self, paths: list, room: int) -> int:
+        """The tree size (nodes) for this step; 1 is a plain decode step."""
+        fits = [b for b in self.sizes if b <= room]
+        if not paths or not fits:
+            return 1
+        if not self.adaptive:  # the smallest verify that holds the draft (up to the budget)
+            return next((b for b in fits if b > len(paths)), fits[-1])
+        calib = self.accepted.value / max(self.predicted.value, 1e-6)
+        rate = {1: 1.0 / self._time(1)}
+        for b in fits:
+            expect = 1.0 + calib * sum(score for _, score in paths[: b - 1])
+            rate[b] = expect / self._time(b)
+        best = max(rate, key=rate.get)
+        if best == 1:
+            self.idle += 1
+            if self.idle < PROBE_EVERY:
+                return 1
+            best = max((b for b in rate if b > 1), key=rate.get)
+        self.idle = 0
+        return best
+
+    def _time(self, size: int) -> float:
+        known = self.cost[size].value
+        if known is not None:
+            return known
+        base = self.cost[1].value or 1.0
+        return base * (1 + PRIOR_COST * (size - 1))
 
     def _plain(self, token: int, pos: int, sample: Sampler) -> int:
         t = time.perf_counter()
         logits = self.steps.decode(token, pos)
         out = sample(logits)
-        self.t_decode.add(time.perf_counter() - t)
         self._teach(Tree(token), logits[None], sample)
+        self.cost[1].add(time.perf_counter() - t)
         return out
 
-    def _verify(self, tree, pos: int, sample: Sampler, t0: float) -> list[int]:
-        """One tree step; its time, drafting included, starts at `t0`."""
-        logits = self.steps.verify(*tree.inputs(pos, self.size))[: len(tree)]  # [n, V]
+    def _verify(self, root: int, paths: list, size: int, pos: int, sample: Sampler) -> list[int]:
+        t = time.perf_counter()
+        tree = build(root, [p for p, _ in paths])
+        logits = self.steps.verify(*tree.inputs(pos, size))[: len(tree)]  # [n, V]
         if sample.params.greedy:
             path, new = accept_greedy(tree, logits)
         else:
@@ -113,8 +144,9 @@ class SpeculativeLoop:
         if src != dst:
             self.steps.move(src, dst)
         self._teach(tree, logits, sample)
-        self.t_verify.add(time.perf_counter() - t0)
-        self.per_verify.add(len(new))
+        self.cost[size].add(time.perf_counter() - t)
+        self.accepted.add(len(path))
+        self.predicted.add(sum(score for _, score in paths))
         return new
 
     def _teach(self, tree, logits, sample: Sampler) -> None:
@@ -123,12 +155,6 @@ class SpeculativeLoop:
         top = torch.topk(x.float(), TOPK, dim=-1)
         probs = torch.softmax(x.float(), dim=-1).gather(-1, top.indices)
         self.drafter.observe(tree, top.indices[:, 0].tolist(), (top.indices, probs))
-
-    def _pays(self) -> bool:
-        """Whether tokens per verify over verify time beats one token per decode step."""
-        if self.t_decode.value is None or self.t_verify.value is None:
-            return True  # no decode step timed yet: keep speculating
-        return self.per_verify.value / self.t_verify.value >= 1.0 / self.t_decode.value
 
 
 DRAFTERS = ("ngram", "recycle", "auto")  # what this runtime drives ("jacobi", "self": not yet)
@@ -143,10 +169,15 @@ def check_plan(kind: Any, options: Any, module) -> None:
         return
     if kind != "speculative":
         raise ArcError(f"decode plan {str(kind)[:40]!r} is not plain or speculative")
-    if "verify" not in module.functions:
-        raise ArcError("speculative decode plan without a verify function")
     opts = options if isinstance(options, Mapping) else {}
-    size = module.functions["verify"].inputs()[0].shape[1]  # tokens: [1, B]
+    sizes = opts.get("verify_sizes")
+    if not isinstance(sizes, list) or not sizes or any(type(b) is not int for b in sizes):
+        raise ArcError("speculative plan: verify_sizes must be a list of tree sizes")
+    for b in sizes:
+        g = module.functions.get(f"verify_{b}")
+        if g is None or g.inputs()[0].shape != (1, b):  # tokens: [1, B]
+            raise ArcError(f"speculative plan: no verify function for {b} nodes")
+    size = max(sizes)
     ints = {k: opts.get(k) for k in ("budget", "depth", "verify_tokens")}
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints.values()):
         raise ArcError("speculative plan: budget, depth, verify_tokens must be integers")

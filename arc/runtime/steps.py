@@ -1,7 +1,7 @@
 """The step functions a target hands the runtime, behind one small interface.
 
 A target supplies callables `fn(tokens i64[1,T], pos i64[T], slots i64[L]) -> logits` per IR
-function (a speculative `verify` takes `(tokens, pos, write, visible)`, see arc/lowering.py),
+function (a speculative `verify_B` takes `(tokens, pos, write, visible)`, see arc/lowering.py),
 and `move(src, dst)` that copies K/V rows between cache slots; `Steps` turns positions into
 those tensors. It passes only the filled part of the
 static cache (rounded up to `bucket` slots), so a step's attention reads what the sequence has,
@@ -62,7 +62,7 @@ class Steps:
             pad = torch.zeros(visible.shape[0], length - visible.shape[1], dtype=torch.bool)
             visible = torch.cat([visible, pad], dim=1)  # [B, L]
         dev = self.device
-        logits = self.functions["verify"](
+        logits = self.functions[f"verify_{len(tokens)}"](
             torch.tensor([tokens], dtype=torch.long, device=dev),  # [1, B]
             torch.tensor(pos, dtype=torch.long, device=dev),  # [B]
             torch.tensor(write, dtype=torch.long, device=dev),  # [B]
@@ -78,8 +78,9 @@ class Steps:
         self._move(torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
 
     @property
-    def has_verify(self) -> bool:
-        return "verify" in self.functions
+    def verify_sizes(self) -> list[int]:
+        """Tree sizes this engine can verify (its verify_B functions)."""
+        return sorted(int(k[7:]) for k in self.functions if k.startswith("verify_"))
 
     def reset(self) -> None:
         self._reset()

@@ -18,8 +18,9 @@ from tests.conftest import TINY
 def test_structure(traced):
     _, m = traced("tiny-llama")
     out, _ = PassManager("kv-fusion,spec-tree{budget=5,depth=3}").run(m)
-    assert "verify" not in m.functions and m.plan.kind == "plain"  # the input is untouched
-    g = out.functions["verify"]
+    assert len(m.functions) == 2 and m.plan.kind == "plain"  # the input is untouched
+    assert sorted(out.functions) == ["decode", "prefill", "verify_2", "verify_4", "verify_6"]
+    g = out.functions["verify_6"]
     ins = {n.attrs["name"]: (n.shape, n.dtype) for n in g.inputs()}
     assert ins == {
         "tokens": ((1, 6), "i64"),
@@ -33,8 +34,10 @@ def test_structure(traced):
     assert all(n.inputs[2] == write for n in g.nodes if n.op is Op.KV_WRITE)
     assert g.node(g.outputs[0]).shape == (1, 6, 320)  # logits for every node
     assert out.plan.kind == "speculative" and out.plan.options["verify_tokens"] == 6
-    assert out.functions["decode"] is not None and len(out.functions) == 3
+    assert out.plan.options["verify_sizes"] == [2, 4, 6]
     assert dumps(loads(dumps(out))) == dumps(out)
+    flat, _ = PassManager("spec-tree{budget=5,depth=3,ladder=false}").run(m)
+    assert sorted(flat.functions) == ["decode", "prefill", "verify_6"]
 
 
 def _tree() -> Tree:
