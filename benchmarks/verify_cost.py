@@ -45,6 +45,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    # every verify size and slot count is its own graph of the same forward(): allow them all
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     sizes = [int(s) for s in a.sizes.split(",")]
     contexts = [int(c) for c in a.contexts.split(",")]
     loaded, traced = trace_model(a.model, max(contexts) + max(sizes) + 64)

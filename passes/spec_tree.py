@@ -3,9 +3,10 @@
 What it does: adds `verify_B` functions to the Module, copies of `decode` that run a whole
 token tree of B nodes (the last committed token as root, plus drafted tokens) in one forward:
 B = budget + 1, and with `ladder` also 2, 4, 8, 16 below it, so the runtime can verify a tree
-sized to how much the draft is likely to be accepted (a verify's cost grows with B). Each node's K/V goes to a scratch slot (`write`), its rotary position is prefix
-length + depth (`pos`), and its attention reads the committed prefix and its own ancestors
-only (`visible`, the ATTENTION mask kind `tree`). It sets the DecodePlan to `speculative` so
+sized to how much the draft is likely to be accepted (a verify's cost grows with B). Each
+node's K/V goes to a scratch slot (`write`), its rotary position is prefix length + depth
+(`pos`), and its attention reads the committed prefix and its own ancestors only (`visible`,
+the ATTENTION mask kind `tree`). It sets the DecodePlan to `speculative` so
 the runtime drafts a tree (arc/runtime/drafters), verifies it, accepts the longest path the
 model agrees with plus one bonus token, and moves the accepted K/V into place.
 
@@ -74,6 +75,7 @@ def spec_tree(
                 "depth": depth,
                 "shape": shape,
                 "adaptive": adaptive,
+                "ladder": ladder,
                 "verify_tokens": budget + 1,
                 "verify_sizes": sizes,
             }

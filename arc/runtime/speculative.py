@@ -13,7 +13,8 @@ tokens per second: expected tokens of a tree of the B-1 best paths are 1 + c * (
 scores) -- a path's score estimates the chance the model accepts it, so the sum is the
 expected accepted length (EAGLE-2's reasoning) -- with c a running calibration of accepted over
 predicted tokens; the time of each B is a running mean measured on this device. When plain
-steps win for a while, a tree is still tried every few steps so estimates follow the request.
+steps win, the smallest tree is still tried now and then (every 8 steps, doubling up to 64
+while such probes find nothing), so the estimates follow the request.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from arc.runtime.steps import Steps
 from arc.runtime.tree import Tree, best_first, build
 
 TOPK = 4  # successors kept per verified node for Token Recycling
-PROBE_EVERY = 8  # plain steps with a draft at hand before a tree is tried anyway
+PROBE_EVERY, MAX_PROBE_EVERY = 8, 64  # plain steps with a draft at hand before a probe
 PRIOR_COST = 0.15  # untimed sizes: a decode step's time x (1 + PRIOR_COST * (B - 1))
 
 
@@ -63,7 +64,7 @@ class SpeculativeLoop:
         self.adaptive = bool(options.get("adaptive", True))
         self.cost = {b: _Ema() for b in [1, *self.sizes]}  # seconds per step of each size
         self.accepted, self.predicted = _Ema(1.0), _Ema(1.0)  # drafted tokens per verify
-        self.idle = 0
+        self.idle, self.probe_every = 0, PROBE_EVERY
 
     def run(self, history: list[int], pos: int, sample: Sampler, stopper) -> tuple[str, SpecStats]:
         """Decode after `history` (prompt + first token; the last one is not in the cache yet,
@@ -110,9 +111,12 @@ class SpeculativeLoop:
         best = max(rate, key=rate.get)
         if best == 1:
             self.idle += 1
-            if self.idle < PROBE_EVERY:
+            if self.idle < self.probe_every:
                 return 1
-            best = max((b for b in rate if b > 1), key=rate.get)
+            # probe with the smallest tree: cheap, and enough to see acceptance return; each
+            # probe that finds nothing doubles the wait before the next (_verify resets it)
+            self.probe_every = min(2 * self.probe_every, MAX_PROBE_EVERY)
+            best = min(b for b in rate if b > 1)
         self.idle = 0
         return best
 
@@ -146,6 +150,8 @@ class SpeculativeLoop:
         self._teach(tree, logits, sample)
         self.cost[size].add(time.perf_counter() - t)
         self.accepted.add(len(path))
+        if path:
+            self.probe_every = PROBE_EVERY
         self.predicted.add(sum(score for _, score in paths))
         return new
 
