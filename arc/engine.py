@@ -33,7 +33,7 @@ from arc.cache import cache_dir
 from arc.errors import EngineError
 
 FORMAT = "arc-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: CPU ISA record, payload allowlist, speculative plans (verify_B)
 MANIFEST, MANIFEST_SHA = "manifest.json", "manifest.sha256"
 WEIGHTS = "weights.safetensors"
 ARTIFACTS, TOKENIZER = "artifacts", "tokenizer"

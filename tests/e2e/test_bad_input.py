@@ -76,6 +76,15 @@ def test_hand_edited_manifest_is_refused(engine, tmp_path):
     assert_clean_error(_run(bad), "manifest.json was modified")
 
 
+def test_engine_of_an_older_format_is_refused(engine, tmp_path):
+    def edit(m):
+        m["format_version"] = 1  # before CPU records and speculative plans
+        return m
+
+    bad = _rewrite(engine, tmp_path / "old.arc", edit_manifest=edit, fix_digest=True)
+    assert_clean_error(_run(bad), "engine format 1 but this arc reads 2; rebuild it")
+
+
 def test_engine_for_other_torch_is_refused(engine, tmp_path):
     def edit(m):
         m["target"]["mode"], m["target"]["torch_version"] = "aot", "1.0.0"

@@ -33,7 +33,7 @@ class NGram:
             for n in range(1, self.max_n + 1):
                 if end - n + 1 >= 0:
                     self._index[tuple(history[end - n + 1 : end + 1])].append(end)
-        self._seen = list(history)
+        self._seen.extend(history[len(self._seen) :])
 
     def propose(self, history: list[int], depth: int, budget: int) -> dict:
         self._sync(history)
