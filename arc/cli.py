@@ -132,7 +132,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     print("" if stream else r.text)
     _stderr(
         f"[{len(r.prompt_ids)} prompt tokens, prefill {r.prefill_ms:.0f} ms; "
-        f"{len(r.token_ids)} new tokens, decode {r.tokens_per_s:.1f} tok/s; stop: {r.stop_reason}]"
+        f"{len(r.token_ids)} new tokens, decode {r.tokens_per_s:.1f} tok/s, "
+        f"{r.forward_passes} forwards ({r.verify_passes} tree verifies, "
+        f"{r.accepted_per_step:.2f} tokens each); stop: {r.stop_reason}]"
     )
     return 0
 

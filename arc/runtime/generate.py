@@ -28,7 +28,7 @@ class GenerationResult:
     decode_ms: float
     tokens_per_s: float
     forward_passes: int  # full-model forwards after prefill (decode steps and verifies)
-    accepted_per_step: float  # mean tokens per verify (1.0 for plain decoding)
+    accepted_per_step: float  # tokens per forward after prefill (1.0 for plain decoding)
     stop_reason: str  # eos | stop_string | max_new_tokens | cache_full
     draft_passes: int = 0  # forwards of a draft model (none for the training-free drafters)
     verify_passes: int = 0  # tree verifies among forward_passes
