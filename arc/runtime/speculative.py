@@ -41,7 +41,6 @@ PRIOR_COST = 0.15  # untimed sizes: a decode step's time x (1 + PRIOR_COST * (B 
 class SpecStats:
     verifies: int = 0
     plain_steps: int = 0
-    tokens_from_verify: int = 0
 
     @property
     def forward_passes(self) -> int:
@@ -82,7 +81,6 @@ class SpeculativeLoop:
             else:
                 new = self._verify(history[-1], paths[: size - 1], size, pos, sample)
                 stats.verifies += 1
-                stats.tokens_from_verify += len(new)
             for tok in new:
                 history.append(tok)
                 pos += 1
@@ -160,7 +158,7 @@ class SpeculativeLoop:
         x = logits if sample.params.greedy else _filtered(logits.detach().cpu(), sample.params)
         top = torch.topk(x.float(), TOPK, dim=-1)
         probs = torch.softmax(x.float(), dim=-1).gather(-1, top.indices)
-        self.drafter.observe(tree, top.indices[:, 0].tolist(), (top.indices, probs))
+        self.drafter.observe(tree, (top.indices, probs))
 
 
 DRAFTERS = ("ngram", "recycle", "auto")  # what this runtime drives ("jacobi", "self": not yet)

@@ -79,7 +79,7 @@ def test_cache_filling_up(traced):
     assert a.token_ids == plain.token_ids == b.token_ids and len(a.token_ids) == 48 - 30 + 1
 
 
-def test_adaptive_never_worse_in_forwards(traced):
+def test_adaptive_output_identical(traced):
     """With adaptivity on, output is still identical (the loop mixes plain and tree steps)."""
     gen, tok = _gen(traced, "tiny-mistral", "kv-fusion,spec-tree")
     plain, a, b = _both(gen, tok.encode("hello there, "), max_new_tokens=60, ignore_eos=True)

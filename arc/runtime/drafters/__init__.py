@@ -3,8 +3,9 @@
 A drafter's `propose(history, depth, budget)` returns {path: score}: paths are token tuples
 that would follow the last committed token, closed under prefixes, with scores in (0, 1] that
 do not grow along a path (a draft-side estimate that the model accepts the path). The tree
-builder (arc.runtime.tree.best_first) keeps the `budget` best. `observe(tree, best)` lets a
-drafter learn from each verify: `best[i]` is the model's argmax after tree node i.
+builder (arc.runtime.tree.best_first) keeps the `budget` best. `observe(tree, topk)` lets a
+drafter learn from each verify: `topk` is (tokens, probs) [n, K], the model's top-K after
+each tree node.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class Drafter(Protocol):
 
     def propose(self, history: list[int], depth: int, budget: int) -> Scored: ...
 
-    def observe(self, tree: Tree, best: list[int], topk: Any) -> None: ...
+    def observe(self, tree: Tree, topk: Any) -> None: ...
 
 
 def make(name: str, options: Mapping[str, Any], vocab: int) -> Drafter:

@@ -20,6 +20,6 @@ class Merge:
                 out[path] = max(out.get(path, 0.0), score)
         return out
 
-    def observe(self, tree: Tree, best: list[int], topk) -> None:
+    def observe(self, tree: Tree, topk) -> None:
         for d in self.drafters:
-            d.observe(tree, best, topk)
+            d.observe(tree, topk)

@@ -52,5 +52,5 @@ class NGram:
                 break
         return out
 
-    def observe(self, tree: Tree, best: list[int], topk) -> None:
+    def observe(self, tree: Tree, topk) -> None:
         pass  # the history is all it reads

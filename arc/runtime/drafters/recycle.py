@@ -66,6 +66,6 @@ class Recycle:
         for t in tokens:
             self._cache.pop(t, None)
 
-    def observe(self, tree: Tree, best: list[int], topk) -> None:
+    def observe(self, tree: Tree, topk) -> None:
         tokens, probs = topk
         self.record(tree.tokens, tokens[: len(tree)], probs[: len(tree)])
