@@ -59,6 +59,8 @@ def trace_model(ref: str, max_seq_len: int | None = None, *, weights: bool = Tru
         "model_type": loaded.arch.model_type,
         "source": str(loaded.directory),
         "eos_ids": loader.eos_ids(loaded),
+        # the formats a quantized checkpoint stores its weights in (weight-format{mode=keep})
+        "checkpoint_formats": {k: fmt for k, (fmt, _) in sorted(loaded.blocks.items())},
     }
     module = trace(loaded.name, loaded.family, loaded.arch, max_seq_len=seq, meta=meta)
     return loaded, module
@@ -82,7 +84,7 @@ def compile_model(
     target.check_module(module)
     with tempfile.TemporaryDirectory(prefix="arc-build-") as tmp:
         work = Path(tmp)
-        weights = materialize(module, loaded.weights)
+        weights = materialize(module, loaded.weights, loaded.blocks)
         stage("build " + target.NAME)
         tb = time.perf_counter()
         info, artifacts = target.build(
@@ -98,7 +100,8 @@ def compile_model(
             "model": {"name": loaded.name, "config": loaded.hf_config.to_dict(), **module.meta},
             "target": {"name": target.NAME, "device": device, **info},
             "device": device,
-            "dtype": "f32",
+            "dtype": "f32",  # activations, KV cache and accumulation; weights: see "weights"
+            "weights": weight_summary(module),
             "pipeline": format_spec(pm.items),
             "passes": record_dicts(records),
             "decode_plan": {"kind": module.plan.kind, "options": dict(module.plan.options)},
@@ -123,6 +126,23 @@ def compile_model(
         "build_s": manifest["build_s"],
         "size_bytes": out.stat().st_size,
     }
+
+
+def weight_summary(module) -> dict[str, Any]:
+    """Per format: how many weights, their parameters and stored bytes (for `arc inspect`)."""
+    from arc.formats import nbytes
+
+    out: dict[str, dict[str, Any]] = {}
+    for name in module.used_weights():
+        d = module.weights[name]
+        row = out.setdefault(d.format, {"tensors": 0, "params": 0, "bytes": 0})
+        params = 1
+        for x in d.shape:
+            params *= int(x)
+        row["tensors"] += 1
+        row["params"] += params
+        row["bytes"] += nbytes(d.format, d.shape, d.group)
+    return out
 
 
 def check_output(out: Path) -> None:

@@ -76,12 +76,18 @@ class Graph:
 
 @dataclass(frozen=True)
 class WeightDecl:
-    """A named weight: stored (`parts` empty) or the concatenation of stored `parts` on `axis`."""
+    """A named weight: stored (`parts` empty) or the concatenation of stored `parts` on `axis`.
+
+    `format` says how its values are stored (arc/formats.py: f32, bf16, q8_0, q4_1, int4, ...),
+    with `group` weights of a row per scale for the block formats; the target picks the kernel.
+    """
 
     shape: Shape
     dtype: str = "f32"
     parts: tuple[str, ...] = ()
     axis: int = 0
+    format: str = "f32"
+    group: int = 0
 
 
 @dataclass(frozen=True)
@@ -218,10 +224,11 @@ def format_graph(g: Graph) -> str:
 def format_module(m: Module) -> str:
     used = set(m.used_weights())
     params = sum(_numel(w.shape) for k, w in m.weights.items() if k in used)
+    fmts = sorted({m.weights[k].format for k in used})
     kv = m.kv
     head = [
         f"module @{m.name}  // family={m.meta.get('family')} plan={m.plan.kind}",
-        f"// weights: {len(used)} used tensors, {params / 1e6:.1f}M params",
+        f"// weights: {len(used)} used tensors, {params / 1e6:.1f}M params, {'/'.join(fmts)}",
         f"// kv: {kv.layers} layers x k,v {kv.dtype}[1,{kv.kv_heads},{kv.max_seq_len},"
         f"{kv.head_dim}]",
     ]
@@ -246,7 +253,14 @@ def module_to_json(m: Module) -> dict[str, Any]:
         "kv": vars(m.kv).copy(),
         "plan": {"kind": m.plan.kind, "options": dict(m.plan.options)},
         "weights": {
-            k: {"shape": list(w.shape), "dtype": w.dtype, "parts": list(w.parts), "axis": w.axis}
+            k: {
+                "shape": list(w.shape),
+                "dtype": w.dtype,
+                "parts": list(w.parts),
+                "axis": w.axis,
+                "format": w.format,
+                "group": w.group,
+            }
             for k, w in m.weights.items()
         },
         "functions": [_graph_to_json(g) for g in m.functions.values()],  # a list: order kept
@@ -287,7 +301,14 @@ def module_from_json(d: Mapping[str, Any]) -> Module:
         )
         functions[name] = Graph(name, nodes, tuple(gd["outputs"]))
     weights = {
-        k: WeightDecl(tuple(w["shape"]), w["dtype"], tuple(w["parts"]), w["axis"])
+        k: WeightDecl(
+            tuple(w["shape"]),
+            w["dtype"],
+            tuple(w["parts"]),
+            w["axis"],
+            w.get("format", "f32"),
+            w.get("group", 0),
+        )
         for k, w in d["weights"].items()
     }
     return Module(

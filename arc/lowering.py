@@ -23,26 +23,55 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from arc import formats, qlinear
+from arc.errors import ArcError
 from arc.ir import Graph, KVDecl, Module, Node
 from arc.ops import Op
 
 
-def buffer_name(weight: str) -> str:
-    return "w_" + weight.replace(".", "_").replace("+", "__")
+def buffer_name(tensor: str) -> str:
+    return "w_" + tensor.replace(".", "_").replace("+", "__").replace(formats.SEP, "___")
 
 
-def materialize(module: Module, stored: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The tensors of every weight the module uses; fused weights are concatenated here."""
-    out = {}
+def weight_tensors(module: Module, name: str) -> dict[str, tuple[tuple, str]]:
+    """Stored tensor name -> (shape, dtype name) for weight `name` in its format."""
+    d = module.weights[name]
+    return formats.tensor_specs(name, d.format, d.shape, d.group)
+
+
+def materialize(
+    module: Module, stored: Mapping[str, Tensor], blocks: Mapping[str, tuple] | None = None
+) -> dict[str, Tensor]:
+    """Tensor name -> tensor for every weight the module uses, in the weight's format.
+
+    `stored`: fp32 tensors by weight name, or (an engine) the tensors already materialized.
+    `blocks`: weight name -> (format, components) kept from a quantized checkpoint; the kept
+    formats come from here only, the lossy ones are made by quantizing the fp32 tensor.
+    Fused weights are concatenated here, component by component for block formats.
+    """
+    blocks = blocks or {}
+    out: dict[str, Tensor] = {}
     for name in module.used_weights():
-        decl = module.weights[name]
-        if name in stored:  # stored as is (an engine stores weights already materialized)
-            out[name] = stored[name]
-        elif decl.parts:
-            out[name] = torch.cat([stored[p] for p in decl.parts], dim=decl.axis).contiguous()
-        else:
-            out[name] = stored[name]
+        decl, names = module.weights[name], weight_tensors(module, name)
+        if all(t in stored for t in names):  # already materialized
+            out |= {t: stored[t] for t in names}
+            continue
+        fmt, f = decl.format, formats.get(decl.format)
+        if fmt == "f32" or not f.lossless:
+            w = _concat([stored[p] for p in decl.parts], decl.axis) if decl.parts else stored[name]
+            comps = formats.quantize(fmt, w, decl.group) if fmt != "f32" else {"": w}
+        else:  # kept as stored in the checkpoint
+            parts = decl.parts or (name,)
+            missing = [p for p in parts if p not in blocks or blocks[p][0] != fmt]
+            if missing:
+                raise ArcError(f"weight {missing[0]} is not stored as {fmt} in the checkpoint")
+            comps = {s: _concat([blocks[p][1][s] for p in parts], 0) for s in blocks[parts[0]][1]}
+        out |= {formats.tensor_name(name, s): t.contiguous() for s, t in comps.items()}
     return out
+
+
+def _concat(ts: list[Tensor], axis: int) -> Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim=axis)
 
 
 class KVCache(nn.Module):
@@ -89,12 +118,20 @@ class GraphModule(nn.Module):
         self.graph, self.gemv, self.sdpa = graph, gemv, sdpa
         for n in graph.nodes:
             for w in n.weights():
-                if not hasattr(self, buffer_name(w)):
-                    self.register_buffer(buffer_name(w), weights[w])
+                fmt = n.attr("fmt") if w == n.attr("w") else None
+                for s in _suffixes(fmt) if fmt else ("",):
+                    t = formats.tensor_name(w, s)
+                    if not hasattr(self, buffer_name(t)):
+                        self.register_buffer(buffer_name(t), weights[t])
         self.kv = kv
 
     def w(self, name: str) -> Tensor:
         return getattr(self, buffer_name(name))
+
+    def comps(self, n: Node) -> dict[str, Tensor]:
+        """The components of node `n`'s formatted weight `w`, by suffix."""
+        w = n.attrs["w"]
+        return {s: self.w(formats.tensor_name(w, s)) for s in _suffixes(n.attrs["fmt"])}
 
     def forward(self, *feeds: Tensor) -> Tensor:
         env: dict[int, object] = {}
@@ -115,7 +152,14 @@ def _rmsnorm(m: GraphModule, n: Node, x: Tensor) -> Tensor:
     return m.w(n.attrs["w"]) * (x * torch.rsqrt(var + n.attrs["eps"]))
 
 
+def _suffixes(fmt: str) -> tuple[str, ...]:
+    kind = formats.get(fmt).kind
+    return ("", "d", "m") if kind == "affine4" else ("", "d") if kind == "sym8" else ("",)
+
+
 def _linear(m: GraphModule, n: Node, x: Tensor) -> Tensor:
+    if n.attr("fmt"):
+        return _formatted_linear(m, n, x)
     w, b = m.w(n.attrs["w"]), n.attr("b")
     t = n.shape[-2]
     if m.gemv and isinstance(t, int) and 1 < t <= SMALL_T:
@@ -141,6 +185,22 @@ def _linear(m: GraphModule, n: Node, x: Tensor) -> Tensor:
 
 
 SMALL_T = 32  # static token counts up to this use the small-T reduction form in _linear
+
+
+def _formatted_linear(m: GraphModule, n: Node, x: Tensor) -> Tensor:
+    """A LINEAR / LM_HEAD over a formatted weight (arc/qlinear.py has the forms and why)."""
+    fmt, comps, b = n.attrs["fmt"], m.comps(n), n.attr("b")
+    t = n.shape[-2]
+    if m.gemv and isinstance(t, int) and t <= SMALL_T:
+        y = qlinear.small_t(fmt, comps, x)
+        return y + m.w(b) if b else y
+    return qlinear.dense(fmt, comps, x, m.w(b) if b else None)
+
+
+def _embed(m: GraphModule, n: Node, tokens: Tensor) -> Tensor:
+    if n.attr("fmt"):
+        return qlinear.gather(n.attrs["fmt"], m.comps(n), tokens)  # [1, T, hidden]
+    return F.embedding(tokens, m.w(n.attrs["w"]))
 
 
 def _heads(x: Tensor, heads: int, head_dim: int) -> Tensor:
@@ -207,7 +267,7 @@ def _gqa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) 
 
 
 KERNELS = {
-    Op.EMBED: lambda m, n, t: F.embedding(t, m.w(n.attrs["w"])),
+    Op.EMBED: _embed,
     Op.RMSNORM: _rmsnorm,
     Op.LINEAR: _linear,
     Op.SLICE: lambda m, n, x: x[..., n.attrs["start"] : n.attrs["stop"]],

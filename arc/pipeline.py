@@ -30,8 +30,11 @@ class PassInfo:
     name: str
     fn: PassFn
     after: tuple[str, ...]
-    lossless: bool
+    lossless: bool | Callable[[Mapping[str, Any]], bool]  # a callable: depends on the options
     options: Mapping[str, tuple[type, Any]]  # option -> (type, default)
+
+    def is_lossless(self, opts: Mapping[str, Any]) -> bool:
+        return self.lossless(opts) if callable(self.lossless) else self.lossless
 
     @property
     def doc(self) -> str:
@@ -61,7 +64,7 @@ class PassRecord:
 REGISTRY: dict[str, PassInfo] = {}
 
 
-def register_pass(name: str, *, after: Sequence[str] = (), lossless: bool = True):
+def register_pass(name: str, *, after: Sequence[str] = (), lossless: bool | Callable = True):
     """Decorator: register `fn` as pass `name`; its keyword-only parameters are its options."""
 
     def deco(fn: PassFn) -> PassFn:

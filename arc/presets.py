@@ -14,13 +14,14 @@ PRESETS: dict[str, list[str]] = {
     # -O1: lossless graph rewrites that cut kernel launches and weight reads per step.
     "O1": [
         "kv-fusion",  # one QKV projection and one gate/up projection per layer
+        "weight-format",  # a quantized checkpoint's blocks kept as stored (mode=keep)
     ],
     # -O2: -O1 plus lossless speculative decoding: a drafted token tree verified in one
     # forward (training-free drafters: prompt lookup + Token Recycling), greedy-identical.
-    "O2": ["kv-fusion", "spec-tree"],
+    "O2": ["kv-fusion", "weight-format", "spec-tree"],
     # -O3: -O2 with the tree sized from verify cost measured on this device (spec-tree's
     # `tune`); not built yet, so -O3 equals -O2 today.
-    "O3": ["kv-fusion", "spec-tree"],
+    "O3": ["kv-fusion", "weight-format", "spec-tree"],
 }
 
 

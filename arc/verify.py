@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import networkx as nx
 
+from arc.errors import ArcError
+from arc.formats import FORMATS, components
 from arc.ir import Graph, Module
 from arc.ops import ARITY, REQUIRED_ATTRS, Op, ShapeError, infer_shape, result_dtype
 
@@ -27,6 +29,15 @@ def verify(m: Module) -> None:
 
 def _verify_weights(m: Module) -> None:
     for name, w in m.weights.items():
+        if w.format != "f32":
+            if w.format not in FORMATS:
+                raise VerifyError(f"weight {name}: unknown format {w.format!r}")
+            try:
+                components(w.format, w.shape, w.group)
+            except ArcError as e:
+                raise VerifyError(f"weight {name}: {e}") from None
+            if w.parts and w.axis != 0:
+                raise VerifyError(f"weight {name}: a {w.format} weight is fused on rows only")
         if not w.parts:
             continue
         parts = [m.weights.get(p) for p in w.parts]
@@ -57,6 +68,7 @@ def _verify_graph(m: Module, g: Graph) -> None:
         for w in n.weights():
             if w not in m.weights:
                 raise VerifyError(f"{where}: unknown weight {w!r}")
+        _verify_format(m, n, where)
         ins = [seen[i] for i in n.inputs]
         try:
             shape = infer_shape(n.op, [x.shape for x in ins], n.attrs, shapes)
@@ -72,6 +84,18 @@ def _verify_graph(m: Module, g: Graph) -> None:
         if o not in seen:
             raise VerifyError(f"@{g.name}: output %{o} is not a node")
     _verify_no_dangling(g)
+
+
+def _verify_format(m: Module, n, where: str) -> None:
+    """A node's `fmt` is its weight's format; only LINEAR / LM_HEAD / EMBED read formatted
+    weights (a norm's or rope's weight is always f32)."""
+    formatted = n.op in (Op.LINEAR, Op.LM_HEAD, Op.EMBED)
+    if formatted and m.weights[n.attrs["w"]].format != n.attr("fmt", "f32"):
+        raise VerifyError(f"{where}: fmt {n.attr('fmt', 'f32')} != its weight's format")
+    for key in ("w", "b"):
+        w = n.attr(key)
+        if w is not None and m.weights[w].format != "f32" and not (formatted and key == "w"):
+            raise VerifyError(f"{where}: {key}={w} must be f32, not {m.weights[w].format}")
 
 
 def _verify_kv(m: Module, g: Graph, n, ins, where: str) -> None:

@@ -112,8 +112,10 @@ def _llama_gguf() -> str | None:
     return str(_smollm2_gguf())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(defaults: dict[str, str] | None = None, doc: str = __doc__) -> None:
+    """`defaults`: system name -> pipeline spec (the first is the baseline); -O1 and -O2
+    when None."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
@@ -125,8 +127,9 @@ def main() -> None:
     a = ap.parse_args()
     from arc.presets import preset_spec
 
-    systems = {"arc -O1": preset_spec("O1"), "arc -O2": preset_spec("O2")}
+    systems = defaults or {"arc -O1": preset_spec("O1"), "arc -O2": preset_spec("O2")}
     systems |= dict(s.split("=", 1) for s in a.system)
+    a.base = next(iter(systems))
     engines = Path(a.engines)
     engines.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -146,7 +149,7 @@ def main() -> None:
             print(f"round {r + 1}: {name} done", file=sys.stderr)
         if gguf:
             ids_file = engines / "prompt_ids.json"
-            ids_file.write_text(json.dumps([x["prompt_ids"] for x in runs["arc -O1"][0]]))
+            ids_file.write_text(json.dumps([x["prompt_ids"] for x in runs[a.base][0]]))
             runs["llama.cpp (Q4_1 GGUF)"].append(
                 _spawn(["--worker-llama", gguf, str(ids_file), *common])
             )
@@ -159,7 +162,7 @@ def _slug(spec: str) -> str:
 
 def report(runs: dict, prompts: list[str], a) -> None:
     kinds = [p["kind"] for p in json.loads(PROMPTS.read_text())]
-    base = runs["arc -O1"]
+    base = runs[a.base]
     names = list(runs)
 
     def tps(rounds, i):  # median over rounds of prompt i's decode tok/s
@@ -175,7 +178,7 @@ def report(runs: dict, prompts: list[str], a) -> None:
         f"median of {a.rounds} interleaved rounds, each system in its own process"
     )
     head = f"{'#':>2} {'kind':<12}" + "".join(f"{n[:22]:>24}" for n in names)
-    print(head + "   (tok/s; x = speedup over -O1; MAT = tokens per forward)")
+    print(head + f"   (tok/s; x = speedup over {a.base}; MAT = tokens per forward)")
     result = {"prompts": [], "overall": {}}
     for i, kind in enumerate(kinds):
         cells, row = [], {"kind": kind}
@@ -195,7 +198,22 @@ def report(runs: dict, prompts: list[str], a) -> None:
         cells.append(f"{v:6.1f} {v / overall(base):4.2f}x")
         result["overall"][n] = {"tok_s": v, "x_O1": v / overall(base)}
     print(f"{'':>2} {'overall':<12}" + "".join(f"{c:>24}" for c in cells))
-    print("(= ids identical to -O1, ! different)")
+    print(f"(= ids identical to {a.base}, ! different)")
+    llama = next((n for n in names if n.startswith("llama")), None)
+    print(
+        f"\n{'system':<24} {'tok/s':>7} {'x ' + a.base:>14} {'x llama.cpp':>12} "
+        f"{'tok/fwd':>8} {'ids = base':>11}"
+    )
+    for n in names:
+        v = overall(runs[n])
+        vs = f"{v / overall(runs[llama]):.2f}x" if llama else "-"
+        rnd = runs[n][0]
+        fwd = sum(x["forwards"] for x in rnd)
+        mat = f"{sum(x['produced'] for x in rnd) / fwd:.2f}" if fwd else "-"
+        agree = sum(x["ids"] == b["ids"] for x, b in zip(rnd, base[0], strict=True))
+        same = "-" if n == llama else f"{agree}/{len(rnd)}"
+        print(f"{n:<24} {v:7.1f} {v / overall(base):13.2f}x {vs:>12} {mat:>8} {same:>11}")
+        result["overall"][n]["x_llama"] = v / overall(runs[llama]) if llama else None
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
 

@@ -2,6 +2,7 @@
 decode step, at context 200 and 1000 (the numbers that decide how big a tree can pay).
 
     python benchmarks/verify_cost.py [--model smollm2-135m] [--sizes 2,4,8,16,32] [--reps 15]
+        [--format keep|f32|int8|int4|bf16]   # weight-format mode (keep: the GGUF's blocks)
 
 Each verify size is its own `verify` function (spec-tree{budget=T-1}), compiled with the
 torch target's CPU kernels (arc.lowering with gemv=True) by Inductor via torch.compile in this
@@ -19,7 +20,7 @@ import time
 import torch
 
 from arc.compiler import trace_model
-from arc.lowering import lower
+from arc.lowering import lower, materialize
 from arc.pipeline import PassManager
 from arc.runtime.steps import Steps
 from arc.runtime.tree import Tree
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="200,1000")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--format", default="keep", help="weight-format mode")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     # every verify size and slot count is its own graph of the same forward(): allow them all
@@ -53,9 +55,11 @@ def main() -> None:
     loaded, traced = trace_model(a.model, max(contexts) + max(sizes) + 64)
     rows = {c: {} for c in contexts}
     for t in sizes:
-        spec = f"kv-fusion,spec-tree{{budget={t - 1},depth={min(5, t - 1)}}}"
+        spec = f"kv-fusion,weight-format{{mode={a.format}}},"
+        spec += f"spec-tree{{budget={t - 1},depth={min(5, t - 1)}}}"
         module, _ = PassManager(spec).run(traced)
-        fns, kv = lower(module, loaded.weights, gemv=True)
+        weights = materialize(module, loaded.weights, loaded.blocks)
+        fns, kv = lower(module, weights, gemv=True)
         calls = {k: torch.compile(f, dynamic=False) for k, f in fns.items() if k != "prefill"}
         steps = Steps(
             {**calls, "prefill": fns["prefill"]},
@@ -75,7 +79,7 @@ def main() -> None:
                     rows[c][1] = _median_ms(lambda s=steps, c=c: s.decode(5, c), a.reps)
                 rows[c][t] = _median_ms(lambda s=steps, i=ins: s.verify(*i), a.reps)
         print(f"T={t}: " + ", ".join(f"ctx {c}: {rows[c][t]:.1f} ms" for c in contexts))
-    print(f"\n{a.model}, fp32, {a.threads} threads; verify time / decode step time")
+    print(f"\n{a.model}, weights {a.format}, {a.threads} threads; verify time / decode step time")
     print(f"{'T':>4}" + "".join(f"{'ctx ' + str(c):>18}" for c in contexts))
     for t in [1, *sizes]:
         cells = [f"{rows[c][t]:7.1f} ms {rows[c][t] / rows[c][1]:5.2f}x" for c in contexts]

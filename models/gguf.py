@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from arc.cache import atomic_dir, cache_path, use_entry
 from arc.errors import ArcError, UnsupportedError
@@ -80,3 +81,57 @@ def architecture(path: Path) -> str:
     if not isinstance(arch, str):
         raise ArcError(f"GGUF {path.name} does not name its architecture (general.architecture)")
     return arch
+
+
+# ---------------------------------------------------------------- blocks kept as stored
+
+_LAYER_NAMES = {
+    "attn_q": "wq",
+    "attn_k": "wk",
+    "attn_v": "wv",
+    "attn_output": "wo",
+    "ffn_gate": "w_gate",
+    "ffn_up": "w_up",
+    "ffn_down": "w_down",
+    "attn_norm": "attn_norm",
+    "ffn_norm": "mlp_norm",
+}
+_TOP_NAMES = {"token_embd": "embed", "output_norm": "norm", "output": "lm_head"}
+
+
+def read_blocks(path: Path, heads: int, kv_heads: int) -> dict[str, tuple[str, Any]]:
+    """IR weight name -> (arc format, raw rows u8[N, bytes]) for the tensors of a llama GGUF,
+    exactly as stored, in HF's row order: llama.cpp's converter permutes the rows of Q and K
+    for its rope layout, and this undoes it as transformers does (LlamaTensorProcessor), by
+    moving whole rows, so blocks stay intact. A type arc cannot keep is refused by name."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+
+    from arc.formats import GGUF_KEPT
+
+    out = {}
+    for t in GGUFReader(path).tensors:
+        stem, _, leaf = t.name.rpartition(".")
+        if leaf != "weight" or len(t.shape) < 2:  # norms: fp32 in the GGUF and in HF alike
+            continue
+        parts = stem.split(".")
+        if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER_NAMES:
+            name = f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+        elif stem in _TOP_NAMES:
+            name = _TOP_NAMES[stem]
+        else:
+            continue
+        kind = t.tensor_type.name
+        if kind not in GGUF_KEPT:
+            raise UnsupportedError(
+                f"GGUF {path.name}: tensor {t.name} has block type {kind}, which arc cannot "
+                f"keep (supported: {', '.join(GGUF_KEPT)}); use --passes weight-format{{mode=f32}}"
+            )
+        rows = np.ascontiguousarray(t.data).view(np.uint8).reshape(int(t.shape[-1]), -1)
+        if parts[-1] in ("attn_q", "attn_k"):
+            n = heads if parts[-1] == "attn_q" else kv_heads
+            rows = rows.reshape(n, rows.shape[0] // n // 2, 2, -1).swapaxes(1, 2)
+            rows = np.ascontiguousarray(rows).reshape(-1, rows.shape[-1])
+        out[name] = (GGUF_KEPT[kind], torch.from_numpy(rows.copy()))
+    return out

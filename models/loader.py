@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ class LoadedModel:
     arch: Any
     weights: dict[str, Any]  # IR name -> torch.Tensor (empty when loaded without weights)
     tokenizer: Any
+    # IR name -> (format, raw GGUF rows) for a GGUF checkpoint's tensors as stored (formats.py)
+    blocks: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve(ref: str) -> tuple[str, Path]:
@@ -33,6 +35,18 @@ def resolve(ref: str) -> tuple[str, Path]:
         return ref, catalog.resolve(ref)
     if path.is_file() and path.suffix == ".gguf":
         return path.stem, gguf.cached_dir(path)
+    return _directory(ref, path)
+
+
+def gguf_source(ref: str) -> Path | None:
+    """The GGUF file a model reference comes from, if any (its blocks can be kept as stored)."""
+    path = Path(ref).expanduser()
+    if ref in catalog.CATALOG:
+        return catalog.gguf_file(ref)
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
+def _directory(ref: str, path: Path) -> tuple[str, Path]:
     if path.is_dir() and (path / "config.json").exists():
         return path.name, path
     known = ", ".join(catalog.CATALOG)
@@ -56,7 +70,30 @@ def _load(ref: str, weights: bool) -> LoadedModel:
         family = FAMILIES[cfg.model_type]
         arch = _arch(directory, family, cfg)
         tensors = _weights(directory, family, arch, cfg) if weights else {}
-        return LoadedModel(name, directory, cfg, family, arch, tensors, _tokenizer(directory))
+        blocks = _blocks(ref, arch, tensors) if weights else {}
+        tok = _tokenizer(directory)
+        return LoadedModel(name, directory, cfg, family, arch, tensors, tok, blocks)
+
+
+def _blocks(ref: str, arch, tensors: dict[str, Any]) -> dict[str, Any]:
+    """A llama GGUF's weights as stored, each checked to dequantize to exactly the fp32 tensor
+    transformers made of it (the reference every engine is compared with)."""
+    from arc import formats
+
+    src = gguf_source(ref)
+    if src is None or arch.model_type != "llama":
+        return {}
+    out = {}
+    with use_entry(src):
+        raw = gguf.read_blocks(src, arch.heads, arch.kv_heads)
+    for name, (fmt, rows) in raw.items():
+        if name not in tensors:
+            continue
+        comps = formats.from_gguf(fmt, rows, tuple(tensors[name].shape))
+        if not formats.dequantize(fmt, comps).equal(tensors[name]):
+            raise ArcError(f"GGUF {src.name}: {name} does not match its dequantized copy")
+        out[name] = (fmt, comps)
+    return out
 
 
 def _config(directory: Path):

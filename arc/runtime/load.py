@@ -12,6 +12,7 @@ from arc.cache import EntryGone, EntryLock
 from arc.engine import ARTIFACTS, TOKENIZER, WEIGHTS, open_engine, read_manifest
 from arc.errors import ArcError, EngineError
 from arc.ir import Module
+from arc.lowering import weight_tensors
 from arc.manifest import module_of
 from arc.runtime.generate import Generator
 from arc.runtime.speculative import check_plan
@@ -27,17 +28,21 @@ class LoadedEngine:
 
     def prompt_ids(self, prompt: str, *, chat: bool = True, system: str | None = None) -> list[int]:
         """Token ids for `prompt`, through the model's chat template when it has one."""
-        tok = self.tokenizer
-        if chat and tok.chat_template:
-            msgs = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}
-            ]
-            return list(
-                tok.apply_chat_template(
-                    msgs, add_generation_prompt=True, tokenize=True, return_dict=False
-                )
+        return prompt_ids(self.tokenizer, prompt, chat=chat, system=system)
+
+
+def prompt_ids(tok, prompt: str, *, chat: bool = True, system: str | None = None) -> list[int]:
+    """Token ids for `prompt` with tokenizer `tok`, through its chat template when it has one."""
+    if chat and tok.chat_template:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        return list(
+            tok.apply_chat_template(
+                msgs, add_generation_prompt=True, tokenize=True, return_dict=False
             )
-        return list(tok.encode(prompt, add_special_tokens=True))
+        )
+    return list(tok.encode(prompt, add_special_tokens=True))
 
 
 def load_engine(path: str | Path, *, progress: bool = False) -> LoadedEngine:
@@ -106,9 +111,9 @@ def _why(e: BaseException) -> str:
 
 
 def _weights(engine, module: Module, path) -> dict:
-    """The engine's weights, checked against the weights its IR reads (name, shape): the engine
-    stores them materialized (fused ones concatenated), so lowering meets no missing or
-    misshapen tensor."""
+    """The engine's weights, checked against the tensors its IR reads (name, dtype, shape): the
+    engine stores them materialized (fused ones concatenated, formats packed), so lowering meets
+    no missing or misshapen tensor."""
     from safetensors.torch import load_file
 
     try:
@@ -116,10 +121,17 @@ def _weights(engine, module: Module, path) -> dict:
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise EngineError(f"{path}: {WEIGHTS} unreadable ({_why(e)})") from None
     for name in module.used_weights():
-        decl, have = module.weights[name], weights.get(name)
-        if have is None or tuple(have.shape) != tuple(decl.shape):
-            got = "missing" if have is None else f"shape {tuple(have.shape)}"
-            raise EngineError(f"{path}: weight {name[:60]!r} is {got}, the IR wants {decl.shape}")
+        for t, (shape, dtype) in weight_tensors(module, name).items():
+            have = weights.get(t)
+            if (
+                have is None
+                or tuple(have.shape) != tuple(shape)
+                or str(have.dtype) != f"torch.{dtype}"
+            ):
+                got = "missing" if have is None else f"{have.dtype} {tuple(have.shape)}"
+                raise EngineError(
+                    f"{path}: weight {t[:60]!r} is {got}, the IR wants {dtype} {shape}"
+                )
     return weights
 
 

@@ -1,10 +1,11 @@
 """The real model: SmolLM2-135M-Instruct compiled -O2 for CPU (AOTInductor, speculative
-decoding on), its greedy ids from `arc run --json` in a fresh process equal Hugging Face's
-greedy generation."""
+decoding on, the GGUF's Q4_1/Q8_0 blocks kept as stored), its greedy ids from `arc run --json`
+in a fresh process equal Hugging Face's fp32 greedy generation."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.conftest import hf_greedy
 from tests.e2e.cli import arc, arc_json
@@ -25,8 +26,35 @@ def smol_engine(engine_dir):
     out = engine_dir / "smollm2-O2.arc"
     summary = arc_json("compile", "smollm2-135m", "-O2", "--max-seq-len", "1024", "-o", str(out))
     assert summary["compile_s"] > 0
-    assert [p["name"] for p in summary["passes"]] == ["kv-fusion", "spec-tree"]
+    assert [p["name"] for p in summary["passes"]] == ["kv-fusion", "weight-format", "spec-tree"]
+    assert summary["size_bytes"] < 160e6  # 4-bit blocks, not 540 MB of fp32
     return out
+
+
+def test_engine_keeps_the_gguf_blocks(smol_engine):
+    from arc.engine import read_manifest
+
+    weights = read_manifest(smol_engine)["weights"]
+    assert weights["q4_1"]["tensors"] == 120  # 30 layers x (qkv, o, gate+up, down)
+    assert weights["q8_0"]["tensors"] == 1  # the tied embedding / LM head
+    assert weights["q4_1"]["bytes"] * 8 / weights["q4_1"]["params"] == 6.0
+    shown = arc("inspect", str(smol_engine)).stdout
+    assert "q4_1" in shown and "bits/weight" in shown
+
+
+def test_loader_blocks_are_exactly_hf_weights():
+    """Every kept block dequantizes bit for bit to the fp32 tensor transformers made of the
+    same GGUF (the loader refuses otherwise); Q and K rows are un-permuted as HF does."""
+    from arc.models import loader
+
+    m = loader.load("smollm2-135m")
+    from arc.formats import dequantize
+
+    kinds = [fmt for fmt, _ in m.blocks.values()]
+    assert kinds.count("q4_1") == 210 and kinds.count("q8_0") == 1
+    for name in ("embed", "layers.0.wq", "layers.7.wk", "layers.29.w_down"):
+        fmt, comps = m.blocks[name]
+        assert torch.equal(dequantize(fmt, comps), m.weights[name]), name
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

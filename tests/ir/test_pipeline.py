@@ -90,8 +90,12 @@ def test_presets_are_lossless_and_known():
     from arc.pipeline import registry
 
     for level, items in PRESETS.items():
-        for name in items:
-            assert registry()[name].lossless, f"-{level} runs lossy pass {name}"
-    assert preset_spec("O0") == "" and preset_spec("-O1") == "kv-fusion"
+        for item in items:
+            ((name, opts),) = parse_spec(item)
+            assert registry()[name].is_lossless(opts), f"-{level} runs lossy pass {name}"
+    assert preset_spec("O0") == "" and preset_spec("-O1") == "kv-fusion,weight-format"
+    info = registry()["weight-format"]
+    assert info.is_lossless({}) and info.is_lossless({"mode": "f32"})
+    assert not info.is_lossless({"mode": "int4"}) and not info.is_lossless({"mode": "bf16"})
     with pytest.raises(ArcError):
         preset_spec("O9")

@@ -1,0 +1,114 @@
+"""weight-format: store projection weights in a compact format, dequantized inside the GEMV.
+
+Why it helps decoding: a decode step reads every weight once, so on a CPU its time is weight
+bytes over memory bandwidth. llama.cpp (Gerganov et al., GGML block formats Q8_0/Q4_0/Q4_1)
+decodes from 4.5-5 bit blocks; gpt-fast and TensorRT-LLM use weight-only int8/int4 (as in
+GPTQ, Frantar et al. 2022, and AWQ, Lin et al. 2023, here without calibration: round to
+nearest per group). The target lowers each format to a kernel that streams the packed codes and
+dequantizes in registers, with fp32 activations and fp32 accumulation.
+
+Modes (the formats are in arc/formats.py):
+- `keep` (lossless, in -O1..-O3): a weight the checkpoint stores quantized (a GGUF's Q4_1,
+  Q4_0, Q8_0 blocks) keeps its blocks exactly as stored. Its values are then exactly the fp32
+  values Hugging Face dequantizes the same file to (the loader checks this bit for bit), so
+  greedy output equals HF's fp32 reference. Weights stored in fp32 stay fp32.
+- `f32` (lossless): every weight in fp32 (what a pipeline without this pass does).
+- `int8` (LOSSY): int8 codes, one fp32 scale per `group` weights of a row (0: per row).
+- `int4` (LOSSY): 4-bit codes with a scale and minimum per `group` weights (default 32); the
+  embedding / LM head get `head` (default int8), as llama.cpp's Q4 files keep them at 8 bits.
+- `bf16` (LOSSY): bfloat16 values.
+The lossy modes' cost is measured by `arc eval` (greedy agreement, perplexity delta).
+
+Fused weights (kv-fusion's QKV and gate/up, concatenated on rows) take their parts' common
+format; parts in different formats fall back to fp32 for the fused weight.
+Norm and rope weights stay fp32 (they are tiny and read once per step).
+
+Before:  %5 = linear(%4, w=layers.0.wq+wk+wv)             weight f32[960,576]
+After:   %5 = linear(%4, fmt=q4_1, w=layers.0.wq+wk+wv)   weight q4_1[960,576] group 32
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import MappingProxyType
+
+from arc import formats
+from arc.errors import ArcError
+from arc.ir import Module, WeightDecl, rebuild
+from arc.ops import Op
+from arc.pipeline import PassContext, register_pass
+
+MODES = ("keep", "f32", "int8", "int4", "bf16")
+FORMATTED_OPS = (Op.LINEAR, Op.LM_HEAD, Op.EMBED)
+
+
+def _lossless(opts) -> bool:
+    return opts.get("mode", "keep") in ("keep", "f32")
+
+
+@register_pass("weight-format", after=("kv-fusion",), lossless=_lossless)
+def weight_format(
+    module: Module, ctx: PassContext, *, mode: str = "keep", group: int = 32, head: str = "auto"
+) -> Module:
+    """Give every LINEAR / LM_HEAD / EMBED weight a storage format; see the module docstring."""
+    if mode not in MODES:
+        raise ArcError(f"weight-format: mode={mode!r}; use one of {', '.join(MODES)}")
+    if group < 0 or group % 2:
+        raise ArcError(
+            f"weight-format: group={group} must be 0 (per row) or a positive even number"
+        )
+    if head != "auto" and head not in ("f32", "int8", "int4", "bf16"):
+        raise ArcError(f"weight-format: head={head!r}; use auto, f32, int8, int4 or bf16")
+    usage = _usage(module)
+    kept = dict(module.meta.get("checkpoint_formats", {}))
+    weights = dict(module.weights)
+    for name, ops in usage.items():
+        decl = weights[name]
+        is_head = bool(ops & {Op.EMBED, Op.LM_HEAD})
+        fmt, grp = _choose(name, decl, kept, weights, mode, group, head, is_head)
+        if fmt != "f32":
+            formats.components(fmt, decl.shape, grp)  # group divides the columns, or one line
+        weights[name] = replace(decl, format=fmt, group=grp)
+
+    def rewrite(b, node, ins):
+        w = node.attr("w")
+        if node.op not in FORMATTED_OPS or w is None:
+            return None
+        attrs = dict(node.attrs)
+        attrs.pop("fmt", None)
+        fmt = weights[w].format
+        return b.add(node.op, ins, **attrs, **({"fmt": fmt} if fmt != "f32" else {}))
+
+    shapes = {k: v.shape for k, v in weights.items()}
+    functions = {k: rebuild(g, shapes, rewrite) for k, g in module.functions.items()}
+    return module.with_functions(functions, weights=MappingProxyType(weights))
+
+
+def _usage(module: Module) -> dict[str, set]:
+    """Weight name -> the formatted ops reading it as `w`."""
+    out: dict[str, set] = {}
+    for g in module.functions.values():
+        for n in g.nodes:
+            if n.op in FORMATTED_OPS and n.attr("w") is not None:
+                out.setdefault(n.attrs["w"], set()).add(n.op)
+    return out
+
+
+def _choose(name, decl: WeightDecl, kept, weights, mode, group, head, is_head):
+    """(format, group) for one weight."""
+    if mode == "f32":
+        return "f32", 0
+    if mode == "keep":
+        if decl.parts:
+            fmts = {kept.get(p, "f32") for p in decl.parts}
+            fmt = fmts.pop() if len(fmts) == 1 and decl.axis == 0 else "f32"
+        else:
+            fmt = kept.get(name, "f32")
+        return fmt, formats.FORMATS[fmt].group
+    fmt = mode if not is_head or head == "auto" else head
+    if is_head and head == "auto" and mode == "int4":
+        fmt = "int8"
+    if fmt in ("f32", "bf16"):
+        return fmt, 0
+    k = decl.shape[-1]
+    return fmt, (k if group == 0 else group)
