@@ -103,7 +103,8 @@ def read_blocks(path: Path, heads: int, kv_heads: int) -> dict[str, tuple[str, A
     """IR weight name -> (arc format, raw rows u8[N, bytes]) for the tensors of a llama GGUF,
     exactly as stored, in HF's row order: llama.cpp's converter permutes the rows of Q and K
     for its rope layout, and this undoes it as transformers does (LlamaTensorProcessor), by
-    moving whole rows, so blocks stay intact. A type arc cannot keep is refused by name."""
+    moving whole rows, so blocks stay intact. A block type arc cannot keep comes back as
+    ("gguf:<TYPE>", None): only keeping it is an error."""
     import numpy as np
     import torch
     from gguf import GGUFReader
@@ -123,11 +124,9 @@ def read_blocks(path: Path, heads: int, kv_heads: int) -> dict[str, tuple[str, A
         else:
             continue
         kind = t.tensor_type.name
-        if kind not in GGUF_KEPT:
-            raise UnsupportedError(
-                f"GGUF {path.name}: tensor {t.name} has block type {kind}, which arc cannot "
-                f"keep (supported: {', '.join(GGUF_KEPT)}); use --passes weight-format{{mode=f32}}"
-            )
+        if kind not in GGUF_KEPT:  # weight-format{mode=keep} refuses it, naming the type
+            out[name] = (f"gguf:{kind}", None)
+            continue
         rows = np.ascontiguousarray(t.data).view(np.uint8).reshape(int(t.shape[-1]), -1)
         if parts[-1] in ("attn_q", "attn_k"):
             n = heads if parts[-1] == "attn_q" else kv_heads

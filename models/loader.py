@@ -89,6 +89,9 @@ def _blocks(ref: str, arch, tensors: dict[str, Any]) -> dict[str, Any]:
     for name, (fmt, rows) in raw.items():
         if name not in tensors:
             continue
+        if rows is None:  # a block type arc cannot keep
+            out[name] = (fmt, None)
+            continue
         comps = formats.from_gguf(fmt, rows, tuple(tensors[name].shape))
         if not formats.dequantize(fmt, comps).equal(tensors[name]):
             raise ArcError(f"GGUF {src.name}: {name} does not match its dequantized copy")

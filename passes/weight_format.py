@@ -104,6 +104,12 @@ def _choose(name, decl: WeightDecl, kept, weights, mode, group, head, is_head):
             fmt = fmts.pop() if len(fmts) == 1 and decl.axis == 0 else "f32"
         else:
             fmt = kept.get(name, "f32")
+        if fmt not in formats.FORMATS:  # "gguf:Q6_K": stored in a block type arc cannot keep
+            raise ArcError(
+                f"weight-format: {name} is stored as GGUF {fmt[5:]}, which arc cannot keep "
+                f"(it keeps {', '.join(formats.GGUF_KEPT)}); use weight-format{{mode=f32}} "
+                "or {mode=int8}"
+            )
         return fmt, formats.FORMATS[fmt].group
     fmt = mode if not is_head or head == "auto" else head
     if is_head and head == "auto" and mode == "int4":

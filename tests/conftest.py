@@ -110,7 +110,7 @@ def tiny_engines(engine_dir):
         out = engine_dir / f"{ref}-O2.arc"
         summary = arc_json("compile", ref, "-O2", "--max-seq-len", "256", "-o", str(out))
         assert summary["target"] == "torch" and summary["device"] == "cpu"
-        assert [p["name"] for p in summary["passes"]] == ["kv-fusion", "spec-tree"]
+        assert [p["name"] for p in summary["passes"]] == ["kv-fusion", "weight-format", "spec-tree"]
         engines[ref] = out
     return engines
 

@@ -178,3 +178,16 @@ def test_lowered_module_equals_dequantized_reference(traced, mode):
     for got in results[1:]:
         for x, y in zip(results[0], got, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_keep_refuses_a_block_type_it_cannot_keep(traced):
+    from dataclasses import replace
+    from types import MappingProxyType
+
+    _, m = traced("tiny-llama")
+    kept = {"layers.1.wo": "gguf:Q6_K"}
+    m = replace(m, meta=MappingProxyType({**m.meta, "checkpoint_formats": kept}))
+    with pytest.raises(ArcError, match=r"layers\.1\.wo is stored as GGUF Q6_K.*mode=f32"):
+        PassManager("weight-format").run(m)
+    out, _ = PassManager("weight-format{mode=f32}").run(m)  # an fp32 build still works
+    assert out.weights["layers.1.wo"].format == "f32"
