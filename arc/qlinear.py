@@ -6,9 +6,9 @@ and accumulates in fp32 — each packed byte is read once and no fp32 weight is 
 The reduction runs over (block, element) so the per-block scale is a broadcast scalar and the
 accumulator stays a vector across blocks (a per-block horizontal sum was 1.6x slower).
 A few tokens (a speculative verify): one such reduction per token over the same loop, which
-Inductor fuses, so each row's codes are read and unpacked once for all the tokens. Many tokens (prefill): the weight is
-dequantized once per call and multiplied by the matrix kernel (compute-bound; the dequant is
-amortized over the tokens).
+Inductor fuses, so each row's codes are read and unpacked once for all the tokens.
+Many tokens (prefill): the weight is dequantized once per call and multiplied by the matrix
+kernel (compute-bound; the dequant is amortized over the tokens).
 
 Shapes: x [1, T, K]; codes [N, K/g, g/2] (affine4) or [N, K/g, g] (sym8); d, m [N, K/g].
 """
