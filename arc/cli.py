@@ -1,4 +1,4 @@
-"""The `arc` command: compile, run, inspect, passes, targets, cache.
+"""The `arc` command: compile, run, eval, inspect, passes, targets, cache.
 
 Exit codes: 0 success; 2 bad input (one line on stderr, no traceback); 1 a bug in arc;
 130 / 143 interrupted by SIGINT / SIGTERM, after `with` blocks have cleaned up.
@@ -139,6 +139,46 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- eval
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from arc.evaluate import DEFAULT_PROMPTS, evaluate, load_prompts
+    from arc.presets import preset_spec
+
+    spec = a.passes if a.passes is not None else preset_spec("O2")
+    prompts = load_prompts(Path(a.prompts) if a.prompts else DEFAULT_PROMPTS)
+    r = evaluate(
+        a.model,
+        spec,
+        prompts,
+        max_new_tokens=a.max_new_tokens,
+        ppl_tokens=a.ppl_tokens,
+        progress=sys.stderr.isatty() and not a.json,
+    )
+    if a.json:
+        print(json.dumps(r))
+        return 0
+    g, p = r["greedy"], r["perplexity"]
+    print(f"{r['model']}: passes {r['pipeline'] or '(none)'} against no passes")
+    print(f"{'prompt':>6} {'tokens':>7} {'agree':>7} {'first diff':>10}")
+    for row in g["per_prompt"]:
+        print(
+            f"{row['index']:>6} {row['compared']:>7} {row['agreement']:>7.3f} "
+            f"{row['first_divergence']:>10}"
+        )
+    print(
+        f"greedy      agreement {g['agreement']:.4f}, mean first divergence "
+        f"{g['mean_first_divergence']:.1f} of {g['max_new_tokens']} new tokens"
+    )
+    print(
+        f"perplexity  reference {p['reference']:.4f}, passes {p['passes']:.4f}, "
+        f"delta {p['delta_pct']:+.4f} % ({p['tokens']} tokens of {p['corpus']})"
+    )
+    _stderr(f"[eval in {r['wall_s']:.1f} s]")
+    return 0
+
+
 # ---------------------------------------------------------------- inspect, passes, targets
 
 
@@ -167,6 +207,9 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+WEIGHT_ROW = ("tensors", "params", "bytes")
+
+
 def _engine_summary(path: str, m: dict, module) -> str:
     files = m["files"]
     lines = [
@@ -189,6 +232,13 @@ def _engine_summary(path: str, m: dict, module) -> str:
             f"cpu       -march={m['target']['march']}  built on {m['target'].get('cpu_name')}"
             f"  needs {' '.join(flags) if isinstance(flags, list) else '?'}",
         )
+    for fmt, row in sorted(m.get("weights", {}).items()):
+        if isinstance(row, dict) and all(isinstance(row.get(k), int) for k in WEIGHT_ROW):
+            bits = 8 * row["bytes"] / max(row["params"], 1)
+            lines.append(
+                f"weights   {fmt:<5} {row['tensors']:4d} tensors {row['params'] / 1e6:8.2f}M "
+                f"params {row['bytes'] / 1e6:8.2f} MB  {bits:5.2f} bits/weight"
+            )
     for r in m["passes"]:
         lines.append(
             f"  {r['name']:<14} {r['wall_ms']:8.2f} ms  nodes {r['nodes_in']} -> {r['nodes_out']}"
@@ -209,7 +259,13 @@ def cmd_passes(a: argparse.Namespace) -> int:
 
     for name, info in sorted(registry().items()):
         opts = ", ".join(f"{k}: {t.__name__} = {d}" for k, (t, d) in info.options.items())
-        kind = "lossless" if info.lossless else "LOSSY"
+        kind = (
+            "lossless"
+            if info.lossless is True
+            else "LOSSY"
+            if not info.lossless
+            else "LOSSY in some modes"
+        )
         after = f"  after: {', '.join(info.after)}" if info.after else ""
         print(f"{name:<14} [{kind}] {info.doc}\n{'':14} options: {opts or 'none'}{after}")
     print()
@@ -291,6 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(fn=cmd_run)
+
+    e = sub.add_parser("eval", help="measure what a pass pipeline costs in output quality")
+    e.add_argument("model", help="catalog name, HF model directory, or .gguf file")
+    e.add_argument("--passes", help="pipeline spec to measure (default: the -O2 pipeline)")
+    e.add_argument("--prompts", help="JSON list of prompts (default: benchmarks/prompts.json)")
+    e.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per prompt")
+    e.add_argument(
+        "--ppl-tokens", type=int, default=1024, help="tokens of pydoc_data.topics to score"
+    )
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(fn=cmd_eval)
 
     i = sub.add_parser("inspect", help="describe an engine, or print a model's traced IR")
     i.add_argument("thing", help="an .arc engine or a model reference")
