@@ -105,6 +105,7 @@ def _check_in_pipeline(names: list[str], spec: str) -> None:
 def cmd_run(a: argparse.Namespace) -> int:
     import torch
 
+    from arc.runtime import cuda_graph
     from arc.runtime.load import load_engine
     from arc.runtime.sampling import SamplingParams
 
@@ -126,9 +127,14 @@ def cmd_run(a: argparse.Namespace) -> int:
             ignore_eos=a.ignore_eos,
             on_text=stream,
         )
+    graphs = cuda_graph.stats(eng.generator.steps.functions)
     if a.json:
-        print(json.dumps(r.to_json()))
+        extra = {} if graphs is None else {"cuda_graph_replays": graphs["replays"]}
+        extra |= {"cuda_graph_failures": graphs["failures"]} if graphs else {}
+        print(json.dumps(r.to_json() | extra))
         return 0
+    if graphs and graphs["failures"]:
+        _stderr(f"[CUDA graph capture failed, ran without: {graphs['failures'][0]}]")
     print("" if stream else r.text)
     _stderr(
         f"[{len(r.prompt_ids)} prompt tokens, prefill {r.prefill_ms:.0f} ms; "
@@ -317,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--torch-mode",
         choices=["aot", "jit", "eager"],
         help="torch target: AOTInductor package (aot, default on CPU), torch.compile at load "
-        "(jit), or eager (default on CUDA)",
+        "(jit), or eager (the reference; default on CUDA)",
     )
     c.add_argument(
         "--cpu",

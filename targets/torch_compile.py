@@ -10,6 +10,16 @@ Modes (`--torch-mode`):
   eager  no artifact; the lowered modules run as they are (the reference, and for debugging).
 The AOT package is tied to the torch version and, on CUDA, to the GPU arch: both are recorded
 and checked before the package is loaded.
+
+Binding (`bind`, recorded in the manifest):
+  constants  (CPU default) weights and KV cache are the package's user-managed constants.
+  inputs     (CUDA default) weights and KV cache are trailing inputs of every call, in the order
+             recorded in the manifest; the KV inputs are mutated in place. On CUDA (torch 2.11,
+             H100/H200) a package with user-managed constants crashed at load, while input
+             mutation is plain AOTInductor; arguments cost ~1 us each per call, and on CUDA
+             the decode step is replayed from a CUDA graph anyway (arc/runtime/cuda_graph.py).
+On CUDA the slot count L is static (the whole cache; dynamic L leaves stride guards export
+cannot prove) and attention is written out (SDPA's kernel choice guards strides too).
 """
 
 from __future__ import annotations
@@ -59,30 +69,55 @@ def _device_info(device: str) -> dict[str, Any]:
 def build(
     module: Module, weights: dict, device: str, workdir: Path, options: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Path]]:
+    # eager by default on CUDA: AOT packages crash torch 2.11's loader on the GPUs tried (see
+    # targets/aoti_probe.py); --torch-mode aot builds one and checks that it loads
     mode = options.get("mode") or ("aot" if device == "cpu" else "eager")
     if mode not in MODES:
         raise UnsupportedError(f"torch mode {mode!r}; choose from {', '.join(MODES)}")
-    if mode == "aot" and device == "cuda":
-        # Tried on an H100 (torch 2.11): export needs the written-out attention
-        # (lower(sdpa=False)) and a static slot count (dynamic L leaves stride guards export
-        # cannot prove); it then builds, but loading the package segfaulted. Refuse rather
-        # than hand out an engine that crashes; see docs/ARCHITECTURE.md.
-        raise UnsupportedError(
-            "torch AOT engines for CUDA are not verified yet (their load crashed in testing); "
-            "use --torch-mode eager or jit with --device cuda"
-        )
     info = {"mode": mode, "device": device, **_device_info(device)}
     if mode != "aot":
         return info, {}
+    bind = options.get("bind") or ("inputs" if device == "cuda" else "constants")
+    if bind not in BINDS:
+        raise UnsupportedError(f"torch bind {bind!r}; choose from {', '.join(BINDS)}")
+    info |= {"bind": bind, "static_slots": bool(options.get("static_slots", device == "cuda"))}
     workdir.mkdir(parents=True, exist_ok=True)
     fns, _ = lower(module, weights, device, **_kernels(info))
     artifacts = {}
     with _cpu_build(device, options.get("cpu") or "native") as cpu_info:
         for name, fn in fns.items():
             path = workdir / f"{name}.pt2"
-            _aot_compile(fn, module.functions[name], module.kv.max_seq_len, device, path)
+            graph = module.functions[name]
+            if bind == "inputs":
+                names = [k for k, _ in fn.named_buffers()]
+                info.setdefault("inputs", {})[name] = names
+                fn = _WithBuffers(fn, names)
+            _aot_compile(fn, graph, module.kv.max_seq_len, device, path, info["static_slots"])
             artifacts[f"{name}.pt2"] = path
+            if device == "cuda":
+                from arc.targets import aoti_probe
+
+                aoti_probe.check_loads(path, cached=False)  # before building the rest
     return info | cpu_info, artifacts
+
+
+BINDS = ("constants", "inputs")
+
+
+class _WithBuffers(torch.nn.Module):
+    """`fn(*feeds)` as `forward(*feeds, *buffers)`: the weights and KV cache become inputs
+    (the KV ones mutated in place), in the order of `names`."""
+
+    def __init__(self, fn: torch.nn.Module, names: list[str]):
+        super().__init__()
+        self.names = names
+        # not a submodule: export would lift its buffers too, aliasing the inputs
+        self.__dict__["fn"] = fn
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        feeds = args[: len(args) - len(self.names)]
+        bound = dict(zip(self.names, args[len(feeds) :], strict=True))
+        return torch.func.functional_call(self.fn, bound, feeds)
 
 
 @contextmanager
@@ -138,32 +173,49 @@ def _vec_isa_candidates(isas: list) -> list:
     return out
 
 
-def _aot_compile(fn, graph: Graph, max_seq_len: int, device: str, path: Path) -> None:
+def _aot_compile(
+    fn, graph: Graph, max_seq_len: int, device: str, path: Path, static_slots: bool
+) -> None:
     import warnings
 
     from torch.export import export
 
-    sample, dims = _export_inputs(graph, max_seq_len, device)
+    sample, dims = _export_inputs(graph, max_seq_len, device, static_slots)
+    if isinstance(fn, _WithBuffers):
+        buffers = dict(fn.fn.named_buffers())
+        sample = sample + tuple(buffers[k] for k in fn.names)
+        dims = dims + (None,) * len(fn.names)
+        shapes = {"args": dims}  # forward(*args)
+    else:
+        shapes = {"feeds": dims}  # forward(*feeds)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation noise
-        ep = export(fn, sample, dynamic_shapes={"feeds": dims})  # forward(*feeds)
+        ep = export(fn, sample, dynamic_shapes=shapes)
         torch._inductor.aoti_compile_and_package(
             ep,
             package_path=str(path),
+            # bound constants: weights come from the engine; inputs: any constant left
+            # (none expected) stays in the .so
             inductor_configs={
-                "aot_inductor.package_constants_in_so": False,  # weights come from the engine
+                "aot_inductor.package_constants_in_so": isinstance(fn, _WithBuffers),
             },
         )
 
 
-def _export_inputs(graph: Graph, max_seq_len: int, device: str) -> tuple[tuple, tuple]:
+def _export_inputs(
+    graph: Graph, max_seq_len: int, device: str, static_slots: bool = False
+) -> tuple[tuple, tuple]:
     """Example inputs and dynamic dims for `graph`'s inputs: symbol T (new tokens, >= 2: a
     one-token chunk goes to decode, and with T == 1 allowed export on CUDA cannot prove
-    stride guards that differ for size-1 dims) and L (slots read); int dims stay static."""
+    stride guards that differ for size-1 dims) and L (slots read; with `static_slots` always
+    the whole cache, max_seq_len); int dims stay static."""
     from torch.export import Dim
 
     syms = {"T": Dim("T", min=2, max=max_seq_len), "L": Dim("L", min=1, max=max_seq_len)}
     sizes = {"T": 4, "L": min(37, max_seq_len - 1)}  # L unlike any static size: no unifying
+    if static_slots:
+        del syms["L"]
+        sizes["L"] = max_seq_len
     samples, dims = [], []
     for n in graph.inputs():
         shape = [sizes.get(d, d) for d in n.attrs["shape"]]
@@ -171,7 +223,7 @@ def _export_inputs(graph: Graph, max_seq_len: int, device: str) -> tuple[tuple, 
             samples.append(torch.ones(shape, dtype=torch.bool, device=device))
         else:  # positions and slots must be valid indices: 0, 1, 2, ...
             samples.append(torch.arange(_numel(shape), device=device).reshape(shape))
-        dyn = {i: syms[d] for i, d in enumerate(n.attrs["shape"]) if isinstance(d, str)}
+        dyn = {i: syms[d] for i, d in enumerate(n.attrs["shape"]) if d in syms}
         dims.append(dyn or None)
     return tuple(samples), tuple(dims)
 
@@ -226,21 +278,64 @@ def _kernels(info: dict[str, Any]) -> dict[str, bool]:
     """Kernel forms per device and mode (see arc.lowering): compiled CPU code gets one-token
     projections as fused reductions (2.6x faster decode on a 2-core CPU)."""
     compiled = info.get("mode") in ("aot", "jit")
-    return {"gemv": info.get("device", "cpu") == "cpu" and compiled}
+    # static slots (CUDA AOT): written-out attention, whose export leaves no stride guards
+    return {
+        "gemv": info.get("device", "cpu") == "cpu" and compiled,
+        "sdpa": not info.get("static_slots"),
+    }
 
 
 def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device: str) -> Steps:
     fns, kv = lower(module, weights, device, **_kernels({"device": device, **info}))
     mode = info.get("mode", "aot")
-    if mode == "aot":
+    if mode == "aot" and device == "cuda":
+        from arc.targets import aoti_probe
+
+        for name in fns:
+            aoti_probe.check_loads(root / f"{name}.pt2")
+    if mode == "aot" and info.get("bind") == "inputs":
+        calls = _load_aot_inputs(fns, root, info.get("inputs"))
+    elif mode == "aot":
         calls = _load_aot(fns, root)
     elif mode == "jit":
         calls = {k: torch.compile(fn, dynamic=True) for k, fn in fns.items()}
     else:
         calls = dict(fns)
+    if device == "cuda" and mode == "aot":
+        from arc.runtime.cuda_graph import graphed
+
+        calls = {k: graphed(fn) if k != "prefill" else fn for k, fn in calls.items()}
+    max_len = module.kv.max_seq_len
     return Steps(
-        calls, max_seq_len=module.kv.max_seq_len, device=device, reset=kv.reset, move=kv.move
+        calls,
+        max_seq_len=max_len,
+        device=device,
+        reset=kv.reset,
+        move=kv.move,
+        bucket=max_len if info.get("static_slots") else 64,
     )
+
+
+def _load_aot_inputs(fns: dict, root: Path, names: Any) -> dict:
+    """Load each package built with bind=inputs: our weight and KV tensors are appended to
+    every call's inputs, in the order the manifest records (and the package was built with)."""
+    if not isinstance(names, dict):
+        raise EngineError("engine does not record its packages' inputs; rebuild it")
+    calls = {}
+    for name, fn in fns.items():
+        ours = dict(fn.named_buffers())
+        if names.get(name) != list(ours):
+            raise EngineError(f"{name}.pt2: recorded inputs differ from the engine's tensors")
+        tensors = [ours[k] for k in names[name]]
+        if not all(t.is_contiguous() for t in tensors):
+            raise EngineError(f"{name}.pt2: weights must be contiguous")
+        run = _load_package(root / f"{name}.pt2").loader.boxed_run
+
+        def call(*feeds, run=run, tensors=tensors):
+            return run([*feeds, *tensors])[0]
+
+        calls[name] = call
+    return calls
 
 
 def _load_aot(fns: dict, root: Path) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from arc.errors import EngineError
 from arc.lowering import lower
 from arc.pipeline import PassManager
 from arc.runtime.steps import Steps
@@ -75,3 +76,32 @@ def test_cuda_matches_cpu(traced):
     torch.testing.assert_close(
         _steps_logits(gpu, TOKENS, 9).cpu(), _steps_logits(cpu, TOKENS, 9), rtol=1e-3, atol=1e-3
     )
+
+
+def test_aot_weights_as_inputs_matches_eager(traced, tmp_path):
+    """The CUDA engines' form, built and run on CPU: weights and KV cache are trailing inputs
+    (bind=inputs), the KV ones mutated in place across prefill and decode; every call reads
+    all slots (static_slots), attention written out."""
+    from arc.targets import aoti_probe, torch_compile
+
+    loaded, module = traced("tiny-llama", 64)
+    module, _ = PassManager("kv-fusion").run(module)
+    opts = {"mode": "aot", "bind": "inputs", "static_slots": True}
+    info, artifacts = torch_compile.build(module, loaded.weights, "cpu", tmp_path, opts)
+    assert info["bind"] == "inputs" and set(info["inputs"]) == {"prefill", "decode"}
+    assert info["static_slots"]
+    assert any(k.startswith("kv.") for k in info["inputs"]["decode"])
+    aot = torch_compile.load(module, loaded.weights, tmp_path, info, "cpu")
+    fns, kv = lower(module, loaded.weights)
+    eager = Steps(fns, max_seq_len=module.kv.max_seq_len, reset=kv.reset)
+    torch.testing.assert_close(
+        _steps_logits(aot, TOKENS, 9), _steps_logits(eager, TOKENS, 9), rtol=1e-5, atol=1e-5
+    )
+    aoti_probe.check_loads(tmp_path / "decode.pt2", cached=False)  # loads in a child: no error
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"not a package")
+    with pytest.raises(EngineError, match="cannot load AOTInductor .* exit 1"):
+        aoti_probe.check_loads(bad, cached=False)
+    info["inputs"]["decode"] = info["inputs"]["decode"][::-1]  # a package built otherwise
+    with pytest.raises(EngineError, match="recorded inputs differ"):
+        torch_compile.load(module, loaded.weights, tmp_path, info, "cpu")
