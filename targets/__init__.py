@@ -12,6 +12,7 @@ Targets are imported only when used, so a missing optional extra costs nothing u
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 from arc.errors import ArcError, MissingExtraError
@@ -27,6 +28,8 @@ PLANNED = {"tvm": "tvm", "onnx": "onnx", "tensorrt": "tensorrt"}
 def get(name: str) -> ModuleType:
     if name == "auto":
         name = "torch"  # the only built target today; per-device choice lands with the others
+    if name == "tensorrt":
+        raise ArcError(tensorrt_status())
     if name in PLANNED:
         raise ArcError(f"target {name!r} is not built yet; available: {', '.join(TARGETS)}")
     if name not in TARGETS:
@@ -36,6 +39,19 @@ def get(name: str) -> ModuleType:
     if why:
         raise MissingExtraError(f"target {name} ({why})", TARGETS[name][2] or name)
     return module
+
+
+def tensorrt_status() -> str:
+    """Why the tensorrt target cannot build here (checked 2026-11-29): PyPI's TensorRT wheels
+    are stubs that download the real ones from pypi.nvidia.com, which these machines cannot
+    reach, and Debian packages no TensorRT; so the target waits for a machine that has it."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return (
+            "target tensorrt: TensorRT is not installed (PyPI's tensorrt-cu13 is a stub that "
+            "downloads from pypi.nvidia.com: pip install --extra-index-url "
+            "https://pypi.nvidia.com tensorrt-cu13); use --target torch"
+        )
+    return "target tensorrt is not built yet (TensorRT is installed); use --target torch"
 
 
 def cuda_available() -> bool:
@@ -61,5 +77,8 @@ def describe() -> list[dict]:
         why = importlib.import_module(modname).installed()
         rows.append({"name": name, "devices": devices, "status": why or "installed"})
     for name, extra in PLANNED.items():
-        rows.append({"name": name, "devices": (), "status": f"planned (extra [{extra}])"})
+        status = f"planned (extra [{extra}])"
+        if name == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
+            status = "unavailable: TensorRT is not installed (needs pypi.nvidia.com)"
+        rows.append({"name": name, "devices": (), "status": status})
     return rows

@@ -145,6 +145,13 @@ def test_bad_pass_spec_and_unbuilt_target(tmp_path):
     assert_clean_error(
         arc("compile", "tiny-llama", "--target", "tvm", "-o", out), "target 'tvm' is not built yet"
     )
+    assert_clean_error(
+        arc("compile", "tiny-llama", "--target", "tensorrt", "-o", out),
+        "TensorRT is not installed (PyPI's tensorrt-cu13 is a stub",
+    )
+    assert "tensorrt   devices: -          unavailable: TensorRT is not installed" in (
+        arc("targets").stdout
+    )
     assert not list(tmp_path.iterdir())
 
 
