@@ -1,4 +1,4 @@
-"""The `arc` command: compile, run, eval, inspect, passes, targets, cache.
+"""The `arc` command: compile, run, eval, bench, profile, inspect, passes, targets, cache.
 
 Exit codes: 0 success; 2 bad input (one line on stderr, no traceback); 1 a bug in arc;
 130 / 143 interrupted by SIGINT / SIGTERM, after `with` blocks have cleaned up.
@@ -185,6 +185,65 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- profile
+
+
+def cmd_profile(a: argparse.Namespace) -> int:
+    from arc.evaluate import DEFAULT_PROMPTS, load_prompts
+    from arc.presets import preset_spec
+    from arc.profile import profile
+    from arc.profile_report import plot, print_table
+
+    spec = a.passes if a.passes is not None else preset_spec(f"O{a.opt}")
+    if a.plot and not a.plot.endswith(".png"):
+        raise ArcError("--plot must name a .png file")
+    if a.plot and not Path(a.plot).resolve().parent.is_dir():
+        raise ArcError(f"--plot: directory of {a.plot} does not exist")
+    if a.json_file and not Path(a.json_file).resolve().parent.is_dir():
+        raise ArcError(f"--json-file: directory of {a.json_file} does not exist")
+    prompts = load_prompts(Path(a.prompts) if a.prompts else DEFAULT_PROMPTS)[: a.num_prompts]
+    show = sys.stderr.isatty() and not a.json
+    r = profile(
+        a.model,
+        spec,
+        prompts,
+        target=a.target,
+        device=a.device,
+        torch_mode=a.torch_mode,
+        max_seq_len=a.max_seq_len,
+        new_tokens=a.new_tokens,
+        rounds=a.rounds,
+        threads=a.threads,
+        ppl=not a.no_ppl,
+        ppl_tokens=a.ppl_tokens,
+        per_layer=a.per_layer,
+        stage=(lambda s: _stderr(f"[{s}]")) if show else (lambda s: None),
+    )
+    if a.plot:
+        plot(r, Path(a.plot))
+    if a.json_file:
+        _write_text(Path(a.json_file), json.dumps(r, indent=1))
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print_table(r, fancy=sys.stdout.isatty())
+    return 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (temp file in the same directory, then rename)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 # ---------------------------------------------------------------- inspect, passes, targets
 
 
@@ -306,7 +365,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"arc: error: {message} (see {self.prog} --help)\n")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from arc.bench import add_bench_parser
+
     p = _Parser(prog="arc", description="A compiler for autoregressive decoding.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -364,6 +435,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(fn=cmd_eval)
+    add_bench_parser(sub)
+
+    pr = sub.add_parser("profile", help="build and measure a pipeline prefix by prefix")
+    pr.add_argument("model", help="catalog name, HF model directory, or .gguf file")
+    pr.add_argument("--target", default="torch", help="torch (the built target)")
+    pr.add_argument("--device", default="cpu", help="cpu | cuda")
+    pr.add_argument("-O", dest="opt", choices=["0", "1", "2", "3"], default="2")
+    pr.add_argument("--passes", help="pipeline spec (overrides -O)")
+    pr.add_argument("--torch-mode", choices=["aot", "jit", "eager"], help="as for compile")
+    pr.add_argument("--prompts", help="JSON list of prompts (default: benchmarks/prompts.json)")
+    pr.add_argument("--num-prompts", type=_positive, default=4, help="first N prompts")
+    pr.add_argument("--new-tokens", type=_positive, default=64, help="greedy tokens per prompt")
+    pr.add_argument("--rounds", type=_positive, default=3, help="measuring rounds (median)")
+    pr.add_argument("--threads", type=_positive, help="threads per measuring process")
+    pr.add_argument("--max-seq-len", type=_positive, default=1024, help="KV-cache slots")
+    pr.add_argument("--no-ppl", action="store_true", help="skip perplexity of lossy prefixes")
+    pr.add_argument("--ppl-tokens", type=_positive, default=512, help="tokens scored for ppl")
+    pr.add_argument("--per-layer", action="store_true", help="decode time by op kind and layer")
+    pr.add_argument("--plot", help="write the chart to this .png (needs the plot extra)")
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
+    pr.add_argument("--json-file", help="also write the JSON object to this file")
+    pr.set_defaults(fn=cmd_profile)
 
     i = sub.add_parser("inspect", help="describe an engine, or print a model's traced IR")
     i.add_argument("thing", help="an .arc engine or a model reference")
