@@ -297,7 +297,8 @@ def _engine_summary(path: str, m: dict, module) -> str:
             f"cpu       -march={m['target']['march']}  built on {m['target'].get('cpu_name')}"
             f"  needs {' '.join(flags) if isinstance(flags, list) else '?'}",
         )
-    for fmt, row in sorted(m.get("weights", {}).items()):
+    weights = m.get("weights")
+    for fmt, row in sorted(weights.items() if isinstance(weights, dict) else []):
         if isinstance(row, dict) and all(isinstance(row.get(k), int) for k in WEIGHT_ROW):
             bits = 8 * row["bytes"] / max(row["params"], 1)
             lines.append(

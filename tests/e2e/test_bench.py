@@ -193,6 +193,7 @@ def test_ctrl_c_kills_the_worker_and_writes_nothing(files, tmp_path):
     results = tmp_path / "RESULTS.md"
     args = ["bench", str(files["engine"]), *COMMON, "--baselines", "hf"]
     args += ["--prompts", str(files["prompts"]), "--results", str(results)]
+    args += ["--rounds", "500"]  # still running when the signal comes, however fast the machine
     cmd = [sys.executable, "-m", "arc.cli", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
