@@ -53,8 +53,8 @@ def materialize(
     out: dict[str, Tensor] = {}
     for name in module.used_weights():
         decl, names = module.weights[name], weight_tensors(module, name)
-        if all(t in stored for t in names):  # already materialized
-            out |= {t: stored[t] for t in names}
+        if all(_is(stored.get(t), shape, dtype) for t, (shape, dtype) in names.items()):
+            out |= {t: stored[t] for t in names}  # already materialized (an engine's tensors)
             continue
         fmt, f = decl.format, formats.get(decl.format)
         if fmt == "f32" or not f.lossless:
@@ -68,6 +68,12 @@ def materialize(
             comps = {s: _concat([blocks[p][1][s] for p in parts], 0) for s in blocks[parts[0]][1]}
         out |= {formats.tensor_name(name, s): t.contiguous() for s, t in comps.items()}
     return out
+
+
+def _is(t: Tensor | None, shape: tuple, dtype: str) -> bool:
+    """`t` has this shape and dtype: a bf16 weight's one component has the checkpoint tensor's
+    own name, so the name alone does not tell a materialized tensor from the fp32 one."""
+    return t is not None and tuple(t.shape) == tuple(shape) and str(t.dtype) == f"torch.{dtype}"
 
 
 def _concat(ts: list[Tensor], axis: int) -> Tensor:

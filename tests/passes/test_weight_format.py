@@ -10,7 +10,7 @@ import torch
 from arc import formats, qlinear
 from arc.errors import ArcError
 from arc.ir import WeightDecl
-from arc.lowering import lower, materialize
+from arc.lowering import lower, materialize, weight_tensors
 from arc.ops import Op
 from arc.pipeline import PassManager
 from arc.verify import VerifyError, verify
@@ -191,3 +191,21 @@ def test_keep_refuses_a_block_type_it_cannot_keep(traced):
         PassManager("weight-format").run(m)
     out, _ = PassManager("weight-format{mode=f32}").run(m)  # an fp32 build still works
     assert out.weights["layers.1.wo"].format == "f32"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
+def test_materialize_gives_every_weight_its_format(traced, mode):
+    """Every tensor has the dtype and shape its format declares, unfused ones too: a bf16
+    weight's tensor has the checkpoint tensor's own name, and once the fp32 one was taken."""
+    loaded, m = traced("tiny-llama")
+    out, _ = PassManager(f"kv-fusion,weight-format{{mode={mode}}}").run(m)
+    tensors = materialize(out, loaded.weights)
+    formatted = 0
+    for name in out.used_weights():
+        for t, (shape, dtype) in weight_tensors(out, name).items():
+            assert tuple(tensors[t].shape) == tuple(shape) and str(tensors[t].dtype) == (
+                f"torch.{dtype}"
+            ), (name, t)
+        formatted += out.weights[name].format != "f32"
+    assert formatted >= 2 * 4 + 1  # per layer wo, w_down (unfused) and more; the embedding
+    assert out.weights["embed"].format != "f32"
