@@ -238,6 +238,9 @@ def _write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; this is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

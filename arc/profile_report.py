@@ -128,6 +128,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; this is an ordinary file
         os.replace(tmp, path)
     finally:
         plt.close(fig)
