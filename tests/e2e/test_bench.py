@@ -195,7 +195,14 @@ def test_ctrl_c_kills_the_worker_and_writes_nothing(files, tmp_path):
     args += ["--prompts", str(files["prompts"]), "--results", str(results)]
     args += ["--rounds", "500"]  # still running when the signal comes, however fast the machine
     cmd = [sys.executable, "-m", "arc.cli", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # A shell's background job (`cmd &`, nohup) starts with SIGINT ignored, and Python keeps an
+    # inherited SIG_IGN: give the driver the default action, as a terminal's Ctrl-C meets it.
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         worker = _wait_for(lambda: _worker_of(proc.pid), 120)
         assert worker, proc.communicate(timeout=60)[1].decode()[-2000:]
