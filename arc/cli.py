@@ -222,29 +222,14 @@ def cmd_profile(a: argparse.Namespace) -> int:
     if a.plot:
         plot(r, Path(a.plot))
     if a.json_file:
-        _write_text(Path(a.json_file), json.dumps(r, indent=1))
+        from arc.bench import write_atomic
+
+        write_atomic(Path(a.json_file), json.dumps(r, indent=1))
     if a.json:
         print(json.dumps(r))
     else:
         print_table(r, fancy=sys.stdout.isatty())
     return 0
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write `path` whole or not at all (temp file in the same directory, then rename)."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; this is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------- inspect, passes, targets

@@ -332,20 +332,11 @@ def _ppl(model: str, spec: str, max_seq_len: int, ppl_tokens: int) -> dict[str, 
 
 
 def machine() -> dict[str, Any]:
-    import platform
-
     import torch
 
-    name = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": name, "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}  # fmt: skip
+    from arc.bench import machine as bench_machine
+
+    return bench_machine() | {"threads": torch.get_num_threads()}
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ waterfall of what each pass added, beside the weight bytes read per token and pe
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -123,16 +121,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     b.legend(fontsize=8)
     fig.suptitle(header(result).splitlines()[0], fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".png")
-    os.close(fd)
+    import io
+
+    from arc.bench import write_atomic
+
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; this is an ordinary file
-        os.replace(tmp, path)
+        fig.savefig(buf, format="png", dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(Path(path), buf.getvalue())
