@@ -66,6 +66,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
         prefill_chunk=a.prefill_chunk,
         target_options={"mode": a.torch_mode, "cpu": a.cpu},
         instruments=instruments,
+        time_targets=a.opt == "3" and a.passes is None,  # auto at -O3: time the candidates
     )
     bar, stage = _stage_bar(sys.stderr.isatty() and not a.json)
     try:
@@ -261,6 +262,22 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 WEIGHT_ROW = ("tensors", "params", "bytes")
+# target record keys shown on their own line (cpu) or not at all (long lists)
+TARGET_NOT_INLINE = {"name", "device", "march", "cpu_flags", "cpu_name", "inputs", "graphs", "auto"}
+
+
+def _target_details(t: dict) -> str:
+    """The target's own record (torch: mode, bind, torch version; onnx: onnxruntime version,
+    opset, ...) as key=value, scalars and short lists only."""
+    out = []
+    for k, v in sorted(t.items()):
+        if k in TARGET_NOT_INLINE:
+            continue
+        if isinstance(v, list) and all(isinstance(x, str) for x in v) and len(v) <= 8:
+            v = ",".join(v)
+        if isinstance(v, str | int | float | bool):
+            out.append(f"{k}={str(v)[:40]}")
+    return "  ".join(out)
 
 
 def _engine_summary(path: str, m: dict, module) -> str:
@@ -269,8 +286,8 @@ def _engine_summary(path: str, m: dict, module) -> str:
         f"engine    {path}  (format {m['format_version']}, arc {m['arc_version']})",
         f"model     {m['model']['name']}  ({m['model'].get('model_type')}, "
         f"family {m['model'].get('family')})",
-        f"target    {m['target']['name']}  mode={m['target'].get('mode')}  device={m['device']}"
-        f"  dtype={m['dtype']}  torch={m['target'].get('torch_version')}",
+        f"target    {m['target']['name']}  device={m['device']}  dtype={m['dtype']}  "
+        + _target_details(m["target"]),
         f"cache     max_seq_len={m['runtime']['max_seq_len']}  "
         f"prefill_chunk={m['runtime']['prefill_chunk']}",
         f"plan      {m['decode_plan']['kind']}  "
@@ -285,6 +302,13 @@ def _engine_summary(path: str, m: dict, module) -> str:
             f"cpu       -march={m['target']['march']}  built on {m['target'].get('cpu_name')}"
             f"  needs {' '.join(flags) if isinstance(flags, list) else '?'}",
         )
+    auto = m["target"].get("auto")
+    if isinstance(auto, dict):
+        lines.insert(3, f"auto      {str(auto.get('rule'))[:20]}: {str(auto.get('why'))[:200]}")
+    artifacts = [f["size"] for k, f in files.items() if k.startswith("artifacts/")]
+    lines.insert(
+        -2, f"artifacts {len(artifacts)} files, {sum(artifacts) / 1e6:.2f} MB (see files below)"
+    )
     weights = m.get("weights")
     for fmt, row in sorted(weights.items() if isinstance(weights, dict) else []):
         if isinstance(row, dict) and all(isinstance(row.get(k), int) for k in WEIGHT_ROW):

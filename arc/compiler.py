@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from arc import targets
+from arc import autotarget, targets
 from arc.engine import WEIGHTS, write_engine
 from arc.errors import ArcError
 from arc.ir import module_to_json
@@ -37,6 +37,7 @@ class CompileOptions:
     prefill_chunk: int = 256
     target_options: dict[str, Any] = field(default_factory=dict)
     instruments: Sequence[Instrument] = ()
+    time_targets: bool = False  # --target auto: time the candidates (-O3), not just prefer
 
 
 def trace_model(ref: str, max_seq_len: int | None = None, *, weights: bool = True):
@@ -74,23 +75,36 @@ def compile_model(
     check_output(out)  # before the minutes of tracing and building, not after
     if opts.prefill_chunk < 1:
         raise ArcError("--prefill-chunk must be at least 1")
-    target = targets.get(opts.target)
-    device = targets.resolve_device(target, opts.device)
+    chosen: dict[str, Any] | None = None
+    if opts.target == "auto":
+        device = autotarget.resolve_device(opts.device)
+        name, chosen = autotarget.by_preference(device)
+        target = targets.get(name)
+    else:
+        target = targets.get(opts.target)
+        device = targets.resolve_device(target, opts.device)
     stage("load + trace")
     loaded, module = trace_model(ref, opts.max_seq_len)
     stage("passes")
     pm = PassManager(opts.spec, instruments=opts.instruments)
     module, records = pm.run(module, PassContext(device=device, target=target.NAME))
-    target.check_module(module)
     with tempfile.TemporaryDirectory(prefix="arc-build-") as tmp:
         work = Path(tmp)
         weights = materialize(module, loaded.weights, loaded.blocks)
-        stage("build " + target.NAME)
         tb = time.perf_counter()
-        info, artifacts = target.build(
-            module, weights, device, work / "artifacts", opts.target_options
-        )
+        if chosen and opts.time_targets and len(chosen["candidates"]) > 1:
+            target, chosen, (info, artifacts) = _timed_choice(
+                module, weights, device, work, opts, stage
+            )
+        else:
+            target.check_module(module)
+            stage("build " + target.NAME)
+            info, artifacts = target.build(
+                module, weights, device, work / "artifacts", _options(target.NAME, opts)
+            )
         build_s = time.perf_counter() - tb
+        if chosen:
+            info = {**info, "auto": chosen}
         stage("write engine")
         payloads = {WEIGHTS: _save_weights(weights, work / WEIGHTS)}
         payloads |= {f"artifacts/{k}": v for k, v in artifacts.items()}
@@ -126,6 +140,28 @@ def compile_model(
         "build_s": manifest["build_s"],
         "size_bytes": out.stat().st_size,
     }
+
+
+def _options(name: str, opts: CompileOptions) -> dict[str, Any]:
+    if opts.target == "auto":
+        return autotarget.options_for(name, opts.target_options)
+    return opts.target_options
+
+
+def _timed_choice(module, weights, device: str, work: Path, opts: CompileOptions, stage):
+    """--target auto -O3: build every installed candidate, time its decode, keep the fastest."""
+
+    def build(name: str, out: Path):
+        t = targets.get(name)
+        t.check_module(module)
+        stage(f"build {name} (auto: timing candidates)")
+        return t.build(module, weights, device, out, _options(name, opts))
+
+    def load(name: str, info: dict, out: Path):
+        return targets.get(name).load(module, weights, out, info, device)
+
+    name, record, built = autotarget.by_timing(device, build, load, work / "candidates")
+    return targets.get(name), record, built
 
 
 def weight_summary(module) -> dict[str, Any]:

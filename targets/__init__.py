@@ -20,14 +20,15 @@ from arc.errors import ArcError, MissingExtraError
 # name -> (module, devices, pip extra); only built targets are listed
 TARGETS: dict[str, tuple[str, tuple[str, ...], str | None]] = {
     "torch": ("arc.targets.torch_compile", ("cpu", "cuda"), None),
+    "onnx": ("arc.targets.onnx", ("cpu", "cuda"), "onnx"),
 }
 # named in the product, not built yet: `arc targets` shows them as planned
-PLANNED = {"tvm": "tvm", "onnx": "onnx", "tensorrt": "tensorrt"}
+PLANNED = {"tensorrt": "tensorrt"}
 
 
 def get(name: str) -> ModuleType:
-    if name == "auto":
-        name = "torch"  # the only built target today; per-device choice lands with the others
+    if name == "auto":  # arc/autotarget.py chooses; callers resolve it before asking here
+        raise ArcError("target auto must be resolved to a target first")
     if name == "tensorrt":
         raise ArcError(tensorrt_status())
     if name in PLANNED:
@@ -68,6 +69,13 @@ def resolve_device(target: ModuleType, device: str) -> str:
     if device == "cuda" and not cuda_available():
         raise ArcError("device cuda requested but no CUDA GPU is visible")
     return device
+
+
+def describe_one(name: str) -> str:
+    """'installed', or why target `name` cannot run here."""
+    if name not in TARGETS:
+        return "not built"
+    return importlib.import_module(TARGETS[name][0]).installed() or "installed"
 
 
 def describe() -> list[dict]:

@@ -1,0 +1,96 @@
+"""`--target auto`: pick the target per device, and say why in the manifest.
+
+Without timing (-O0..-O2), the first installed target of an ordered preference per device, the
+order being what was measured on the machines arc runs on (benchmarks/targets_speed.py: on the
+2-core CPU, torch AOT decodes fastest, then ONNX Runtime, then TVM). With timing (-O3), every
+installed candidate is built, loaded, and timed over a few decode steps after a short prefill,
+and the fastest is kept, as TVM's and TensorRT's auto-tuners choose among candidate kernels by
+measuring them on the device rather than by a cost model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from arc import targets
+from arc.errors import ArcError
+
+PREFERENCE = {"cpu": ("torch", "onnx", "tvm"), "cuda": ("torch", "onnx", "tvm")}
+TIMED_STEPS = 8  # decode steps timed per candidate (after 2 untimed)
+TIMED_PROMPT = 32  # prompt tokens prefilled first, so attention reads a realistic cache
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if targets.cuda_available() else "cpu"
+    if device not in PREFERENCE:
+        raise ArcError(f"unknown device {device!r}; choose cpu, cuda or auto")
+    return device
+
+
+def candidates(device: str) -> list[str]:
+    """Targets that build for `device` and are installed here, in order of preference."""
+    out = []
+    for name in PREFERENCE[device]:
+        modname, devices, _ = targets.TARGETS.get(name, (None, (), None))
+        if modname and device in devices and targets.describe_one(name) == "installed":
+            out.append(name)
+    if not out:
+        raise ArcError(f"--target auto: no installed target builds for {device}")
+    return out
+
+
+def by_preference(device: str) -> tuple[str, dict[str, Any]]:
+    names = candidates(device)
+    why = f"first installed of the {device} preference {', '.join(PREFERENCE[device])}"
+    return names[0], {"rule": "preference", "candidates": names, "why": why}
+
+
+def options_for(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The compile's target options as candidate `name` takes them (--torch-mode is torch's)."""
+    return dict(options) if name == "torch" else {k: v for k, v in options.items() if k != "mode"}
+
+
+def by_timing(
+    device: str,
+    build: Callable[[str, Path], tuple[dict, dict]],
+    load: Callable[[str, dict, Path], Any],
+    workdir: Path,
+) -> tuple[str, dict[str, Any], tuple[dict, dict]]:
+    """Build, load and time each candidate; (fastest, record, its build result).
+
+    `build(name, dir)` returns the target's (info, artifacts); `load(name, info, dir)` its Steps.
+    """
+    names, timed, built = candidates(device), {}, {}
+    for name in names:
+        out = workdir / name
+        built[name] = build(name, out)
+        steps = load(name, built[name][0], out)
+        timed[name] = round(_decode_ms(steps), 3)
+        del steps  # free the candidate's sessions and caches before the next one
+    best = min(timed, key=timed.get)
+    ms = ", ".join(f"{k} {v:.1f}" for k, v in timed.items())
+    record = {
+        "rule": "timed",
+        "candidates": names,
+        "decode_ms": timed,
+        "why": f"fastest decode step on this {device} (ms per step: {ms})",
+    }
+    return best, record, built[best]
+
+
+def _decode_ms(steps) -> float:
+    """Median ms of one decode step after a TIMED_PROMPT-token prefill."""
+    steps.reset()
+    steps.prefill(list(range(1, TIMED_PROMPT + 1)), 0)
+    times = []
+    for i in range(TIMED_STEPS + 2):
+        t0 = time.perf_counter()
+        steps.decode(1 + i % 7, TIMED_PROMPT + i)
+        times.append(time.perf_counter() - t0)
+    steps.reset()
+    return 1000 * statistics.median(times[2:])
