@@ -1,0 +1,80 @@
+"""--target auto: preference order, the timed choice, and what the manifest records."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from arc import autotarget
+from arc.errors import ArcError
+
+
+class FakeSteps:
+    """Steps whose decode takes `ms` milliseconds; records that prefill and reset ran."""
+
+    def __init__(self, ms: float):
+        self.ms, self.calls = ms, []
+
+    def reset(self):
+        self.calls.append("reset")
+
+    def prefill(self, tokens, start):
+        self.calls.append(("prefill", len(tokens), start))
+
+    def decode(self, token, pos):
+        time.sleep(self.ms / 1000)
+
+
+def test_timed_choice_keeps_the_fastest(monkeypatch, tmp_path):
+    monkeypatch.setattr(autotarget, "candidates", lambda device: ["slow", "fast", "mid"])
+    speed = {"slow": 12.0, "fast": 2.0, "mid": 6.0}
+    built, loaded = [], {}
+
+    def build(name, out):
+        built.append((name, out.name))
+        return {"who": name}, {f"{name}.bin": out / f"{name}.bin"}
+
+    def load(name, info, out):
+        assert info == {"who": name}
+        loaded[name] = FakeSteps(speed[name])
+        return loaded[name]
+
+    name, record, (info, artifacts) = autotarget.by_timing("cpu", build, load, tmp_path)
+    assert name == "fast" and info == {"who": "fast"} and list(artifacts) == ["fast.bin"]
+    assert [b[0] for b in built] == ["slow", "fast", "mid"]
+    assert record["rule"] == "timed" and record["candidates"] == ["slow", "fast", "mid"]
+    ms = record["decode_ms"]
+    assert ms["fast"] < ms["mid"] < ms["slow"] and ms["fast"] >= 2.0
+    assert "fastest decode step" in record["why"]
+    # each candidate was timed after a prefill, and left reset
+    assert loaded["mid"].calls[1] == ("prefill", autotarget.TIMED_PROMPT, 0)
+    assert loaded["mid"].calls[-1] == "reset"
+
+
+def test_preference_is_first_installed(monkeypatch):
+    from arc import targets
+
+    monkeypatch.setattr(
+        targets, "describe_one", lambda n: "needs onnxruntime" if n == "onnx" else "installed"
+    )
+    monkeypatch.setitem(autotarget.PREFERENCE, "cpu", ("onnx", "torch"))
+    name, record = autotarget.by_preference("cpu")
+    assert name == "torch" and record["candidates"] == ["torch"]
+    assert record["rule"] == "preference" and "onnx, torch" in record["why"]
+
+
+def test_no_candidate_and_bad_device_are_errors(monkeypatch):
+    from arc import targets
+
+    monkeypatch.setattr(targets, "describe_one", lambda n: "not installed")
+    with pytest.raises(ArcError, match="no installed target builds for cpu"):
+        autotarget.candidates("cpu")
+    with pytest.raises(ArcError, match="unknown device 'tpu'"):
+        autotarget.resolve_device("tpu")
+
+
+def test_torch_mode_goes_to_torch_only():
+    opts = {"mode": "eager", "cpu": "native"}
+    assert autotarget.options_for("torch", opts) == opts
+    assert autotarget.options_for("onnx", opts) == {"cpu": "native"}
