@@ -54,6 +54,13 @@ def check_module(module: Module) -> None:
                 raise UnsupportedError(f"target onnx cannot lower op {n.op.value} (in {g.name})")
             if n.op is Op.ATTENTION and n.attrs["mask"] not in MASK_KINDS:
                 raise UnsupportedError(f"target onnx cannot lower mask {n.attrs['mask']}")
+        written = {n.attrs["layer"] for n in g.nodes if n.op is Op.KV_WRITE}
+        if written != set(range(module.kv.layers)):
+            raise UnsupportedError(
+                f"target onnx cannot lower function {g.name}: it writes the KV of "
+                f"{len(written)} of {module.kv.layers} layers (a layer-skipped draft), and "
+                "its graphs return every layer's rows"
+            )
 
 
 def _graphs(module: Module) -> dict[str, tuple[str, bytes]]:
@@ -215,6 +222,9 @@ class _Call:
         names = [i.name for i in session.get_inputs()]
         self.feeds = [k for k in names if not k.startswith("past_")]
         self.pasts = len(names) - len(self.feeds)
+        want = [n.attrs["name"] for n in graph.inputs()]
+        if self.feeds != want or names[len(want) :] != [f"past_{i}" for i in range(self.pasts)]:
+            raise EngineError(f"{graph.name}: the ONNX graph's inputs are not the IR's; rebuild")
         out = graph.node(graph.outputs[0])
         self.last, self.vocab = out.shape[1] == 1, int(out.shape[2])  # logits [1, 1|T, vocab]
         self.io = session.io_binding()
