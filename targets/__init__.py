@@ -21,6 +21,7 @@ from arc.errors import ArcError, MissingExtraError
 TARGETS: dict[str, tuple[str, tuple[str, ...], str | None]] = {
     "torch": ("arc.targets.torch_compile", ("cpu", "cuda"), None),
     "onnx": ("arc.targets.onnx", ("cpu", "cuda"), "onnx"),
+    "tvm": ("arc.targets.tvm", ("cpu",), "tvm"),
 }
 # named in the product, not built yet: `arc targets` shows them as planned
 PLANNED = {"tensorrt": "tensorrt"}

@@ -1,0 +1,258 @@
+"""The tvm target: the IR as one TVM Relax module, compiled for llvm (CPU) into one shared
+library stored in the engine. Extra: `pip install 'arc-decode[tvm]'`.
+
+Lowering: Relax is built directly from the IR nodes (targets/tvm_graph.py, relax.BlockBuilder,
+as MLC-LLM builds its models), not through torch.export + relax.frontend.torch: each IR op
+is one Relax op or one hand-scheduled TIR kernel (targets/tvm_kernels.py), so the kernels that
+decide decode speed (the weight-streaming GEMV, attention) are scheduled here instead of left
+to legalization, and there is no ATen graph to pattern-match back. The rest (RMSNorm, SiLU,
+adds, slices, the rows output) are Relax ops that TVM's default CPU pipeline
+(tvm.relax.backend.cpu_generic: LegalizeOps, FuseOps, FuseTIR, ...) lowers and fuses.
+
+Calling convention: rows (arc/runtime/rows.py), as the onnx target. Every function takes its
+IR inputs, the whole KV cache (read only, passed by pointer through DLPack), and a tuple of
+the weights; it returns (logits, rows) and the runtime writes the rows into the cache. The
+library holds no weights: they are the engine's safetensors, handed to every call as one
+tuple of DLPack views made once at load. A weight in a block format (q4_0/q4_1/q8_0 kept from
+a GGUF by `weight-format`, or int4/int8) is passed as its stored blocks and each row is
+dequantized inside the projection kernel with arc/formats.py's math (w = d*q + m), so a
+decode step reads the packed bytes (111 MB for smollm2-135m at -O1 instead of 538 MB of
+fp32); every other weight (f32, bf16) runs as fp32, bf16 widened exactly at load.
+
+T (new tokens) and L (slots read) are symbolic, so the verify_B functions of a spec-tree
+engine, which differ only in their static B, are one Relax function (`graph_key`), and
+prefill, decode and verify share their kernels: one library, built once.
+
+The library is native code: the manifest records the tvm version, the llvm `mcpu` and the
+CPU extensions that code may use (arc/cpu.py, `--cpu`), and check_engine refuses, before
+loading it, an engine built by another tvm or for extensions this CPU lacks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from arc import cpu as arc_cpu
+from arc import formats
+from arc.errors import EngineError, UnsupportedError
+from arc.ir import Module
+from arc.lowering import materialize
+from arc.ops import MASK_KINDS, Op
+from arc.runtime.rows import row_steps
+from arc.runtime.steps import Steps
+
+NAME = "tvm"
+DEVICES = ("cpu",)
+EXTRA = "tvm"
+LIBRARY = "model.so"
+ALIGN = 64  # bytes: TVM's kernels assume their buffers are aligned to this
+# --cpu level -> llvm mcpu (native: the host CPU's name, as LLVM knows it)
+MCPU = {"x86-64-v3": "x86-64-v3", "x86-64-v4": "x86-64-v4"}
+
+
+def installed() -> str | None:
+    if importlib.util.find_spec("tvm") is None:
+        return "needs apache-tvm"
+    return None
+
+
+def check_module(module: Module) -> None:
+    from arc.targets.tvm_graph import OPS
+    from arc.targets.tvm_kernels import LANES
+
+    for g in module.functions.values():
+        for n in g.nodes:
+            if n.op not in OPS:
+                raise UnsupportedError(f"target tvm cannot lower op {n.op.value} (in {g.name})")
+            if n.op is Op.ATTENTION and n.attrs["mask"] not in MASK_KINDS:
+                raise UnsupportedError(f"target tvm cannot lower mask {n.attrs['mask']}")
+            if n.op is Op.ATTENTION and n.attrs["head_dim"] % LANES:
+                raise UnsupportedError(
+                    f"target tvm cannot lower attention with head_dim {n.attrs['head_dim']} "
+                    f"(a multiple of {LANES} is needed)"
+                )
+
+
+def _relax_module(module: Module) -> tuple[Any, dict[str, str], list[str]]:
+    """(Relax IRModule, IR function -> Relax function, tensors of the params tuple)."""
+    from arc.targets.tvm_graph import Builder, graph_key
+
+    builder, functions, seen = Builder(module), {}, {}
+    for name, graph in module.functions.items():
+        key = graph_key(graph)
+        if key not in seen:
+            seen[key] = name
+            builder.add(name, graph)
+        functions[name] = seen[key]
+    return builder.get(), functions, list(builder.params)
+
+
+def _target(cpu: str) -> tuple[Any, dict[str, Any]]:
+    """The llvm target for `--cpu cpu` and what the manifest records of it."""
+    import tvm
+
+    march, flags = arc_cpu.build_target(cpu)
+    mcpu = MCPU.get(march) or tvm.target.codegen.llvm_get_system_cpu()
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": os.cpu_count() or 1})
+    record = {"cpu": cpu, "march": mcpu, "cpu_flags": sorted(flags)}
+    return target, record | {"cpu_name": arc_cpu.host_name()}
+
+
+def build(
+    module: Module, weights: dict, device: str, workdir: Path, options: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    import tvm
+
+    if options.get("mode"):
+        raise UnsupportedError("--torch-mode applies to the torch target, not tvm")
+    if device != "cpu":
+        raise UnsupportedError(f"target tvm builds for cpu only, not {device}")
+    check_module(module)
+    target, cpu_info = _target(options.get("cpu") or "native")
+    mod, functions, names = _relax_module(module)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / LIBRARY
+    executable = tvm.compile(mod, target=target)
+    executable.export_library(str(path))
+    formats_used = sorted({module.weights[w].format for w in module.used_weights()})
+    blocks = sorted({module.weights[w].format for w in _blocks(module)})
+    info = {
+        "device": device,
+        "tvm_version": tvm.__version__,
+        "library": LIBRARY,
+        "functions": functions,
+        "params": names,
+        "weights_run_as": blocks + ["f32"],  # block formats read as stored, the rest fp32
+        "weights_stored_as": formats_used,
+        **cpu_info,
+    }
+    return info, {LIBRARY: path}
+
+
+def check_engine(info: dict[str, Any]) -> None:
+    """Refuse, before loading its library, an engine this machine or this tvm cannot run."""
+    import tvm
+
+    if info.get("device", "cpu") != "cpu":
+        raise EngineError(f"engine's tvm device {str(info.get('device'))[:20]!r} is not cpu")
+    if info.get("tvm_version") != tvm.__version__:
+        raise EngineError(
+            f"engine's library was built by tvm {str(info.get('tvm_version'))[:40]}, this is "
+            f"tvm {tvm.__version__}: rebuild it"
+        )
+    functions, params = info.get("functions"), info.get("params")
+    if (
+        info.get("library") != LIBRARY
+        or not isinstance(functions, dict)
+        or not all(isinstance(v, str) and re.fullmatch(r"\w+", v) for v in functions.values())
+        or not isinstance(params, list)
+        or not all(isinstance(p, str) for p in params)
+    ):
+        raise EngineError("engine does not record its TVM library and functions; rebuild it")
+    flags = info.get("cpu_flags")
+    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+        raise EngineError("engine does not record the CPU extensions its code needs; rebuild it")
+    missing = arc_cpu.missing_flags(flags)
+    if missing:
+        built = f"mcpu={info.get('march')} on {info.get('cpu_name', 'another CPU')}"
+        raise EngineError(
+            f"engine's native code needs CPU extensions this CPU lacks: {', '.join(missing)} "
+            f"(built with {built}); rebuild it on this machine or with --cpu x86-64-v3"
+        )
+
+
+def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device: str) -> Steps:
+    import tvm
+    from tvm import relax
+
+    from arc.targets.tvm_graph import param_specs
+
+    names = list(param_specs(module, _blocks(module)))
+    if info["params"] != names:
+        raise EngineError("engine's TVM library takes other weights than its module has")
+    # TVM's thread pool reads this when it starts (its default here is one thread)
+    os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
+    tensors = _param_tensors(module, weights)
+    aligned = [_aligned(tensors[name]) for name in names]
+    params = tvm.runtime.convert([tvm.runtime.from_dlpack(t) for t in aligned])
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(root / LIBRARY)), tvm.cpu())
+    calls = {}
+    for name in module.functions:
+        fn = info["functions"].get(name)
+        if fn is None:
+            raise EngineError(f"engine records no TVM function for {name}")
+        calls[name] = _Call(vm[fn], params)
+    steps = row_steps(calls, module.kv, device)
+    steps._keep_alive = (vm, params, aligned)  # the library reads these buffers
+    return steps
+
+
+def _blocks(module: Module) -> dict[str, tuple[str, int]]:
+    from arc.targets.tvm_graph import block_weights
+
+    return block_weights(module)
+
+
+def _param_tensors(module: Module, weights: dict) -> dict[str, torch.Tensor]:
+    """Stored tensor name -> CPU tensor for the params tuple: a block weight's components as
+    stored, every other weight as fp32 (dequantized exactly, as the onnx target does)."""
+    stored = materialize(module, weights)
+    blocks = _blocks(module)
+    out = {}
+    for name in module.used_weights():
+        if name in blocks:  # codes, d (, m) as stored
+            names = [formats.tensor_name(name, s) for s in ("", "d", "m")]
+            out |= {t: stored[t] for t in names if t in stored}
+            continue
+        d = module.weights[name]
+        comps = {
+            s: stored[formats.tensor_name(name, s)]
+            for s in ("", "d", "m")
+            if formats.tensor_name(name, s) in stored
+        }
+        w = comps[""] if d.format == "f32" else formats.dequantize(d.format, comps)
+        out[name] = w.float().contiguous().cpu()
+    return out
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a copy of it when its data is not ALIGN-byte aligned (a view into a file)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % ALIGN == 0 else t.clone()
+
+
+class _Call:
+    """One Relax function in the rows convention: inputs and cache by DLPack (no copy of the
+    cache), weights as the one tuple made at load; outputs back to torch without a copy."""
+
+    def __init__(self, fn, params):
+        self.fn, self.params = fn, params
+        self.cache: tuple[int, Any] | None = None
+
+    def _cache(self, cache: torch.Tensor):
+        import tvm
+
+        key = (cache.data_ptr(), tuple(cache.shape))
+        if self.cache is None or self.cache[0] != key:
+            self.cache = (key, tvm.runtime.from_dlpack(cache))
+        return self.cache[1]
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import tvm
+
+        *feeds, cache = args
+        # fresh small copies: aligned, contiguous, bool as u8 (the kernels read u8 masks)
+        conv = [
+            t.to(torch.uint8)
+            if t.dtype == torch.bool
+            else t.clone(memory_format=torch.contiguous_format)
+            for t in feeds
+        ]
+        out = self.fn(*[tvm.runtime.from_dlpack(t) for t in conv], self._cache(cache), self.params)
+        return torch.from_dlpack(out[0]), torch.from_dlpack(out[1])

@@ -1,0 +1,339 @@
+"""IR Graph -> TVM Relax function, node by node, in the rows convention (arc/runtime/rows.py).
+
+Built directly from the IR with Relax's BlockBuilder (tvm.relax, as MLC-LLM's model
+definitions end up), not through torch.export + relax.frontend.torch.from_exported_program:
+every IR op maps to one Relax op or one hand-scheduled TIR kernel (targets/tvm_kernels.py),
+nothing has to be pattern-matched back out of an ATen graph, and the decode-critical kernels
+(projections, attention) are ours to schedule rather than whatever legalization yields.
+Activations are 2-D `[T, width]` (batch 1); the function's inputs and outputs keep the IR's
+shapes.
+
+Function signature (T: new tokens, L: slots read; both symbolic, so one function serves every
+verify_B and any prompt chunk):
+    prefill/decode(tokens i64[1, T], pos i64[T], slots i64[L], cache, params)
+    verify(tokens i64[1, T], pos i64[T], write i64[T], visible u8[T, L], cache, params)
+with cache f32[2N, KV, S, D] (read only) and `params` a tuple of the engine's weight tensors
+in the order of `param_specs` (a block-format weight's codes, d, m as stored; every other
+weight fp32), bound once at load, never baked into the library; returns
+(logits f32[1, 1|T, vocab], rows f32[2N, KV, T, D]). Decode (one token) keeps T = 1 static.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arc import formats
+from arc.errors import UnsupportedError
+from arc.ir import Graph, KVDecl, Module, Node
+from arc.ops import Op
+from arc.targets import tvm_kernels as kernels
+
+INPUT_DIMS = {
+    "tokens": (1, "T"),
+    "pos": ("T",),
+    "slots": ("L",),
+    "write": ("T",),
+    "visible": ("T", "L"),
+}
+OPAQUE = 8  # relay/relax OpPatternKind kOpaque
+INPUT_DTYPES = {"i64": "int64", "bool": "uint8"}  # bool tensors cross as u8 (see tvm.py)
+
+
+def graph_key(graph: Graph) -> tuple:
+    """What the Relax function of `graph` depends on: its nodes without their static token
+    counts (verify_2, verify_4, ... give the same key and share one function)."""
+    nodes = tuple(
+        (n.op.value, n.inputs, tuple((k, v) for k, v in n.attrs.items() if k != "shape"))
+        for n in graph.nodes
+    )
+    return (_one_token(graph), nodes)
+
+
+BLOCK_KINDS = ("affine4", "sym8")  # formats whose blocks the kernels read as stored
+BLOCK_USES = (Op.LINEAR, Op.LM_HEAD, Op.EMBED)
+
+
+def _fmt(module: Module, name: str) -> tuple[str, tuple, int]:
+    d = module.weights[name]
+    return d.format, tuple(int(x) for x in d.shape), d.group or formats.get(d.format).group
+
+
+def block_weights(module: Module) -> dict[str, tuple[str, int]]:
+    """Weight -> (format kind, group) for the weights run from their blocks (q4_*, q8_0,
+    int4, int8 as stored: each row dequantized in registers, exactly as arc/formats.py does);
+    the others (f32, bf16, a block weight used other than as a projection's or embedding's
+    `w`) are passed as fp32."""
+    uses: dict[str, set] = {}
+    for g in module.functions.values():
+        for n in g.nodes:
+            for key in ("w", "b"):
+                if n.attr(key) is not None:
+                    uses.setdefault(n.attrs[key], set()).add((n.op, key))
+    out = {}
+    for name, used in uses.items():
+        fmt, _, group = _fmt(module, name)
+        kind = formats.get(fmt).kind
+        if kind in BLOCK_KINDS and all(op in BLOCK_USES and key == "w" for op, key in used):
+            out[name] = (kind, group)
+    return out
+
+
+def param_specs(module: Module, blocks: dict) -> dict[str, tuple[tuple, str]]:
+    """Stored tensor name -> (shape, dtype) of the functions' `params` tuple, in order: a
+    block weight's components, or the fp32 weight."""
+    out = {}
+    for name in module.used_weights():
+        if name in blocks:
+            out |= formats.tensor_specs(name, *_fmt(module, name))
+        else:
+            out[name] = (tuple(int(x) for x in module.weights[name].shape), "float32")
+    return out
+
+
+def _one_token(graph: Graph) -> bool:
+    """A decode function: one new token (its T stays static)."""
+    return any(
+        n.attrs["name"] == "tokens" and tuple(n.attrs["shape"]) == (1, 1) for n in graph.inputs()
+    )
+
+
+class Builder:
+    """One Relax IRModule for a Module's functions; kernels are shared between them."""
+
+    def __init__(self, module: Module):
+        from tvm import relax, tirx
+
+        self.module = module
+        self.blocks = block_weights(module)
+        self.params = param_specs(module, self.blocks)
+        self.bb = relax.BlockBuilder()
+        self.dims = {"T": tirx.Var("T", "int64"), "L": tirx.Var("L", "int64")}
+        self.kernels: dict[Any, Any] = {}
+
+    def kernel(self, key: tuple, make) -> Any:
+        """The GlobalVar of kernel `key`, made (and added to the module) once."""
+        if key not in self.kernels:
+            name = "_".join(str(k).replace(".", "p").replace("-", "m") for k in key)
+            # opaque: FuseOps must not merge a scheduled kernel into a generated one
+            func = make().with_attr("op_pattern", OPAQUE).without_attr("global_symbol")
+            self.kernels[key] = self.bb.add_func(func, name)
+        return self.kernels[key]
+
+    def add(self, name: str, graph: Graph) -> None:
+        from tvm import relax
+
+        kv = self.module.kv
+        inputs = []
+        for n in graph.inputs():
+            iname = n.attrs["name"]
+            if iname not in INPUT_DIMS or n.attrs["dtype"] not in INPUT_DTYPES:
+                raise UnsupportedError(f"target tvm cannot lower graph input {iname!r}")
+            shape = [self.dims.get(d, d) for d in INPUT_DIMS[iname]]
+            if _one_token(graph):
+                shape = [1 if d == "T" else self.dims.get(d, d) for d in INPUT_DIMS[iname]]
+            inputs.append(relax.Var(iname, relax.TensorType(shape, INPUT_DTYPES[n.attrs["dtype"]])))
+        cache_shape = [2 * kv.layers, kv.kv_heads, kv.max_seq_len + 1, kv.head_dim]
+        cache = relax.Var("cache", relax.TensorType(cache_shape, "float32"))
+        types = [relax.TensorType(list(shape), dtype) for shape, dtype in self.params.values()]
+        params = relax.Var("params", relax.TupleType(types))
+        # decode (one token) keeps T = 1 static: its shapes are all static but L, so its
+        # memory is planned once and its projections get one-token kernels
+        bounds = {"T": kv.max_seq_len, "L": kv.max_seq_len + 1}
+        attrs = {"tir_var_upper_bound": bounds, "relax.memory_plan_dynamic_func_output": True}
+        with self.bb.function(name, [*inputs, cache, params], attrs=attrs):
+            with self.bb.dataflow():
+                out = _Emit(self, graph, inputs, cache, params).run()
+                gv = self.bb.emit_output(out)
+            self.bb.emit_func_output(gv)
+
+    def get(self):
+        return self.bb.get()
+
+
+class _Emit:
+    """Emission state of one function: values by IR node id, weights, KV rows written."""
+
+    def __init__(self, b: Builder, graph: Graph, inputs: list, cache, params):
+        self.b, self.bb, self.graph, self.kv = b, b.bb, graph, b.module.kv
+        self.inputs = {n.attrs["name"]: v for n, v in zip(graph.inputs(), inputs, strict=True)}
+        self.cache, self.params = cache, params
+        self.index = {w: i for i, w in enumerate(b.params)}
+        self.weights: dict[str, Any] = {}
+        self.written: dict[int, tuple[Any, Any]] = {}  # layer -> (k, v) as [T, KV*D]
+        self.masks: dict[Any, Any] = {}
+        self.t = 1 if _one_token(graph) else b.dims["T"]
+
+    def emit(self, expr):
+        return self.bb.emit(expr)
+
+    def w(self, name: str):
+        from tvm import relax
+
+        if name not in self.weights:
+            self.weights[name] = self.emit(relax.TupleGetItem(self.params, self.index[name]))
+        return self.weights[name]
+
+    def comps(self, name: str) -> list:
+        """The components of block-format weight `name`: codes, d (, m)."""
+        from arc import formats
+
+        return [self.w(t) for t in formats.tensor_specs(name, *_fmt(self.b.module, name))]
+
+    def run(self):
+        from tvm import relax
+
+        env: dict[int, Any] = {}
+        for n in self.graph.nodes:
+            if n.op is Op.INPUT:
+                env[n.id] = self.inputs[n.attrs["name"]]
+            else:
+                env[n.id] = EMIT[n.op](self, n, *[env[i] for i in n.inputs])
+        logits = self.emit(relax.op.expand_dims(env[self.graph.outputs[0]], 0))  # [1, T|1, V]
+        return relax.Tuple([logits, self.rows()])
+
+    def rows(self):
+        """rows [2N, KV, T, D]: every layer's new K then V."""
+        from tvm import relax
+
+        kv, parts = self.kv, []
+        for layer in range(kv.layers):
+            if layer not in self.written:
+                raise UnsupportedError(f"target tvm: layer {layer} writes no KV")
+            for x in self.written[layer]:
+                xh = relax.op.reshape(x, [self.t, kv.kv_heads, kv.head_dim])  # [T, KV, D]
+                xh = relax.op.permute_dims(xh, [1, 0, 2])  # [KV, T, D]
+                parts.append(self.emit(relax.op.expand_dims(xh, 0)))  # [1, KV, T, D]
+        return self.emit(relax.op.concat(parts, axis=0))  # [2N, KV, T, D]
+
+    def call(self, key: tuple, make, args: list, shapes: list, dtype: str = "float32"):
+        """call_tir of kernel `key` with outputs of `shapes`; returns the first output."""
+        from tvm import relax
+
+        gv = self.b.kernel(key, make)
+        types = [relax.TensorType(s, dtype) for s in shapes]
+        out = self.emit(relax.call_tir(gv, args, types if len(types) > 1 else types[0]))
+        return self.emit(relax.TupleGetItem(out, 0)) if len(types) > 1 else out
+
+
+# ---------------------------------------------------------------- per-op emitters
+
+
+def _linear(e: _Emit, n: Node, x):
+    """x [R, K] @ w[N, K].T (+ b) -> [R, N], the weight as stored (targets/tvm_kernels.gemv)."""
+    from tvm import relax
+
+    out, k = (int(d) for d in e.b.module.weights[n.attrs["w"]].shape)
+    rows = x.ty.shape[0]  # T, or 1 after LAST or in decode
+    one = isinstance(rows, int) or (hasattr(rows, "value") and int(rows.value) == 1)
+    w, tokens = n.attrs["w"], 1 if one else None
+    if w in e.b.blocks:
+        kind, group = e.b.blocks[w]
+        key = ("qgemv", kind, out, k, group) + (("t1",) if one else ())
+        make = lambda: kernels.qgemv(kind, out, k, group, tokens)  # noqa: E731
+        y = e.call(key, make, [x, *e.comps(w)], [[rows, out]])
+    else:
+        key = ("gemv", out, k) + (("t1",) if one else ())
+        make = lambda: kernels.gemv(out, k, tokens)  # noqa: E731
+        y = e.call(key, make, [x, e.w(w)], [[rows, out]])
+    if n.attr("b"):
+        y = e.emit(relax.op.add(y, e.w(n.attrs["b"])))
+    return y
+
+
+def _embed(e: _Emit, n: Node, tokens):
+    from tvm import relax
+
+    w = n.attrs["w"]
+    flat = e.emit(relax.op.reshape(tokens, [e.t]))  # [T]
+    if w in e.b.blocks:
+        kind, group = e.b.blocks[w]
+        vocab, hidden = (int(d) for d in e.b.module.weights[w].shape)
+        make = lambda: kernels.qembed(kind, vocab, hidden, group)  # noqa: E731
+        key = ("qembed", kind, vocab, hidden, group)
+        return e.call(key, make, [flat, *e.comps(w)], [[e.t, hidden]])
+    return e.emit(relax.op.take(e.w(w), flat, axis=0, mode="clip"))  # [T, hidden]
+
+
+def _rmsnorm(e: _Emit, n: Node, x):
+    from tvm import relax
+
+    return e.emit(relax.op.nn.rms_norm(x, e.w(n.attrs["w"]), axes=[-1], epsilon=n.attrs["eps"]))
+
+
+def _slice(e: _Emit, n: Node, x):
+    from tvm import relax
+
+    start, stop = n.attrs["start"], n.attrs["stop"]
+    return e.emit(relax.op.strided_slice(x, axes=[1], begin=[start], end=[stop]))
+
+
+def _rope(e: _Emit, n: Node, x, pos):
+    heads, d, scale = n.attrs["heads"], n.attrs["head_dim"], float(n.attr("scale", 1.0))
+    key = ("rope", heads, d, scale)
+    make = lambda: kernels.rope(heads, d, scale)  # noqa: E731
+    return e.call(key, make, [x, pos, e.w(n.attrs["w"])], [[e.t, heads * d]])
+
+
+def _kv_write(e: _Emit, n: Node, k, v, write) -> dict[str, Any]:
+    e.written[n.attrs["layer"]] = (k, v)
+    return {"layer": n.attrs["layer"], "write": write}
+
+
+def _mask(e: _Emit, n: Node, pos, last, write):
+    """u8 [T, L + T], once per function and mask kind (arc/runtime/rows.py)."""
+    kind, window = n.attrs["mask"], int(n.attr("window") or 0)
+    if (kind, window) not in e.masks:
+        length = e.b.dims["L"]
+        make = lambda: kernels.mask(kind, window)  # noqa: E731
+        e.masks[kind, window] = e.call(
+            ("mask", kind, window), make, [pos, last, write], [[e.t, length + e.t]], "uint8"
+        )
+    return e.masks[kind, window]
+
+
+def _attention(e: _Emit, n: Node, q, kv: dict, pos, last):
+    """Grouped-query attention over the cache's L slots plus this call's new rows."""
+    from tvm import relax
+
+    heads, kv_heads, d = n.attrs["heads"], n.attrs["kv_heads"], n.attrs["head_dim"]
+    decl: KVDecl = e.kv
+    if kv_heads != decl.kv_heads or d != decl.head_dim:
+        raise UnsupportedError("target tvm: attention heads differ from the KV cache's")
+    mask = _mask(e, n, pos, last, kv["write"])
+    k, v = e.written[kv["layer"]]
+    length = e.b.dims["L"]
+    key = ("attention", heads, kv_heads, d, decl.layers, decl.max_seq_len + 1)
+    make = lambda: kernels.attention(heads, kv_heads, d, decl.layers, decl.max_seq_len + 1)  # noqa: E731
+    layer = relax.prim_value(kv["layer"], "int64")
+    shapes = [[e.t, heads * d], [heads, e.t, length + e.t]]
+    return e.call(key, make, [q, k, v, e.cache, mask, layer], shapes)
+
+
+def _last(e: _Emit, n: Node, x):
+    from tvm import relax
+
+    y = e.emit(relax.op.strided_slice(x, axes=[0], begin=[e.t - 1], end=[e.t]))
+    return e.bb.match_cast(y, relax.TensorType([1, n.shape[-1]], "float32"))  # [1, D]
+
+
+EMIT = {
+    Op.EMBED: _embed,
+    Op.RMSNORM: _rmsnorm,
+    Op.LINEAR: _linear,
+    Op.SLICE: _slice,
+    Op.ROPE: _rope,
+    Op.KV_WRITE: _kv_write,
+    Op.ATTENTION: _attention,
+    Op.ADD: lambda e, n, a, b: e.emit(_relax_op().add(a, b)),
+    Op.MUL: lambda e, n, a, b: e.emit(_relax_op().multiply(a, b)),
+    Op.SILU: lambda e, n, x: e.emit(_relax_op().nn.silu(x)),
+    Op.LAST: _last,
+    Op.LM_HEAD: _linear,
+}
+OPS = frozenset(EMIT) | {Op.INPUT}
+
+
+def _relax_op():
+    from tvm import relax
+
+    return relax.op

@@ -1,0 +1,300 @@
+"""Hand-scheduled TIR kernels for the tvm target: GEMV/small-T GEMM, attention, mask, RoPE.
+
+Decode on a CPU is memory-bound: each token reads every weight once, so the projection
+kernel must stream weights at DRAM bandwidth. TVM's default CPU pipeline leaves the
+legalized matmuls as scalar single-threaded loops (1.5 tok/s, STACK-NOTES), and dlight's CPU
+GEMV rule (tvm/s_tir/dlight/cpu/gemv.py) vectorizes the spatial axis, which for a row-major
+[N, K] weight turns the reduction into strided loads. The kernel here follows the shape of
+a hand-written GEMV instead (and MLC-LLM's "one schedule per op kind" approach): a TE
+reduction scheduled with s_tir
+
+    for n_o in parallel(N / 16):          # output rows split between the threads
+      for n_i in 0..16:
+        for t in 0..T:                    # the weight row stays in L1 across the T tokens
+          acc[0:16] = 0                   # rfactor: 16 partial sums in one vector register
+          for k_o in 0..K/16:
+            acc[0:16] += x[t, k_o*16 : +16] * w[n, k_o*16 : +16]     # vectorized
+          y[t, n] = sum(acc)
+
+so each weight streams from memory once per call whatever T is (a tree verify reads them
+once for all B nodes). Measured alone on this 2-core CPU: a 49152x576 GEMV at ~23 GB/s,
+torch.mv's rate.
+
+A block-format weight (q4_0/q4_1/q8_0 from a GGUF, int4/int8; arc/formats.py) goes through
+`qgemv`: the same schedule with each row dequantized once into a local [K] buffer (w = d*q+m,
+the nibble choice unrolled, 16 lanes at a time) before the dot products, so the step reads the
+packed bytes only (as llama.cpp's and arc's torch kernels do; STACK-NOTES: 4-bit ~300 tok/s
+bound vs ~50 for fp32).
+
+Attention is written in TVMScript (TIR without blocks), RoPE and the mask in TE: attention over
+the L cache slots plus the call's T new rows, in the rows convention of arc/runtime/rows.py,
+parallel over (head, token), with 16-lane vectorized dot products and a two-pass softmax.
+"""
+
+from __future__ import annotations
+
+from arc.errors import UnsupportedError
+
+LANES = 16  # f32 lanes of one AVX-512 register (two AVX2 registers on x86-64-v3)
+ROWS = 16  # output rows per parallel task
+
+
+def gemv(n: int, k: int, tokens: int | None = None):
+    """PrimFunc y[T, N] = x[T, K] @ w[N, K].T, T symbolic or `tokens` (see the docstring)."""
+    from tvm import s_tir, te, tirx
+
+    t_len = tirx.Var("T", "int64") if tokens is None else tokens
+    x = te.placeholder((t_len, k), "float32", name="x")
+    w = te.placeholder((n, k), "float32", name="w")
+    r = te.reduce_axis((0, k), name="k")
+    y = te.compute((t_len, n), lambda t, j: te.sum(x[t, r] * w[j, r], axis=r), name="y")
+    sch = s_tir.Schedule(te.create_prim_func([x, w, y]))
+    _schedule_gemv(sch, n, k)
+    return sch.mod["main"]
+
+
+def _schedule_gemv(sch, n: int, k: int):
+    """Schedule block "y" of a [T, N] x [N, K] reduction as in the module docstring; returns
+    the row loop (n_i), under which a per-row producer can be computed."""
+    block = sch.get_sblock("y")
+    t, j, r = sch.get_loops(block)
+    rows = ROWS if n % ROWS == 0 else 1
+    jo, ji = sch.split(j, [None, rows])
+    sch.reorder(jo, ji, t, r)
+    lanes = LANES if k % LANES == 0 else 1
+    _, ri = sch.split(r, [None, lanes])
+    rf = sch.rfactor(ri, 0)  # partial sums [lanes, T, N]
+    jo, ji, t, _ = sch.get_loops(block)
+    sch.parallel(jo)
+    sch.compute_at(rf, t)
+    sch.set_scope(rf, 0, "local")  # one vector of partial sums per (row, token)
+    inner = sch.get_loops(rf)[3:]  # under (n_o, n_i, t): [lanes, k_o], or [lanes] if K == lanes
+    if len(inner) == 2:
+        sch.reorder(inner[1], inner[0])  # [k_o, lanes]
+        inner = inner[::-1]
+    if lanes > 1:
+        sch.vectorize(inner[-1])
+    sch.decompose_reduction(rf, inner[0])
+    return ji
+
+
+def rope(heads: int, d: int, scale: float):
+    """PrimFunc out[T, H*D] = x * cos + rotate_half(x) * sin at angles pos * inv_freq
+    (half-split layout, as arc.lowering._rope)."""
+    from tvm import te, tirx
+
+    t_len, half = tirx.Var("T", "int64"), d // 2
+    x = te.placeholder((t_len, heads * d), "float32", name="x")
+    pos = te.placeholder((t_len,), "int64", name="pos")
+    inv_freq = te.placeholder((half,), "float32", name="inv_freq")
+
+    def f(t, j):
+        i = j % d
+        angle = pos[t].astype("float32") * inv_freq[i % half]
+        lo = x[t, tirx.max(j - half, 0)]  # x[.., i - D/2] for the upper half
+        hi = x[t, tirx.min(j + half, heads * d - 1)]  # x[.., i + D/2] for the lower half
+        rot = tirx.if_then_else(i < half, -hi, lo)
+        return x[t, j] * (tirx.cos(angle) * scale) + rot * (tirx.sin(angle) * scale)
+
+    out = te.compute((t_len, heads * d), f, name="rope")
+    return te.create_prim_func([x, pos, inv_freq, out])
+
+
+def mask(kind: str, window: int):
+    """PrimFunc mask u8[T, L + T] (arc/runtime/rows.py): the IR mask over the L slots read with
+    the slots this call writes masked out, then the new rows' columns. Inputs: pos [T],
+    `last` (slots i64[L] for causal/sliding, visible u8[T, L] for tree), write [T]."""
+    from tvm import te, tirx
+
+    t_len, l_len = tirx.Var("T", "int64"), tirx.Var("L", "int64")
+    pos = te.placeholder((t_len,), "int64", name="pos")
+    write = te.placeholder((t_len,), "int64", name="write")
+    tree = kind == "tree"
+    shape = (t_len, l_len) if tree else (l_len,)
+    last = te.placeholder(shape, "uint8" if tree else "int64", name="last")
+    r = te.reduce_axis((0, t_len), name="j")
+    stale = te.compute(
+        (l_len,), lambda s: te.max((write[r] == s).astype("int32"), axis=r), name="stale"
+    )
+
+    def base(t, slot, value):
+        """The IR mask at (token t, slot): visible, or causal over the slot's position."""
+        if tree:
+            ok = tirx.all(slot < l_len, last[t, tirx.min(slot, l_len - 1)] != 0)
+        else:
+            ok = value <= pos[t]
+        if window:
+            ok = tirx.all(ok, pos[t] - value < window)
+        return ok
+
+    def f(t, s):
+        old = tirx.min(s, l_len - 1)
+        new = write[tirx.max(s - l_len, 0)]  # column L + j is the slot write[j]
+        value = last[old] if not tree else old
+        keep_old = tirx.all(base(t, old, value), stale[old] == 0)
+        return tirx.if_then_else(s < l_len, keep_old, base(t, new, new)).astype("uint8")
+
+    m = te.compute((t_len, l_len + t_len), f, name="mask")
+    return te.create_prim_func([pos, last, write, m])
+
+
+def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int):
+    """PrimFunc out[T, H*D] = softmax(q k^T / sqrt(D), masked) v over the cache's first L slots
+    of layer `layer` then the T new rows; `p` [H, T, L+T] is scratch for the probabilities."""
+    from tvm.script import tirx as T
+
+    if d % LANES:
+        raise UnsupportedError(f"target tvm: head_dim {d} is not a multiple of {LANES}")
+    g, scale, lanes = heads // kv_heads, d**-0.5, LANES
+    chunks = d // lanes
+    neg = T.float32(float("-inf"))
+
+    @T.prim_func(private=True)
+    def attention_kernel(
+        var_q: T.handle,
+        var_k: T.handle,
+        var_v: T.handle,
+        var_c: T.handle,
+        var_m: T.handle,
+        layer: T.int64,
+        var_out: T.handle,
+        var_p: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True})
+        t_len = T.int64()
+        c_len = T.int64()  # L + T columns
+        q = T.match_buffer(var_q, (t_len, heads * d), "float32")
+        k = T.match_buffer(var_k, (t_len, kv_heads * d), "float32")
+        v = T.match_buffer(var_v, (t_len, kv_heads * d), "float32")
+        cache = T.match_buffer(var_c, (2 * layers, kv_heads, seq, d), "float32")
+        m = T.match_buffer(var_m, (t_len, c_len), "uint8")
+        out = T.match_buffer(var_out, (t_len, heads * d), "float32")
+        p = T.match_buffer(var_p, (heads, t_len, c_len), "float32")
+        l_len = c_len - t_len
+        for ht in T.parallel(heads * t_len):
+            acc = T.alloc_buffer((lanes,), "float32", scope="local")
+            o = T.alloc_buffer((d,), "float32", scope="local")
+            red = T.alloc_buffer((2,), "float32", scope="local")  # running max, then sum
+            qh = T.alloc_buffer((d,), "float32", scope="local")  # this head's query
+            h = ht // t_len
+            t = ht % t_len
+            kvh = h // g
+            for i in T.vectorized(d):
+                qh[i] = q[t, h * d + i]
+            red[0] = neg
+            for s in range(l_len + t_len):
+                p[h, t, s] = neg
+                if m[t, s] != T.uint8(0):
+                    for i in T.vectorized(lanes):
+                        acc[i] = T.float32(0)
+                    if s < l_len:
+                        for c in range(chunks):
+                            for i in T.vectorized(lanes):
+                                acc[i] = (
+                                    acc[i]
+                                    + qh[c * lanes + i] * cache[2 * layer, kvh, s, c * lanes + i]
+                                )
+                    else:
+                        for c in range(chunks):
+                            for i in T.vectorized(lanes):
+                                acc[i] = (
+                                    acc[i]
+                                    + qh[c * lanes + i] * k[s - l_len, kvh * d + c * lanes + i]
+                                )
+                    for i in T.vectorized(8):  # a tree of halving adds, not 16 in a chain
+                        acc[i] = acc[i] + acc[i + 8]
+                    for i in T.vectorized(4):
+                        acc[i] = acc[i] + acc[i + 4]
+                    for i in T.vectorized(2):
+                        acc[i] = acc[i] + acc[i + 2]
+                    p[h, t, s] = (acc[0] + acc[1]) * T.float32(scale)
+                    red[0] = T.max(red[0], p[h, t, s])
+            red[1] = T.float32(0)
+            for s in range(l_len + t_len):
+                p[h, t, s] = T.exp(p[h, t, s] - red[0])
+                red[1] = red[1] + p[h, t, s]
+            for i in T.vectorized(d):
+                o[i] = T.float32(0)
+            for s in range(l_len):
+                if p[h, t, s] != T.float32(0):
+                    for i in T.vectorized(d):
+                        o[i] = o[i] + p[h, t, s] * cache[2 * layer + 1, kvh, s, i]
+            for j in range(t_len):
+                if p[h, t, l_len + j] != T.float32(0):
+                    for i in T.vectorized(d):
+                        o[i] = o[i] + p[h, t, l_len + j] * v[j, kvh * d + i]
+            for i in T.vectorized(d):
+                out[t, h * d + i] = o[i] / red[1]
+
+    return attention_kernel
+
+
+def _dequant(kind: str, codes, d, m, j, kk, group: int):
+    """The fp32 value of weight element [j, kk] from its block components (arc/formats.py:
+    affine4 w = d*q + m with q the low nibble of byte e (e < g/2) or the high nibble of byte
+    e - g/2; sym8 w = d*q)."""
+    from tvm import tirx
+
+    b, e = kk // group, kk % group
+    if kind == "sym8":
+        return codes[j, b, e].astype("float32") * d[j, b]
+    half = group // 2
+    byte = codes[j, b, e % half]
+    q = tirx.if_then_else(e < half, byte & tirx.const(15, "uint8"), byte >> tirx.const(4, "uint8"))
+    return q.astype("float32") * d[j, b] + m[j, b]
+
+
+def block_inputs(kind: str, n: int, k: int, group: int) -> list:
+    """TE placeholders of a block-format weight [N, K]: codes, d (and m for affine4)."""
+    from tvm import te
+
+    blocks = (n, k // group)
+    if kind == "sym8":
+        codes = te.placeholder((*blocks, group), "int8", name="codes")
+        return [codes, te.placeholder(blocks, "float32", name="d")]
+    codes = te.placeholder((*blocks, group // 2), "uint8", name="codes")
+    d = te.placeholder(blocks, "float32", name="d")
+    return [codes, d, te.placeholder(blocks, "float32", name="m")]
+
+
+def qgemv(kind: str, n: int, k: int, group: int, tokens: int | None = None):
+    """PrimFunc y[T, N] = x[T, K] @ dequant(w)[N, K].T for a block-format weight: each row is
+    dequantized once into a local [K] buffer (read once from memory as packed codes), then
+    the gemv schedule's vectorized dot runs for every token over it."""
+    from tvm import s_tir, te, tirx
+
+    t_len = tirx.Var("T", "int64") if tokens is None else tokens
+    x = te.placeholder((t_len, k), "float32", name="x")
+    comps = block_inputs(kind, n, k, group)
+    m = comps[2] if kind == "affine4" else None
+    w = te.compute((n, k), lambda j, kk: _dequant(kind, comps[0], comps[1], m, j, kk, group))
+    r = te.reduce_axis((0, k), name="k")
+    y = te.compute((t_len, n), lambda t, j: te.sum(x[t, r] * w[j, r], axis=r), name="y")
+    sch = s_tir.Schedule(te.create_prim_func([x, *comps, y]))
+    ji = _schedule_gemv(sch, n, k)
+    deq = sch.get_sblock("compute")
+    sch.compute_at(deq, ji)
+    sch.set_scope(deq, 0, "local")  # one dequantized row, in L1
+    if kind == "affine4":  # [blocks, low|high nibbles, g/2]: the nibble choice unrolled
+        _, half, e = sch.split(sch.get_loops(deq)[-1], [None, 2, group // 2])
+        sch.unroll(half)
+    else:
+        _, e = sch.split(sch.get_loops(deq)[-1], [None, LANES if k % LANES == 0 else 1])
+    sch.vectorize(e)
+    return sch.mod["main"]
+
+
+def qembed(kind: str, vocab: int, hidden: int, group: int):
+    """PrimFunc out[T, hidden] = dequant(w)[tokens] for a block-format embedding."""
+    from tvm import te, tirx
+
+    t_len = tirx.Var("T", "int64")
+    tokens = te.placeholder((t_len,), "int64", name="tokens")
+    comps = block_inputs(kind, vocab, hidden, group)
+    m = comps[2] if kind == "affine4" else None
+    out = te.compute(
+        (t_len, hidden),
+        lambda t, kk: _dequant(kind, comps[0], comps[1], m, tokens[t], kk, group),
+        name="embed",
+    )
+    return te.create_prim_func([tokens, *comps, out])

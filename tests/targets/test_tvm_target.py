@@ -1,0 +1,122 @@
+"""The tvm target: greedy ids equal to the torch target's (eager) for the same -O2 pipeline,
+what the engine records, and the refusals (an op or mask it cannot lower, an engine built by
+another tvm or for CPU extensions this CPU lacks). One engine build per module."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+pytest.importorskip("tvm", reason="target tvm needs the [tvm] extra (apache-tvm)")
+
+from arc.errors import EngineError, UnsupportedError  # noqa: E402
+from arc.ops import Op  # noqa: E402
+
+pytestmark = pytest.mark.extra
+
+REF = "tiny-mistral"  # sliding window (24 tokens) and, at -O2, the tree mask
+PROMPTS = ["a" * 70, "Write a Python function that checks if a number is prime."]
+N = 40
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """target -> (engine path, compile summary) for REF at -O2 with 256 slots."""
+    from arc.compiler import CompileOptions, compile_model
+    from arc.presets import preset_spec
+
+    out, spec = tmp_path_factory.mktemp("tvm"), preset_spec("O2")
+    built = {}
+    for target, options in (("tvm", {}), ("torch", {"mode": "eager"})):
+        path = out / f"{target}.arc"
+        opts = CompileOptions(target=target, spec=spec, max_seq_len=256, target_options=options)
+        built[target] = (path, compile_model(REF, path, opts))
+    return built
+
+
+def _greedy(path, prompt: str):
+    from arc.runtime.load import load_engine
+
+    eng = load_engine(path)
+    return eng.generator.generate(eng.prompt_ids(prompt), max_new_tokens=N, ignore_eos=True)
+
+
+def test_greedy_ids_equal_torch_eager(engines):
+    verifies = 0
+    for prompt in PROMPTS:
+        got, want = _greedy(engines["tvm"][0], prompt), _greedy(engines["torch"][0], prompt)
+        assert got.token_ids == want.token_ids, prompt
+        verifies += got.verify_passes
+    assert verifies > 0  # the tree verify (tree mask, scratch slots) ran
+
+
+def test_engine_records_library_and_shared_verify(engines):
+    import tvm
+
+    from arc.engine import read_manifest
+
+    info = read_manifest(engines["tvm"][0])["target"]
+    assert info["tvm_version"] == tvm.__version__ and info["library"] == "model.so"
+    assert isinstance(info["cpu_flags"], list) and info["weights_run_as"] == ["f32"]
+    verifies = {v for k, v in info["functions"].items() if k.startswith("verify_")}
+    assert len(verifies) == 1  # every verify_B is one Relax function (symbolic T)
+    assert info["functions"]["decode"] != info["functions"]["prefill"]
+
+
+def _info(engines) -> dict:
+    from arc.engine import read_manifest
+
+    return dict(read_manifest(engines["tvm"][0])["target"])
+
+
+def test_check_engine_refuses_other_tvm_and_missing_cpu_flags(engines):
+    from arc.targets import tvm as target
+
+    target.check_engine(_info(engines))  # built here: accepted
+    with pytest.raises(EngineError, match="built by tvm 0.0.1"):
+        target.check_engine(_info(engines) | {"tvm_version": "0.0.1"})
+    with pytest.raises(EngineError, match="amx_imaginary"):
+        target.check_engine(_info(engines) | {"cpu_flags": ["avx2", "amx_imaginary"]})
+    with pytest.raises(EngineError, match="rebuild"):
+        target.check_engine({k: v for k, v in _info(engines).items() if k != "cpu_flags"})
+
+
+def test_check_module_refuses_unknown_mask_and_op(traced, monkeypatch):
+    from arc.targets import tvm as target
+    from arc.targets import tvm_graph
+
+    _, module = traced("tiny-llama")
+    graph = module.functions["decode"]
+    nodes = tuple(
+        dataclasses.replace(n, attrs={**n.attrs, "mask": "block-sparse"})
+        if n.op is Op.ATTENTION
+        else n
+        for n in graph.nodes
+    )
+    bad = module.with_functions({"decode": dataclasses.replace(graph, nodes=nodes)})
+    with pytest.raises(UnsupportedError, match="target tvm cannot lower mask block-sparse"):
+        target.check_module(bad)
+    monkeypatch.setattr(tvm_graph, "OPS", tvm_graph.OPS - {Op.SILU})
+    with pytest.raises(UnsupportedError, match="target tvm cannot lower op silu"):
+        target.check_module(module)
+
+
+def test_block_format_weights_run_as_stored(tmp_path):
+    """int4 projections and an int8 head (weight-format's lossy modes, the same kernels as a
+    GGUF's kept Q4_1/Q8_0 blocks) through the block kernels: the torch target's ids."""
+    from arc.compiler import CompileOptions, compile_model
+    from arc.engine import read_manifest
+
+    spec, ids = "kv-fusion,weight-format{mode=int4}", []
+    for target, options in (("tvm", {}), ("torch", {"mode": "eager"})):
+        path = tmp_path / f"{target}.arc"
+        opts = CompileOptions(target=target, spec=spec, max_seq_len=128, target_options=options)
+        compile_model("tiny-qwen2", path, opts)  # qwen2: projection biases on block weights
+        ids.append(_greedy(path, PROMPTS[1]).token_ids)
+    assert ids[0] == ids[1]
+    assert read_manifest(tmp_path / "tvm.arc")["target"]["weights_run_as"] == [
+        "int4",
+        "int8",
+        "f32",
+    ]
