@@ -305,6 +305,11 @@ def _engine_summary(path: str, m: dict, module) -> str:
     auto = m["target"].get("auto")
     if isinstance(auto, dict):
         lines.insert(3, f"auto      {str(auto.get('rule'))[:20]}: {str(auto.get('why'))[:200]}")
+    skip = m["model"].get("layer_skip")
+    if isinstance(skip, dict):
+        keys = ("mode", "skipped", "search", "acceptance")
+        shown = "  ".join(f"{k}={str(skip[k])[:80]}" for k in keys if k in skip)
+        lines.append(f"layerskip {shown}")
     artifacts = [f["size"] for k, f in files.items() if k.startswith("artifacts/")]
     lines.insert(
         -2, f"artifacts {len(artifacts)} files, {sum(artifacts) / 1e6:.2f} MB (see files below)"

@@ -87,7 +87,8 @@ def compile_model(
     loaded, module = trace_model(ref, opts.max_seq_len)
     stage("passes")
     pm = PassManager(opts.spec, instruments=opts.instruments)
-    module, records = pm.run(module, PassContext(device=device, target=target.NAME))
+    ctx = PassContext(device, target.NAME, weights=loaded.weights, tokenizer=loaded.tokenizer)
+    module, records = pm.run(module, ctx)
     with tempfile.TemporaryDirectory(prefix="arc-build-") as tmp:
         work = Path(tmp)
         weights = materialize(module, loaded.weights, loaded.blocks)

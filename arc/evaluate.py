@@ -106,13 +106,17 @@ def agreement(reference: list[int], candidate: list[int], n: int, eos: Sequence[
 # ---------------------------------------------------------------- perplexity
 
 
+def corpus_text() -> str:
+    """Python's pydoc_data.topics: its values in sorted key order, joined by blank lines."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
 def corpus_ids(tokenizer, n: int) -> list[int]:
     """The first `n` tokens of Python's pydoc_data.topics: its values in sorted key order,
     joined by blank lines (English reference documentation, fixed per Python version)."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = list(tokenizer.encode(text, add_special_tokens=True))
+    ids = list(tokenizer.encode(corpus_text(), add_special_tokens=True))
     if len(ids) < n:
         raise ArcError(f"--ppl-tokens {n}: {CORPUS} has only {len(ids)} tokens")
     return ids[:n]
@@ -229,7 +233,8 @@ def evaluate(
         raise ArcError("--ppl-tokens must be at least 2")
     pm = PassManager(spec)  # a bad spec fails here, before the model loads
     loaded, module = trace_model(model, max_seq_len)
-    passed, _ = pm.run(module, PassContext(device="cpu", target="torch"))
+    ctx = PassContext("cpu", "torch", weights=loaded.weights, tokenizer=loaded.tokenizer)
+    passed, _ = pm.run(module, ctx)
     tok = loaded.tokenizer
     reference = subject(module, loaded.weights, tok, loaded.blocks)
     candidate = subject(passed, candidate_weights or loaded.weights, tok, loaded.blocks)
@@ -248,5 +253,6 @@ def evaluate(
         "model": loaded.name,
         "pipeline": format_spec(pm.items),
         **result,
+        **({"facts": ctx.facts} if ctx.facts else {}),  # what passes measured (layer-skip)
         "wall_s": round(time.perf_counter() - t0, 3),
     }

@@ -44,11 +44,16 @@ class PassInfo:
 
 @dataclass
 class PassContext:
-    """What a pass may know beyond the module: the target device and free-form facts."""
+    """What a pass may know beyond the module: the target device, free-form facts, and for
+    passes that measure the model at compile time (layer-skip's calibration) its fp32 weights
+    by IR name and its tokenizer (None where the caller has none: such a pass must then be
+    told what to do by its options, or refuse)."""
 
     device: str = "cpu"
     target: str = "torch"
     facts: dict[str, Any] = field(default_factory=dict)
+    weights: Mapping[str, Any] | None = None  # IR weight name -> fp32 torch.Tensor
+    tokenizer: Any = None
 
 
 @dataclass(frozen=True)

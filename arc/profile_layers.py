@@ -47,7 +47,8 @@ def per_layer(model: str, spec: str, prompt_ids: list[int], max_seq_len: int, st
     from arc.pipeline import PassContext, PassManager
 
     loaded, module = trace_model(model, max_seq_len)
-    module, _ = PassManager(spec).run(module, PassContext(device="cpu", target="torch"))
+    ctx = PassContext("cpu", "torch", weights=loaded.weights, tokenizer=loaded.tokenizer)
+    module, _ = PassManager(spec).run(module, ctx)
     weights = materialize(module, loaded.weights, loaded.blocks)
     fns, kv = lower(module, weights)
     decode = fns["decode"]

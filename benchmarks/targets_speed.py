@@ -25,6 +25,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SYSTEMS = {  # row -> arc compile flags
     "torch-eager": ["--target", "torch", "--torch-mode", "eager"],
+    "torch-eager-f32": [
+        *("--target", "torch", "--torch-mode", "eager"),
+        *("--passes", "kv-fusion,weight-format{mode=f32}"),
+    ],
     "torch-aot": ["--target", "torch", "--torch-mode", "aot"],
     # the same fp32 weights every other row computes with (-O1 keeps a GGUF's 4-bit blocks)
     "torch-aot-f32": ["--target", "torch", "--passes", "kv-fusion,weight-format{mode=f32}"],
@@ -130,7 +134,7 @@ def _brief(x: dict) -> str:
 
 
 def table(names, built, runs, a) -> str:
-    ref = next((x["ids"] for x in runs.get("torch-aot", []) if "ids" in x), None)
+    ref = next((x["ids"] for n in ("torch-aot", "torch-eager") for x in runs.get(n, [])), None)
     lines = [
         f"{a.model}, -O1, {a.threads} threads, {a.new_tokens} new tokens, median of {a.rounds}",
         "",

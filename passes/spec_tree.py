@@ -101,6 +101,11 @@ def _check_options(module: Module, draft: str, budget: int, depth: int, shape: s
         raise ArcError(
             "spec-tree: draft=self needs a `draft` function (layer-skip{mode=draft} before it)"
         )
+    if draft == "self":  # the Module has its draft function; the loop cannot drive it yet
+        raise ArcError(
+            "spec-tree: draft=self: the runtime's self drafter is not built yet (layer-skip's "
+            "draft function is); use ngram, recycle or auto"
+        )
     if shape not in SHAPES:
         raise ArcError(f"spec-tree: unknown tree shape {shape!r}; choose static or dynamic")
     if not 1 <= budget <= MAX_BUDGET:
