@@ -143,7 +143,7 @@ def test_bad_pass_spec_and_unbuilt_target(tmp_path):
         "unknown pass 'warp-drive'",
     )
     assert_clean_error(
-        arc("compile", "tiny-llama", "--target", "tvm", "-o", out), "target 'tvm' is not built yet"
+        arc("compile", "tiny-llama", "--target", "warp", "-o", out), "unknown target 'warp'"
     )
     assert_clean_error(
         arc("compile", "tiny-llama", "--target", "tensorrt", "-o", out),
