@@ -70,6 +70,16 @@ def materialize(
     return out
 
 
+def as_f32(module: Module, stored: Mapping[str, Tensor], name: str) -> Tensor:
+    """Weight `name` as a contiguous fp32 CPU tensor, from its materialized components (`stored`,
+    as `materialize` returns them); a block format is dequantized with formats.dequantize, the
+    reference math, so the values are exactly the ones the torch target computes with."""
+    fmt = module.weights[name].format
+    comps = {s: stored[t] for s in _suffixes(fmt) if (t := formats.tensor_name(name, s)) in stored}
+    w = comps[""] if fmt == "f32" else formats.dequantize(fmt, comps)
+    return w.float().contiguous().cpu()
+
+
 def _is(t: Tensor | None, shape: tuple, dtype: str) -> bool:
     """`t` has this shape and dtype: a bf16 weight's one component has the checkpoint tensor's
     own name, so the name alone does not tell a materialized tensor from the fp32 one."""

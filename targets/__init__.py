@@ -43,6 +43,22 @@ def get(name: str) -> ModuleType:
     return module
 
 
+def check_ops(module, target: str, ops) -> None:
+    """UnsupportedError naming the op (or mask kind) and `target` for the first node of
+    `module` that `target` cannot lower: what every target's check_module starts with."""
+    from arc.errors import UnsupportedError
+    from arc.ops import MASK_KINDS, Op
+
+    for g in module.functions.values():
+        for n in g.nodes:
+            if n.op not in ops:
+                raise UnsupportedError(
+                    f"target {target} cannot lower op {n.op.value} (in {g.name})"
+                )
+            if n.op is Op.ATTENTION and n.attrs["mask"] not in MASK_KINDS:
+                raise UnsupportedError(f"target {target} cannot lower mask {n.attrs['mask']}")
+
+
 def tensorrt_status() -> str:
     """Why the tensorrt target cannot build here (checked 2026-11-29): PyPI's TensorRT wheels
     are stubs that download the real ones from pypi.nvidia.com, which these machines cannot

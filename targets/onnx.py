@@ -24,11 +24,10 @@ from typing import Any
 
 import torch
 
-from arc import formats
 from arc.errors import EngineError, UnsupportedError
 from arc.ir import Module
-from arc.lowering import materialize
-from arc.ops import MASK_KINDS, Op
+from arc.lowering import as_f32, materialize
+from arc.ops import Op
 from arc.runtime.rows import row_steps
 from arc.runtime.steps import Steps
 
@@ -46,14 +45,11 @@ def installed() -> str | None:
 
 
 def check_module(module: Module) -> None:
+    from arc.targets import check_ops
     from arc.targets.onnx_graph import OPS
 
+    check_ops(module, NAME, OPS)
     for g in module.functions.values():
-        for n in g.nodes:
-            if n.op not in OPS:
-                raise UnsupportedError(f"target onnx cannot lower op {n.op.value} (in {g.name})")
-            if n.op is Op.ATTENTION and n.attrs["mask"] not in MASK_KINDS:
-                raise UnsupportedError(f"target onnx cannot lower mask {n.attrs['mask']}")
         written = {n.attrs["layer"] for n in g.nodes if n.op is Op.KV_WRITE}
         if written != set(range(module.kv.layers)):
             raise UnsupportedError(
@@ -175,17 +171,7 @@ def _ort_values(tensors: dict[str, torch.Tensor], device: str = "cpu") -> dict:
 def _f32_weights(module: Module, weights: dict) -> dict[str, torch.Tensor]:
     """Weight name -> contiguous fp32 CPU tensor (block formats dequantized: exact)."""
     stored = materialize(module, weights)
-    out = {}
-    for name in module.used_weights():
-        d = module.weights[name]
-        comps = {
-            s: stored[formats.tensor_name(name, s)]
-            for s in ("", "d", "m")
-            if formats.tensor_name(name, s) in stored
-        }
-        w = comps[""] if d.format == "f32" else formats.dequantize(d.format, comps)
-        out[name] = w.float().contiguous().cpu()
-    return out
+    return {name: as_f32(module, stored, name) for name in module.used_weights()}
 
 
 def _session(path: Path, values: dict, device: str, *, prepack: bool):

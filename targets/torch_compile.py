@@ -35,7 +35,7 @@ from arc import cpu as arc_cpu
 from arc.errors import EngineError, UnsupportedError
 from arc.ir import Graph, Module
 from arc.lowering import lower
-from arc.ops import MASK_KINDS, Op
+from arc.ops import Op
 from arc.runtime.steps import Steps
 
 NAME = "torch"
@@ -50,12 +50,9 @@ def installed() -> str | None:
 
 
 def check_module(module: Module) -> None:
-    for g in module.functions.values():
-        for n in g.nodes:
-            if n.op not in OPS:
-                raise UnsupportedError(f"target torch cannot lower op {n.op.value}")
-            if n.op is Op.ATTENTION and n.attrs["mask"] not in MASK_KINDS:
-                raise UnsupportedError(f"target torch cannot lower mask {n.attrs['mask']}")
+    from arc.targets import check_ops
+
+    check_ops(module, NAME, OPS)
 
 
 def _device_info(device: str) -> dict[str, Any]:

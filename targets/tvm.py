@@ -42,8 +42,8 @@ from arc import cpu as arc_cpu
 from arc import formats
 from arc.errors import EngineError, UnsupportedError
 from arc.ir import Module
-from arc.lowering import materialize
-from arc.ops import MASK_KINDS, Op
+from arc.lowering import as_f32, materialize
+from arc.ops import Op
 from arc.runtime.rows import row_steps
 from arc.runtime.steps import Steps
 
@@ -63,15 +63,13 @@ def installed() -> str | None:
 
 
 def check_module(module: Module) -> None:
+    from arc.targets import check_ops
     from arc.targets.tvm_graph import OPS
     from arc.targets.tvm_kernels import LANES
 
+    check_ops(module, NAME, OPS)
     for g in module.functions.values():
         for n in g.nodes:
-            if n.op not in OPS:
-                raise UnsupportedError(f"target tvm cannot lower op {n.op.value} (in {g.name})")
-            if n.op is Op.ATTENTION and n.attrs["mask"] not in MASK_KINDS:
-                raise UnsupportedError(f"target tvm cannot lower mask {n.attrs['mask']}")
             if n.op is Op.ATTENTION and n.attrs["head_dim"] % LANES:
                 raise UnsupportedError(
                     f"target tvm cannot lower attention with head_dim {n.attrs['head_dim']} "
@@ -210,14 +208,7 @@ def _param_tensors(module: Module, weights: dict) -> dict[str, torch.Tensor]:
             names = [formats.tensor_name(name, s) for s in ("", "d", "m")]
             out |= {t: stored[t] for t in names if t in stored}
             continue
-        d = module.weights[name]
-        comps = {
-            s: stored[formats.tensor_name(name, s)]
-            for s in ("", "d", "m")
-            if formats.tensor_name(name, s) in stored
-        }
-        w = comps[""] if d.format == "f32" else formats.dequantize(d.format, comps)
-        out[name] = w.float().contiguous().cpu()
+        out[name] = as_f32(module, stored, name)
     return out
 
 
