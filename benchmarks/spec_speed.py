@@ -2,7 +2,8 @@
 plain decoding of the same GGUF when llama-cpp-python is installed, on a shipped prompt set.
 
     python benchmarks/spec_speed.py [--model smollm2-135m] [--new-tokens 128] [--rounds 3]
-        [--system NAME=SPEC ...]   # more arc pipelines, e.g. o2-b3='kv-fusion,spec-tree{budget=3}'
+        [--system NAME=SPEC[@TARGET] ...]  # more pipelines: o2-b3='kv-fusion,spec-tree{budget=3}'
+        [--target torch|tvm|onnx]  # the target of every arc system without its own @TARGET
 
 Every system runs in its own process (one worker per system per round; threads and allocators
 of one library never slow another), rounds are interleaved (O1, O2, llama.cpp, O1, ...), each
@@ -92,11 +93,11 @@ def _spawn(args: list[str]) -> list[dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _compile(model: str, spec: str, out: Path) -> None:
+def _compile(model: str, spec: str, target: str, out: Path) -> None:
     if out.exists():
         return
     t = time.perf_counter()
-    cmd = [sys.executable, "-m", "arc.cli", "compile", model, "--passes", spec]
+    cmd = [sys.executable, "-m", "arc.cli", "compile", model, "--passes", spec, "--target", target]
     subprocess.run([*cmd, "--max-seq-len", "1024", "-o", str(out)], check=True)
     print(f"compiled {out.name} ({spec or 'no passes'}) in {time.perf_counter() - t:.0f} s")
 
@@ -122,20 +123,25 @@ def main(defaults: dict[str, str] | None = None, doc: str = __doc__) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default=str(HERE / ".engines"))
     ap.add_argument("--system", action="append", default=[], help="NAME=PIPELINE-SPEC")
+    ap.add_argument("--target", default="torch", help="target of the arc systems")
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     from arc.presets import preset_spec
 
-    systems = defaults or {"arc -O1": preset_spec("O1"), "arc -O2": preset_spec("O2")}
+    tag = "" if a.target == "torch" else f" {a.target}"
+    systems = defaults or {f"arc{tag} -O1": preset_spec("O1"), f"arc{tag} -O2": preset_spec("O2")}
     systems |= dict(s.split("=", 1) for s in a.system)
     a.base = next(iter(systems))
     engines = Path(a.engines)
     engines.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, spec in systems.items():
-        paths[name] = engines / f"{a.model}-{_slug(spec)}.arc"
-        _compile(a.model, spec, paths[name])
+        spec, _, target = spec.partition("@")
+        target = target or a.target
+        prefix = "" if target == "torch" else f"{target}-"  # torch engines keep their old names
+        paths[name] = engines / f"{a.model}-{prefix}{_slug(spec)}.arc"
+        _compile(a.model, spec, target, paths[name])
     prompts = [p["prompt"] for p in json.loads(PROMPTS.read_text())]
     gguf = None if a.no_llama or a.model != "smollm2-135m" else _llama_gguf()
 

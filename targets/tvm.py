@@ -52,6 +52,7 @@ DEVICES = ("cpu",)
 EXTRA = "tvm"
 LIBRARY = "model.so"
 ALIGN = 64  # bytes: TVM's kernels assume their buffers are aligned to this
+LAYOUT = "panel16"  # how projection weights reach the kernels (tvm_kernels.panel_specs)
 # --cpu level -> llvm mcpu (native: the host CPU's name, as LLVM knows it)
 MCPU = {"x86-64-v3": "x86-64-v3", "x86-64-v4": "x86-64-v4"}
 
@@ -127,6 +128,7 @@ def build(
         "functions": functions,
         "params": names,
         "weights_run_as": blocks + ["f32"],  # block formats read as stored, the rest fp32
+        "layout": LAYOUT,
         "weights_stored_as": formats_used,
         **cpu_info,
     }
@@ -153,6 +155,11 @@ def check_engine(info: dict[str, Any]) -> None:
         or not all(isinstance(p, str) for p in params)
     ):
         raise EngineError("engine does not record its TVM library and functions; rebuild it")
+    if info.get("layout") != LAYOUT:
+        raise EngineError(
+            f"engine's TVM library takes weights in layout {str(info.get('layout'))[:20]!r}, "
+            f"this arc passes {LAYOUT!r}: rebuild it"
+        )
     flags = info.get("cpu_flags")
     if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
         raise EngineError("engine does not record the CPU extensions its code needs; rebuild it")
@@ -200,15 +207,22 @@ def _blocks(module: Module) -> dict[str, tuple[str, int]]:
 def _param_tensors(module: Module, weights: dict) -> dict[str, torch.Tensor]:
     """Stored tensor name -> CPU tensor for the params tuple: a block weight's components as
     stored, every other weight as fp32 (dequantized exactly, as the onnx target does)."""
+    from arc.targets.tvm_graph import panel_weights
+    from arc.targets.tvm_kernels import to_panels
+
     stored = materialize(module, weights)
     blocks = _blocks(module)
+    panels = panel_weights(module, blocks)
     out = {}
     for name in module.used_weights():
         if name in blocks:  # codes, d (, m) as stored
             names = [formats.tensor_name(name, s) for s in ("", "d", "m")]
-            out |= {t: stored[t] for t in names if t in stored}
-            continue
-        out[name] = as_f32(module, stored, name)
+            comps = {t: stored[t] for t in names if t in stored}
+        else:
+            comps = {name: as_f32(module, stored, name)}
+        if name in panels:  # the same values, rows moved innermost
+            comps = {t: to_panels(c) for t, c in comps.items()}
+        out |= comps
     return out
 
 

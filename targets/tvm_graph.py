@@ -78,12 +78,42 @@ def block_weights(module: Module) -> dict[str, tuple[str, int]]:
     return out
 
 
+def panel_weights(module: Module, blocks: dict) -> dict[str, tuple[str, int]]:
+    """Weight -> (kind, group) for the weights passed in panel layout (kernels.panel_specs):
+    rows a multiple of PANEL, read only as a projection's `w` (or, for a block weight, also
+    by its embedding, whose kernel reads panels too); kind "f32" for an fp32 weight."""
+    uses: dict[str, set] = {}
+    for g in module.functions.values():
+        for n in g.nodes:
+            for key in ("w", "b"):
+                if n.attr(key) is not None:
+                    uses.setdefault(n.attrs[key], set()).add((n.op, key))
+    out = {}
+    for name, used in uses.items():
+        shape = module.weights[name].shape
+        if len(shape) != 2 or int(shape[0]) % kernels.PANEL:
+            continue
+        allowed = {(Op.LINEAR, "w"), (Op.LM_HEAD, "w")}
+        if name in blocks:
+            allowed.add((Op.EMBED, "w"))
+        if used <= allowed:
+            out[name] = blocks.get(name, ("f32", 0))
+    return out
+
+
 def param_specs(module: Module, blocks: dict) -> dict[str, tuple[tuple, str]]:
     """Stored tensor name -> (shape, dtype) of the functions' `params` tuple, in order: a
-    block weight's components, or the fp32 weight."""
+    block weight's components, or the fp32 weight; in panel layout where `panel_weights`
+    says so (tvm.py repacks them at load)."""
+    panels = panel_weights(module, blocks)
     out = {}
     for name in module.used_weights():
-        if name in blocks:
+        n, k = (int(x) for x in module.weights[name].shape[:2]) if name in panels else (0, 0)
+        if name in panels:
+            kind, group = panels[name]
+            specs = kernels.panel_specs(kind, n, k, group)
+            out |= {formats.tensor_name(name, s): v for s, v in specs.items()}
+        elif name in blocks:
             out |= formats.tensor_specs(name, *_fmt(module, name))
         else:
             out[name] = (tuple(int(x) for x in module.weights[name].shape), "float32")
@@ -105,6 +135,7 @@ class Builder:
 
         self.module = module
         self.blocks = block_weights(module)
+        self.panels = panel_weights(module, self.blocks)
         self.params = param_specs(module, self.blocks)
         self.bb = relax.BlockBuilder()
         self.dims = {"T": tirx.Var("T", "int64"), "L": tirx.Var("L", "int64")}
@@ -226,7 +257,12 @@ def _linear(e: _Emit, n: Node, x):
     rows = x.ty.shape[0]  # T, or 1 after LAST or in decode
     one = isinstance(rows, int) or (hasattr(rows, "value") and int(rows.value) == 1)
     w, tokens = n.attrs["w"], 1 if one else None
-    if w in e.b.blocks:
+    if w in e.b.panels:  # any T: the kernel picks its token tiling at run time
+        kind, group = e.b.panels[w]
+        args = [x, *e.comps(w)] if kind != "f32" else [x, e.w(w)]
+        make = lambda: kernels.panel_gemv(kind, out, k, group)  # noqa: E731
+        y = e.call(("pgemv", kind, out, k, group), make, args, [[rows, out]])
+    elif w in e.b.blocks:
         kind, group = e.b.blocks[w]
         key = ("qgemv", kind, out, k, group) + (("t1",) if one else ())
         make = lambda: kernels.qgemv(kind, out, k, group, tokens)  # noqa: E731
@@ -248,8 +284,9 @@ def _embed(e: _Emit, n: Node, tokens):
     if w in e.b.blocks:
         kind, group = e.b.blocks[w]
         vocab, hidden = (int(d) for d in e.b.module.weights[w].shape)
-        make = lambda: kernels.qembed(kind, vocab, hidden, group)  # noqa: E731
-        key = ("qembed", kind, vocab, hidden, group)
+        embed = kernels.panel_embed if w in e.b.panels else kernels.qembed
+        make = lambda: embed(kind, vocab, hidden, group)  # noqa: E731
+        key = ("pembed" if w in e.b.panels else "qembed", kind, vocab, hidden, group)
         return e.call(key, make, [flat, *e.comps(w)], [[e.t, hidden]])
     return e.emit(relax.op.take(e.w(w), flat, axis=0, mode="clip"))  # [T, hidden]
 

@@ -298,3 +298,160 @@ def qembed(kind: str, vocab: int, hidden: int, group: int):
         name="embed",
     )
     return te.create_prim_func([tokens, *comps, out])
+
+
+# ---------------------------------------------------------------- panel kernels
+
+PANEL = LANES  # output rows per panel: one f32 vector holds one column of a panel
+# tile plans by token count: (largest T the plan serves, tokens per tile, chains per token)
+TILES = ((1, 1, 4), (2, 2, 2), (None, 4, 2))
+
+
+def panel_specs(kind: str, n: int, k: int, group: int) -> dict[str, tuple[tuple, str]]:
+    """Component suffix ("" for the codes or the fp32 weight) -> (shape, dtype) of a weight
+    [N, K] repacked into panels of PANEL rows (`to_panels`): the row axis goes innermost, so
+    one vector load holds the same element of PANEL consecutive rows."""
+    p = n // PANEL
+    if kind == "f32":
+        return {"": ((p, k, PANEL), "float32")}
+    blocks = (p, k // group)
+    if kind == "affine4":
+        return {
+            "": ((*blocks, group // 2, PANEL), "uint8"),
+            "d": ((*blocks, PANEL), "float32"),
+            "m": ((*blocks, PANEL), "float32"),
+        }
+    return {"": ((*blocks, group, PANEL), "int8"), "d": ((*blocks, PANEL), "float32")}
+
+
+def to_panels(t):
+    """A stored component (codes [N, B, E], scales [N, B], or fp32 [N, K]) in panel layout
+    ([N/P, B, E, P], [N/P, B, P], [N/P, K, P]): the same values, rows moved innermost."""
+    n = t.shape[0]
+    x = t.reshape(n // PANEL, PANEL, *t.shape[1:])
+    return x.movedim(1, -1).contiguous()
+
+
+def panel_gemv(kind: str, n: int, k: int, group: int):
+    """PrimFunc y[T, N] = x[T, K] @ w[N, K].T over a panel-layout weight (`panel_specs`), for
+    any T (decode, a verify tree, a prefill chunk).
+
+        for p in parallel(N / P):             # a panel: P output rows, one f32 vector
+          for each tile of TB tokens:          # TB by T (TILES): 1, 2, 4
+            acc[TB x C] = 0                    # C independent chains per token (FMA latency)
+            for each weight column kk:         # in the order the block's bytes hold them
+              w[0:P] = dequant(codes[p, kk, 0:P])             # P rows at once, in registers
+              for t in TB: acc[t, kk % C][0:P] += x[t, kk] * w[0:P]   # broadcast x
+            y[t, p*P : p*P+P] = sum over C of acc[t]            # no horizontal reduction
+
+    Each weight element is dequantized once per tile with the same `d*q + m` (affine4) /
+    `d*q` (sym8) as arc/formats.py, so the products are HF's fp32 values; accumulation is
+    fp32. Against the row-at-a-time `qgemv` (dequantize a row into a buffer, then one 16-lane
+    dot product with a horizontal sum per row and token) this keeps dequantized weights in
+    registers, reuses each for TB tokens, and writes P outputs with one store: the packed
+    layout llama.cpp's repacked CPU kernels (Q4_0_8x8) and MLC's weight layouts use.
+    """
+    from tvm import tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as I
+
+    g = group if kind != "f32" else PANEL
+    nb, npan = k // g, n // PANEL
+    specs = panel_specs(kind, n, k, group)
+    # the block's columns in storage order: (slot e, nibble h, column within the block)
+    if kind == "affine4":
+        order = [(e, h, h * (g // 2) + e) for e in range(g // 2) for h in range(2)]
+    else:
+        order = [(e, 0, e) for e in range(g)]
+
+    with IRBuilder() as ib:
+        with I.prim_func():
+            I.func_name("panel_gemv")
+            I.func_attr({"tirx.noalias": True})
+            x_h = I.arg("x", I.handle())
+            comp_h = [I.arg(f"c{i}", I.handle()) for i in range(len(specs))]
+            y_h = I.arg("y", I.handle())
+            t_len = I.int64()
+            x = I.match_buffer(x_h, (t_len, k), "float32")
+            shapes = list(specs.values())
+            comps = [I.match_buffer(h, *shapes[i]) for i, h in enumerate(comp_h)]
+            y = I.match_buffer(y_h, (t_len, n), "float32")
+
+            def weight(p, b, e, h, i):
+                """Element (column b*g + col) of the panel's P rows, as fp32."""
+                if kind == "f32":
+                    return comps[0][p, b * g + e, i]
+                if kind == "sym8":
+                    return comps[0][p, b, e, i].astype("float32") * comps[1][p, b, i]
+                byte = comps[0][p, b, e, i]
+                nib = byte & tirx.const(15, "uint8") if h == 0 else byte >> tirx.const(4, "uint8")
+                return nib.astype("float32") * comps[1][p, b, i] + comps[2][p, b, i]
+
+            def tiles(p, acc, wv, tb: int, c: int):
+                with I.serial(0, tirx.floordiv(t_len + tb - 1, tb)) as t0:
+                    for a in range(tb * c):
+                        with I.vectorized(0, PANEL) as i:
+                            I.buffer_store(acc, tirx.const(0.0, "float32"), [a * PANEL + i])
+                    with I.serial(0, nb) as b:
+                        for j, (e, h, col) in enumerate(order):
+                            with I.vectorized(0, PANEL) as i:
+                                I.buffer_store(wv, weight(p, b, e, h, i), [i])
+                            for t in range(tb):
+                                a = (t * c + j % c) * PANEL
+                                row = tirx.min(t0 * tb + t, t_len - 1)  # a short last tile
+                                with I.vectorized(0, PANEL) as i:
+                                    value = acc[a + i] + x[row, b * g + col] * wv[i]
+                                    I.buffer_store(acc, value, [a + i])
+                    for t in range(tb):
+                        with I.If(t0 * tb + t < t_len):
+                            with I.Then():
+                                with I.vectorized(0, PANEL) as i:
+                                    s = acc[t * c * PANEL + i]
+                                    for cc in range(1, c):
+                                        s = s + acc[(t * c + cc) * PANEL + i]
+                                    I.buffer_store(y, s, [t0 * tb + t, p * PANEL + i])
+
+            with I.parallel(0, npan) as p:
+                chains = max(tb * c for _, tb, c in TILES)
+                acc = I.alloc_buffer((chains * PANEL,), "float32", scope="local")
+                wv = I.alloc_buffer((PANEL,), "float32", scope="local")
+
+                def plan(idx: int):
+                    bound, tb, c = TILES[idx]
+                    if bound is None:
+                        tiles(p, acc, wv, tb, c)
+                        return
+                    with I.If(t_len <= bound):
+                        with I.Then():
+                            tiles(p, acc, wv, tb, c)
+                        with I.Else():
+                            plan(idx + 1)
+
+                plan(0)
+    return ib.get()
+
+
+def panel_embed(kind: str, vocab: int, hidden: int, group: int):
+    """PrimFunc out[T, hidden] = dequant(w)[tokens] for a block-format embedding stored in
+    panel layout (tied to a panel LM head)."""
+    from tvm import te, tirx
+
+    t_len = tirx.Var("T", "int64")
+    tokens = te.placeholder((t_len,), "int64", name="tokens")
+    specs = panel_specs(kind, vocab, hidden, group)
+    comps = [te.placeholder(s, dt, name=f"c{i}") for i, (s, dt) in enumerate(specs.values())]
+
+    def f(t, kk):
+        p, r = tokens[t] // PANEL, tokens[t] % PANEL
+        b, e = kk // group, kk % group
+        if kind == "sym8":
+            return comps[0][p, b, e, r].astype("float32") * comps[1][p, b, r]
+        half = group // 2
+        byte = comps[0][p, b, e % half, r]
+        q = tirx.if_then_else(
+            e < half, byte & tirx.const(15, "uint8"), byte >> tirx.const(4, "uint8")
+        )
+        return q.astype("float32") * comps[1][p, b, r] + comps[2][p, b, r]
+
+    out = te.compute((t_len, hidden), f, name="embed")
+    return te.create_prim_func([tokens, *comps, out])
