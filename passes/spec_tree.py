@@ -19,9 +19,10 @@ preserves the model's distribution. So the pass is lossless.
 Papers: SpecInfer (Miao et al. 2024, tree attention and multi-branch verification); Medusa
 (Cai et al. 2024, static trees); EAGLE-2 (Li et al. 2024, dynamic trees from draft
 confidence); Token Recycling (Luo et al. 2024, the `recycle` drafter); prompt lookup
-decoding (Saxena 2023) for `ngram`; Draft & Verify (Zhang et al. 2024) for `self`, which needs
-the layer-skipped `draft` function (not built yet, so it is refused). `jacobi` (Lookahead
-decoding, Fu et al. 2024) is named but not built: refused with a clear message.
+decoding (Saxena 2023) for `ngram`; Draft & Verify (Zhang et al. 2024) and SWIFT (Xia et al.
+2024) for `self`, which drafts with layer-skip's `draft` function (layer-skip{mode=draft}
+before this pass; `auto` then merges it with the others). `jacobi` (Lookahead decoding, Fu et
+al. 2024) is named but not built: refused with a clear message.
 
 Preconditions: a `decode` function; the tree (budget + 1 nodes) fits the cache and every
 sliding window (a scratch slot's index stands in for its position in the window test).
@@ -101,10 +102,11 @@ def _check_options(module: Module, draft: str, budget: int, depth: int, shape: s
         raise ArcError(
             "spec-tree: draft=self needs a `draft` function (layer-skip{mode=draft} before it)"
         )
-    if draft == "self":  # the Module has its draft function; the loop cannot drive it yet
+    masks = {n.attrs["mask"] for n in module.functions["decode"].nodes if n.op is Op.ATTENTION}
+    if "sink-window" in masks:
         raise ArcError(
-            "spec-tree: draft=self: the runtime's self drafter is not built yet (layer-skip's "
-            "draft function is); use ngram, recycle or auto"
+            "spec-tree: cannot run after sparse-attention{kind=sink-window} (a tree verify "
+            "writes scratch slots past the sequence; a ring cache has none)"
         )
     if shape not in SHAPES:
         raise ArcError(f"spec-tree: unknown tree shape {shape!r}; choose static or dynamic")

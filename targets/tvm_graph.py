@@ -228,6 +228,12 @@ class _Emit:
 
         kv, parts = self.kv, []
         for layer in range(kv.layers):
+            if layer not in self.written and self.graph.name == "draft":
+                # layer-skip's draft runs fewer layers: the skipped layers' rows are zeros, at
+                # slots the full model's verify rewrites before any step reads them
+                zeros = relax.op.zeros([1, kv.kv_heads, self.t, kv.head_dim], "float32")
+                parts += [self.emit(zeros)] * 2
+                continue
             if layer not in self.written:
                 raise UnsupportedError(f"target tvm: layer {layer} writes no KV")
             for x in self.written[layer]:

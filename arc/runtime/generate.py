@@ -30,7 +30,7 @@ class GenerationResult:
     forward_passes: int  # full-model forwards after prefill (decode steps and verifies)
     accepted_per_step: float  # tokens per forward after prefill (1.0 for plain decoding)
     stop_reason: str  # eos | stop_string | max_new_tokens | cache_full
-    draft_passes: int = 0  # forwards of a draft model (none for the training-free drafters)
+    draft_passes: int = 0  # forwards of the draft function (`self`; none for the lookups)
     verify_passes: int = 0  # tree verifies among forward_passes
 
     def to_json(self) -> dict:
@@ -58,7 +58,7 @@ class Generator:
             from arc.runtime import drafters
 
             opts = self.plan["options"]
-            self._drafter = drafters.make(opts["draft"], opts, vocab)
+            self._drafter = drafters.make(opts["draft"], opts, vocab, self.steps)
         return self._drafter
 
     def prefill(self, prompt_ids: list[int]):
@@ -96,7 +96,7 @@ class Generator:
         text = _TextTracker(self.tok, on_text, stop)
         stopper = Stopper(self, out, text, max_new_tokens, ignore_eos)
         reason = stopper.check(out[-1])
-        forwards = verifies = 0
+        forwards = verifies = drafts = 0
         if reason is None:
             spec = self.speculative if speculative is None else speculative and self.speculative
             if spec:
@@ -108,6 +108,7 @@ class Generator:
                 history = list(prompt_ids) + out
                 reason, stats = loop.run(history, len(prompt_ids), sample, stopper)
                 forwards, verifies = stats.forward_passes, stats.verifies
+                drafts = stats.draft_passes
             else:
                 reason, forwards = self._plain(out, len(prompt_ids), sample, stopper)
         t2 = time.perf_counter()
@@ -124,6 +125,7 @@ class Generator:
             accepted_per_step=round(produced / forwards, 3) if forwards else 1.0,
             stop_reason=reason,
             verify_passes=verifies,
+            draft_passes=drafts,
         )
 
     def _plain(self, out: list[int], pos: int, sample: Sampler, stopper) -> tuple[str, int]:

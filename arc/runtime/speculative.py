@@ -8,13 +8,15 @@ slots to their place in the sequence. Accepted tokens pass one by one through th
 rules as plain decoding (generate.Stopper), so output stops exactly where it would.
 
 Cost-aware (`adaptive`): a verify of B nodes costs more than a decode step, and more the
-larger B is. Each step the loop picks B (or a plain decode step, B = 1) to maximize expected
+larger B is, and drafting costs time too (little for lookups, a partial forward per token for
+`self`). Each step the loop picks B (or a plain decode step, B = 1) to maximize expected
 tokens per second: expected tokens of a tree of the B-1 best paths are 1 + c * (sum of their
 scores) -- a path's score estimates the chance the model accepts it, so the sum is the
 expected accepted length (EAGLE-2's reasoning) -- with c a running calibration of accepted over
-predicted tokens; the time of each B is a running mean measured on this device. When plain
-steps win, the smallest tree is still tried now and then (every 8 steps, doubling up to 64
-while such probes find nothing), so the estimates follow the request.
+predicted tokens; the time of each B, plus the drafting's, is a running mean measured on this
+device. When plain steps win, the smallest tree is still tried now and then (every 8 steps,
+doubling up to 64 while such probes find nothing), so the estimates follow the request; an
+expensive drafter (`self`) is then run only for those probes.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ PRIOR_COST = 0.15  # untimed sizes: a decode step's time x (1 + PRIOR_COST * (B 
 class SpecStats:
     verifies: int = 0
     plain_steps: int = 0
+    draft_passes: int = 0  # forwards of the layer-skipped draft function (`self`)
 
     @property
     def forward_passes(self) -> int:
@@ -63,17 +66,30 @@ class SpeculativeLoop:
         self.adaptive = bool(options.get("adaptive", True))
         self.cost = {b: _Ema() for b in [1, *self.sizes]}  # seconds per step of each size
         self.accepted, self.predicted = _Ema(1.0), _Ema(1.0)  # drafted tokens per verify
+        self.draft_cost = _Ema(0.0)  # seconds of drafting per step
         self.idle, self.probe_every = 0, PROBE_EVERY
 
     def run(self, history: list[int], pos: int, sample: Sampler, stopper) -> tuple[str, SpecStats]:
         """Decode after `history` (prompt + first token; the last one is not in the cache yet,
         it goes to slot `pos`) until `stopper` says stop. Returns (stop reason, stats)."""
         stats, first = SpecStats(), True  # the first step is plain: it times a decode step
+        drafted = getattr(self.drafter, "forwards", 0)
+        try:
+            return self._run(history, pos, sample, stopper, stats, first)
+        finally:
+            stats.draft_passes = getattr(self.drafter, "forwards", 0) - drafted
+
+    def _run(self, history, pos, sample, stopper, stats, first):
         while True:
             room = self.steps.max_seq_len - pos
             if room <= 0:
                 return "cache_full", stats
-            paths = [] if first else self._draft(history)
+            if first:
+                paths = []
+            elif self._rest():
+                paths, self.idle = [], self.idle + 1
+            else:
+                paths = self._draft(history, pos)
             size, first = self._choose(paths, room), False
             if size == 1:
                 new = [self._plain(history[-1], pos, sample)]
@@ -88,10 +104,20 @@ class SpeculativeLoop:
                 if reason:
                     return reason, stats
 
-    def _draft(self, history: list[int]) -> list[tuple[tuple[int, ...], float]]:
+    def _rest(self) -> bool:
+        """Skip drafting this step: an expensive drafter (one that runs the model, `self`)
+        while plain steps win, except before a probe."""
+        expensive = getattr(self.drafter, "expensive", False)
+        return expensive and self.adaptive and 0 < self.idle < self.probe_every - 1
+
+    def _draft(self, history: list[int], pos: int) -> list[tuple[tuple[int, ...], float]]:
         """The best drafted paths, best first, with their scores; any prefix of the list is
-        a tree (closed under prefixes)."""
+        a tree (closed under prefixes). Times the drafting (a tree's cost includes it)."""
+        t = time.perf_counter()
+        if hasattr(self.drafter, "pos"):
+            self.drafter.pos = pos  # a drafter that runs the model writes from this slot
         scored = self.drafter.propose(history, self.depth, self.budget)
+        self.draft_cost.add(time.perf_counter() - t)
         return [(p, scored[p]) for p in best_first(scored, self.budget)]
 
     def _choose(self, paths: list, room: int) -> int:
@@ -105,7 +131,7 @@ class SpeculativeLoop:
         rate = {1: 1.0 / self._time(1)}
         for b in fits:
             expect = 1.0 + calib * sum(score for _, score in paths[: b - 1])
-            rate[b] = expect / self._time(b)
+            rate[b] = expect / (self._time(b) + self.draft_cost.value)
         best = max(rate, key=rate.get)
         if best == 1:
             self.idle += 1
@@ -161,7 +187,7 @@ class SpeculativeLoop:
         self.drafter.observe(tree, (top.indices, probs))
 
 
-DRAFTERS = ("ngram", "recycle", "auto")  # what this runtime drives ("jacobi", "self": not yet)
+DRAFTERS = ("ngram", "recycle", "self", "auto")  # what this runtime drives ("jacobi": not yet)
 
 
 def check_plan(kind: Any, options: Any, module) -> None:
@@ -191,5 +217,7 @@ def check_plan(kind: Any, options: Any, module) -> None:
         raise ArcError("speculative plan: depth must be 1..budget")
     if opts.get("draft") not in DRAFTERS:
         raise ArcError(f"speculative plan: drafter {str(opts.get('draft'))[:40]!r} unknown")
+    if opts.get("draft") == "self" and "draft" not in module.functions:
+        raise ArcError("speculative plan: drafter self needs the engine's draft function")
     if opts.get("shape") not in ("static", "dynamic"):
         raise ArcError("speculative plan: shape must be static or dynamic")

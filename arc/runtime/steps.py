@@ -77,6 +77,13 @@ class Steps:
         dev = self.device
         self._move(torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
 
+    def draft(self, token: int, pos: int) -> Tensor:
+        """Logits [vocab] of the layer-skipped `draft` function after one token at `pos`
+        (a decode through fewer layers; it writes the K/V of those layers only)."""
+        ids = torch.tensor([[token]], dtype=torch.long, device=self.device)  # [1, 1]
+        logits = self.functions["draft"](ids, self._positions[pos : pos + 1], self._slots(pos + 1))
+        return logits[0, -1]
+
     @property
     def verify_sizes(self) -> list[int]:
         """Tree sizes this engine can verify (its verify_B functions)."""

@@ -27,14 +27,20 @@ class Drafter(Protocol):
     def observe(self, tree: Tree, topk: Any) -> None: ...
 
 
-def make(name: str, options: Mapping[str, Any], vocab: int) -> Drafter:
-    from arc.runtime.drafters import auto, ngram, recycle
+def make(name: str, options: Mapping[str, Any], vocab: int, steps=None) -> Drafter:
+    """Drafter `name`; `self` (and `auto`, when the engine has a `draft` function) drafts
+    with `steps.draft`."""
+    from arc.runtime.drafters import auto, ngram, recycle, selfdraft
 
     static = options.get("shape") == "static"
+    has_draft = steps is not None and "draft" in steps.functions
     if name == "ngram":
         return ngram.NGram()
     if name == "recycle":
         return recycle.Recycle(vocab, static=static)
+    if name == "self" and has_draft:
+        return selfdraft.SelfDraft(steps)
     if name == "auto":
-        return auto.Merge([ngram.NGram(), recycle.Recycle(vocab, static=static)])
-    raise ArcError(f"drafter {name!r} is not available in this runtime")
+        merged = [ngram.NGram(), recycle.Recycle(vocab, static=static)]
+        return auto.Merge(merged + ([selfdraft.SelfDraft(steps)] if has_draft else []))
+    raise ArcError(f"drafter {name!r} is not available in this runtime or engine")

@@ -12,6 +12,22 @@ class Merge:
 
     def __init__(self, drafters: list):
         self.drafters = drafters
+        self.expensive = any(getattr(d, "expensive", False) for d in drafters)
+
+    @property
+    def forwards(self) -> int:
+        """Model forwards the drafters ran (the `self` drafter's draft steps)."""
+        return sum(getattr(d, "forwards", 0) for d in self.drafters)
+
+    @property
+    def pos(self) -> int | None:
+        return next((d.pos for d in self.drafters if hasattr(d, "pos")), None)
+
+    @pos.setter
+    def pos(self, value: int | None) -> None:
+        for d in self.drafters:
+            if hasattr(d, "pos"):
+                d.pos = value
 
     def propose(self, history: list[int], depth: int, budget: int) -> dict:
         out: dict[tuple[int, ...], float] = {}
