@@ -52,7 +52,7 @@ DEVICES = ("cpu",)
 EXTRA = "tvm"
 LIBRARY = "model.so"
 ALIGN = 64  # bytes: TVM's kernels assume their buffers are aligned to this
-LAYOUT = "panel16"  # how projection weights reach the kernels (tvm_kernels.panel_specs)
+LAYOUT = "panel16-h"  # how projection weights reach the kernels (tvm_kernels.panel_specs)
 # --cpu level -> llvm mcpu (native: the host CPU's name, as LLVM knows it)
 MCPU = {"x86-64-v3": "x86-64-v3", "x86-64-v4": "x86-64-v4"}
 
@@ -222,8 +222,18 @@ def _param_tensors(module: Module, weights: dict) -> dict[str, torch.Tensor]:
             comps = {name: as_f32(module, stored, name)}
         if name in panels:  # the same values, rows moved innermost
             comps = {t: to_panels(c) for t, c in comps.items()}
+            if panels[name][2] == "float16":  # a GGUF's scales: fp16 in the file
+                comps = {t: c if t == name else _fp16(name, c) for t, c in comps.items()}
         out |= comps
     return out
+
+
+def _fp16(name: str, t: torch.Tensor) -> torch.Tensor:
+    """`t` (a GGUF block weight's scales) in fp16, which must hold it exactly."""
+    h = t.to(torch.float16)
+    if not torch.equal(h.to(t.dtype), t):
+        raise EngineError(f"engine's weight {name[:80]}: its scales are not the GGUF's fp16 values")
+    return h
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

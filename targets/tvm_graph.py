@@ -51,6 +51,7 @@ def graph_key(graph: Graph) -> tuple:
 
 BLOCK_KINDS = ("affine4", "sym8")  # formats whose blocks the kernels read as stored
 BLOCK_USES = (Op.LINEAR, Op.LM_HEAD, Op.EMBED)
+GGUF_SCALES = ("q4_0", "q4_1", "q8_0")  # formats whose d (and m) a GGUF stores as fp16
 
 
 def _fmt(module: Module, name: str) -> tuple[str, tuple, int]:
@@ -79,9 +80,11 @@ def block_weights(module: Module) -> dict[str, tuple[str, int]]:
 
 
 def panel_weights(module: Module, blocks: dict) -> dict[str, tuple[str, int]]:
-    """Weight -> (kind, group) for the weights passed in panel layout (kernels.panel_specs):
-    rows a multiple of PANEL, read only as a projection's `w` (or, for a block weight, also
-    by its embedding, whose kernel reads panels too); kind "f32" for an fp32 weight."""
+    """Weight -> (kind, group, scale dtype) for the weights passed in panel layout
+    (kernels.panel_specs): rows a multiple of PANEL, read only as a projection's `w` (or, for
+    a block weight, also by its embedding, whose kernel reads panels too); kind "f32" for an
+    fp32 weight. A GGUF's blocks (q4_0, q4_1, q8_0) keep their scales in fp16, as the file
+    stores them: fewer bytes per step, the same values (tvm.py checks it at load)."""
     uses: dict[str, set] = {}
     for g in module.functions.values():
         for n in g.nodes:
@@ -97,7 +100,9 @@ def panel_weights(module: Module, blocks: dict) -> dict[str, tuple[str, int]]:
         if name in blocks:
             allowed.add((Op.EMBED, "w"))
         if used <= allowed:
-            out[name] = blocks.get(name, ("f32", 0))
+            kind, group = blocks.get(name, ("f32", 0))
+            gguf = formats.get(module.weights[name].format).name in GGUF_SCALES
+            out[name] = (kind, group, "float16" if gguf and kind != "f32" else "float32")
     return out
 
 
@@ -110,8 +115,8 @@ def param_specs(module: Module, blocks: dict) -> dict[str, tuple[tuple, str]]:
     for name in module.used_weights():
         n, k = (int(x) for x in module.weights[name].shape[:2]) if name in panels else (0, 0)
         if name in panels:
-            kind, group = panels[name]
-            specs = kernels.panel_specs(kind, n, k, group)
+            kind, group, scale = panels[name]
+            specs = kernels.panel_specs(kind, n, k, group, scale)
             out |= {formats.tensor_name(name, s): v for s, v in specs.items()}
         elif name in blocks:
             out |= formats.tensor_specs(name, *_fmt(module, name))
@@ -264,10 +269,10 @@ def _linear(e: _Emit, n: Node, x):
     one = isinstance(rows, int) or (hasattr(rows, "value") and int(rows.value) == 1)
     w, tokens = n.attrs["w"], 1 if one else None
     if w in e.b.panels:  # any T: the kernel picks its token tiling at run time
-        kind, group = e.b.panels[w]
+        kind, group, scale = e.b.panels[w]
         args = [x, *e.comps(w)] if kind != "f32" else [x, e.w(w)]
-        make = lambda: kernels.panel_gemv(kind, out, k, group)  # noqa: E731
-        y = e.call(("pgemv", kind, out, k, group), make, args, [[rows, out]])
+        make = lambda: kernels.panel_gemv(kind, out, k, group, scale)  # noqa: E731
+        y = e.call(("pgemv", kind, out, k, group, scale), make, args, [[rows, out]])
     elif w in e.b.blocks:
         kind, group = e.b.blocks[w]
         key = ("qgemv", kind, out, k, group) + (("t1",) if one else ())
@@ -290,9 +295,13 @@ def _embed(e: _Emit, n: Node, tokens):
     if w in e.b.blocks:
         kind, group = e.b.blocks[w]
         vocab, hidden = (int(d) for d in e.b.module.weights[w].shape)
-        embed = kernels.panel_embed if w in e.b.panels else kernels.qembed
-        make = lambda: embed(kind, vocab, hidden, group)  # noqa: E731
-        key = ("pembed" if w in e.b.panels else "qembed", kind, vocab, hidden, group)
+        if w in e.b.panels:
+            scale = e.b.panels[w][2]
+            make = lambda: kernels.panel_embed(kind, vocab, hidden, group, scale)  # noqa: E731
+            key = ("pembed", kind, vocab, hidden, group, scale)
+        else:
+            make = lambda: kernels.qembed(kind, vocab, hidden, group)  # noqa: E731
+            key = ("qembed", kind, vocab, hidden, group)
         return e.call(key, make, [flat, *e.comps(w)], [[e.t, hidden]])
     return e.emit(relax.op.take(e.w(w), flat, axis=0, mode="clip"))  # [T, hidden]
 

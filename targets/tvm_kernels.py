@@ -307,10 +307,13 @@ PANEL = LANES  # output rows per panel: one f32 vector holds one column of a pan
 TILES = ((1, 1, 4), (2, 2, 2), (None, 4, 2))
 
 
-def panel_specs(kind: str, n: int, k: int, group: int) -> dict[str, tuple[tuple, str]]:
+def panel_specs(
+    kind: str, n: int, k: int, group: int, scale: str = "float32"
+) -> dict[str, tuple[tuple, str]]:
     """Component suffix ("" for the codes or the fp32 weight) -> (shape, dtype) of a weight
     [N, K] repacked into panels of PANEL rows (`to_panels`): the row axis goes innermost, so
-    one vector load holds the same element of PANEL consecutive rows."""
+    one vector load holds the same element of PANEL consecutive rows. `scale`: the dtype of
+    d and m, float16 for a GGUF's blocks (stored as fp16 there, so converting is exact)."""
     p = n // PANEL
     if kind == "f32":
         return {"": ((p, k, PANEL), "float32")}
@@ -318,10 +321,10 @@ def panel_specs(kind: str, n: int, k: int, group: int) -> dict[str, tuple[tuple,
     if kind == "affine4":
         return {
             "": ((*blocks, group // 2, PANEL), "uint8"),
-            "d": ((*blocks, PANEL), "float32"),
-            "m": ((*blocks, PANEL), "float32"),
+            "d": ((*blocks, PANEL), scale),
+            "m": ((*blocks, PANEL), scale),
         }
-    return {"": ((*blocks, group, PANEL), "int8"), "d": ((*blocks, PANEL), "float32")}
+    return {"": ((*blocks, group, PANEL), "int8"), "d": ((*blocks, PANEL), scale)}
 
 
 def to_panels(t):
@@ -332,7 +335,7 @@ def to_panels(t):
     return x.movedim(1, -1).contiguous()
 
 
-def panel_gemv(kind: str, n: int, k: int, group: int):
+def panel_gemv(kind: str, n: int, k: int, group: int, scale: str = "float32"):
     """PrimFunc y[T, N] = x[T, K] @ w[N, K].T over a panel-layout weight (`panel_specs`), for
     any T (decode, a verify tree, a prefill chunk).
 
@@ -357,7 +360,7 @@ def panel_gemv(kind: str, n: int, k: int, group: int):
 
     g = group if kind != "f32" else PANEL
     nb, npan = k // g, n // PANEL
-    specs = panel_specs(kind, n, k, group)
+    specs = panel_specs(kind, n, k, group, scale)
     # the block's columns in storage order: (slot e, nibble h, column within the block)
     if kind == "affine4":
         order = [(e, h, h * (g // 2) + e) for e in range(g // 2) for h in range(2)]
@@ -381,11 +384,12 @@ def panel_gemv(kind: str, n: int, k: int, group: int):
                 """Element (column b*g + col) of the panel's P rows, as fp32."""
                 if kind == "f32":
                     return comps[0][p, b * g + e, i]
+                d = comps[1][p, b, i].astype("float32")  # fp16 -> fp32 is exact
                 if kind == "sym8":
-                    return comps[0][p, b, e, i].astype("float32") * comps[1][p, b, i]
+                    return comps[0][p, b, e, i].astype("float32") * d
                 byte = comps[0][p, b, e, i]
                 nib = byte & tirx.const(15, "uint8") if h == 0 else byte >> tirx.const(4, "uint8")
-                return nib.astype("float32") * comps[1][p, b, i] + comps[2][p, b, i]
+                return nib.astype("float32") * d + comps[2][p, b, i].astype("float32")
 
             def tiles(p, acc, wv, tb: int, c: int):
                 with I.serial(0, tirx.floordiv(t_len + tb - 1, tb)) as t0:
@@ -431,27 +435,28 @@ def panel_gemv(kind: str, n: int, k: int, group: int):
     return ib.get()
 
 
-def panel_embed(kind: str, vocab: int, hidden: int, group: int):
+def panel_embed(kind: str, vocab: int, hidden: int, group: int, scale: str = "float32"):
     """PrimFunc out[T, hidden] = dequant(w)[tokens] for a block-format embedding stored in
     panel layout (tied to a panel LM head)."""
     from tvm import te, tirx
 
     t_len = tirx.Var("T", "int64")
     tokens = te.placeholder((t_len,), "int64", name="tokens")
-    specs = panel_specs(kind, vocab, hidden, group)
+    specs = panel_specs(kind, vocab, hidden, group, scale)
     comps = [te.placeholder(s, dt, name=f"c{i}") for i, (s, dt) in enumerate(specs.values())]
 
     def f(t, kk):
         p, r = tokens[t] // PANEL, tokens[t] % PANEL
         b, e = kk // group, kk % group
+        d = comps[1][p, b, r].astype("float32")
         if kind == "sym8":
-            return comps[0][p, b, e, r].astype("float32") * comps[1][p, b, r]
+            return comps[0][p, b, e, r].astype("float32") * d
         half = group // 2
         byte = comps[0][p, b, e % half, r]
         q = tirx.if_then_else(
             e < half, byte & tirx.const(15, "uint8"), byte >> tirx.const(4, "uint8")
         )
-        return q.astype("float32") * comps[1][p, b, r] + comps[2][p, b, r]
+        return q.astype("float32") * d + comps[2][p, b, r].astype("float32")
 
     out = te.compute((t_len, hidden), f, name="embed")
     return te.create_prim_func([tokens, *comps, out])
