@@ -67,13 +67,17 @@ def by_timing(
 
     `build(name, dir)` returns the target's (info, artifacts); `load(name, info, dir)` its Steps.
     """
+    import torch
+
     names, timed, built = candidates(device), {}, {}
+    threads = torch.get_num_threads()
     for name in names:
         out = workdir / name
         built[name] = build(name, out)
         steps = load(name, built[name][0], out)
         timed[name] = round(_decode_ms(steps), 3)
         del steps  # free the candidate's sessions and caches before the next one
+        torch.set_num_threads(threads)  # a target's load may have changed it (tvm: 1)
     best = min(timed, key=timed.get)
     ms = ", ".join(f"{k} {v:.1f}" for k, v in timed.items())
     record = {

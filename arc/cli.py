@@ -182,6 +182,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         f"perplexity  reference {p['reference']:.4f}, passes {p['passes']:.4f}, "
         f"delta {p['delta_pct']:+.4f} % ({p['tokens']} tokens of {p['corpus']})"
     )
+    for line in _kv_facts(r.get("facts", {}).get("kv-fusion")):
+        print(line.strip())
     _stderr(f"[eval in {r['wall_s']:.1f} s]")
     return 0
 
@@ -307,8 +309,14 @@ def _engine_summary(path: str, m: dict, module) -> str:
         lines.insert(3, f"auto      {str(auto.get('rule'))[:20]}: {str(auto.get('why'))[:200]}")
     skip = m["model"].get("layer_skip")
     if isinstance(skip, dict):
-        keys = ("mode", "skipped", "search", "acceptance")
+        keys = ("mode", "skipped", "dropped", "search", "acceptance", "agree", "probe")
         shown = "  ".join(f"{k}={str(skip[k])[:80]}" for k in keys if k in skip)
+        if isinstance(skip.get("variants"), list):  # adaptive: the depth variants
+            shown += "  variants=" + " ".join(
+                f"{'+'.join(map(str, v.get('skipped', [])))}"
+                for v in skip["variants"][:8]
+                if isinstance(v, dict)
+            )
         lines.append(f"layerskip {shown}")
     artifacts = [f["size"] for k, f in files.items() if k.startswith("artifacts/")]
     lines.insert(
@@ -327,6 +335,7 @@ def _engine_summary(path: str, m: dict, module) -> str:
             f"  {r['name']:<14} {r['wall_ms']:8.2f} ms  nodes {r['nodes_in']} -> {r['nodes_out']}"
             f"  {'changed' if r['changed'] else 'unchanged'}"
         )
+        lines += _kv_facts(r.get("facts"))
     lines.append(
         "IR        " + ", ".join(f"@{k}: {len(g.nodes)} nodes" for k, g in module.functions.items())
     )
@@ -334,6 +343,19 @@ def _engine_summary(path: str, m: dict, module) -> str:
     for name, f in sorted(files.items()):
         lines.append(f"  {name:<40} {f['size'] / 1e6:10.2f} MB  sha256 {f['sha256'][:12]}")
     return "\n".join(lines)
+
+
+def _kv_facts(facts) -> list[str]:
+    """A pass record's KV-cache figures (kv-fusion), as one line under the pass; [] if none."""
+    keys = ("kv_bytes_per_token_before", "kv_bytes_per_token_after")
+    if not isinstance(facts, dict) or not all(isinstance(facts.get(k), int) for k in keys):
+        return []
+    shared = str(facts.get("shared_kv_layers") or "none")[:80]
+    return [
+        f"  {'':14} kv cache {facts[keys[0]]} -> {facts[keys[1]]} bytes/token  "
+        f"dtype={str(facts.get('kv_dtype'))[:8]}  layers {str(facts.get('kv_layers_before'))[:8]}"
+        f" -> {str(facts.get('kv_layers_after'))[:8]}  shared={shared}"
+    ]
 
 
 def cmd_passes(a: argparse.Namespace) -> int:

@@ -11,15 +11,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from arc import autotarget, targets
 from arc.engine import WEIGHTS, write_engine
 from arc.errors import ArcError
-from arc.ir import module_to_json
+from arc.ir import DecodePlan, module_to_json
 from arc.lowering import materialize
 from arc.pipeline import Instrument, PassContext, PassManager, format_spec, record_dicts
 from arc.trace import trace
+from arc.tune import tune_tree
 
 DEFAULT_MAX_SEQ_LEN = 2048
 # The AOT build exports prefill with a 4-token, 7-slot example (T and L are dynamic dims bounded
@@ -93,10 +95,12 @@ def compile_model(
         work = Path(tmp)
         weights = materialize(module, loaded.weights, loaded.blocks)
         tb = time.perf_counter()
+        built = work / "artifacts"  # where the target built its artifacts
         if chosen and opts.time_targets and len(chosen["candidates"]) > 1:
             target, chosen, (info, artifacts) = _timed_choice(
                 module, weights, device, work, opts, stage
             )
+            built = work / "candidates" / target.NAME
         else:
             target.check_module(module)
             stage("build " + target.NAME)
@@ -104,6 +108,15 @@ def compile_model(
                 module, weights, device, work / "artifacts", _options(target.NAME, opts)
             )
         build_s = time.perf_counter() - tb
+        plan = {"kind": module.plan.kind, "options": dict(module.plan.options)}
+        if plan["kind"] == "speculative" and plan["options"].get("tune"):
+            stage("tune the tree on this device")
+            steps = target.load(module, weights, built, info, device)
+            eos = list(module.meta.get("eos_ids", []))
+            plan["options"] = tune_tree(steps, loaded.tokenizer, eos, plan["options"])
+            del steps
+            tuned = DecodePlan(plan["kind"], MappingProxyType(plan["options"]))
+            module = module.with_functions(module.functions, plan=tuned)
         if chosen:
             info = {**info, "auto": chosen}
         stage("write engine")
@@ -119,7 +132,7 @@ def compile_model(
             "weights": weight_summary(module),
             "pipeline": format_spec(pm.items),
             "passes": record_dicts(records),
-            "decode_plan": {"kind": module.plan.kind, "options": dict(module.plan.options)},
+            "decode_plan": plan,
             "runtime": {"max_seq_len": module.kv.max_seq_len, "prefill_chunk": opts.prefill_chunk},
             "tokenizer": {
                 "dir": "tokenizer",

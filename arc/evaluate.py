@@ -69,14 +69,38 @@ def subject(
     `loaded` has; each weight is made in the format the module declares, as compile does."""
     from arc.lowering import lower, materialize
     from arc.runtime.generate import Generator
-    from arc.runtime.steps import Steps
+    from arc.runtime.steps import Steps, ring_of
 
-    fns = {k: module.functions[k] for k in ("prefill", "decode")} | {"score": score_graph(module)}
+    keep = ("prefill", "decode", *_depth_variants(module))
+    fns = {k: module.functions[k] for k in keep} | {"score": _score(module)}
     module = module.with_functions(fns)
     lowered, kv = lower(module, materialize(module, weights, blocks))
-    steps = Steps(lowered, max_seq_len=module.kv.max_seq_len, reset=kv.reset)
-    gen = Generator(steps, tokenizer, module.meta.get("eos_ids", []))
+    ring = ring_of(module.meta)
+    steps = Steps(lowered, max_seq_len=module.kv.max_seq_len, reset=kv.reset, ring=ring)
+    gen = Generator(steps, tokenizer, module.meta.get("eos_ids", []), meta=module.meta)
     return Subject(gen, lowered["score"], kv.reset, module.kv.max_seq_len)
+
+
+def _depth_variants(module: Module) -> list[str]:
+    """layer-skip{mode=adaptive}'s decode variants: greedy agreement runs the real per-request
+    choice (arc/runtime/adaptive.py) over them."""
+    facts = module.meta.get("layer_skip")
+    if not isinstance(facts, Mapping) or facts.get("mode") != "adaptive":
+        return []
+    return [v["function"] for v in facts["variants"]]
+
+
+def _score(module: Module) -> Graph:
+    """The scoring graph. With adaptive layer-skip, prefill runs every layer while a request
+    may decode with its deepest variant: perplexity is scored with that variant's layers
+    skipped, the cost when every request takes it (an upper bound)."""
+    g = score_graph(module)
+    facts = module.meta.get("layer_skip")
+    if _depth_variants(module):
+        from arc.passes.layer_skip import skip_layers
+
+        g = replace(skip_layers(g, module, facts["variants"][-1]["skipped"]), name="score")
+    return g
 
 
 # ---------------------------------------------------------------- greedy agreement
@@ -134,7 +158,9 @@ def window_nll(s: Subject, ids: list[int]) -> float:
     tokens = torch.tensor([ids], dtype=torch.long)  # [1, T]
     pos = torch.arange(len(ids), dtype=torch.long)  # [T]; the slots read are the same 0..T-1
     with torch.inference_mode():
-        logits = s.score(tokens, pos, pos)[0, :-1]  # [T-1, vocab]
+        # slots read = the same 0..T-1; a ring cache (sink-window) also takes `write` = pos
+        feeds = (pos, pos, pos) if s.generator.steps.ring else (pos, pos)
+        logits = s.score(tokens, *feeds)[0, :-1]  # [T-1, vocab]
         nll = F.cross_entropy(logits, tokens[0, 1:], reduction="none")
     return float(nll.double().sum())
 

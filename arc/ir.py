@@ -90,15 +90,27 @@ class WeightDecl:
     group: int = 0
 
 
+KV_DTYPES = ("f32", "int8")  # int8: plus one fp32 scale per token per head, for k and for v
+
+
 @dataclass(frozen=True)
 class KVDecl:
-    """The shared KV cache: per layer, k and v of [1, kv_heads, max_seq_len, head_dim]."""
+    """The shared KV cache: per layer, k and v of [1, kv_heads, max_seq_len, head_dim].
+
+    `dtype` int8 (passes/kv_fusion.py): k and v are stored as int8 with an fp32 absmax scale
+    per token per head ([1, kv_heads, max_seq_len, 1] each), dequantized where attention reads.
+    """
 
     layers: int
     kv_heads: int
     head_dim: int
     max_seq_len: int
     dtype: str = "f32"
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token's K and V take over all layers (scales included)."""
+        row = self.head_dim * 4 if self.dtype == "f32" else self.head_dim + 4  # one head's k
+        return 2 * self.layers * self.kv_heads * row
 
 
 @dataclass(frozen=True)
@@ -230,7 +242,8 @@ def format_module(m: Module) -> str:
         f"module @{m.name}  // family={m.meta.get('family')} plan={m.plan.kind}",
         f"// weights: {len(used)} used tensors, {params / 1e6:.1f}M params, {'/'.join(fmts)}",
         f"// kv: {kv.layers} layers x k,v {kv.dtype}[1,{kv.kv_heads},{kv.max_seq_len},"
-        f"{kv.head_dim}]",
+        f"{kv.head_dim}]{' + f32 scales' if kv.dtype == 'int8' else ''}"
+        f"  ({kv.bytes_per_token()} B/token)",
     ]
     return "\n".join(head + [format_graph(g) for g in m.functions.values()])
 

@@ -95,27 +95,69 @@ class KVCache(nn.Module):
 
     One spare row: slicing `cache[:, :, :L]` with L == rows makes torch.export guard L != rows,
     so the cache is one row longer than the positions it serves and L never reaches it.
+
+    KV dtype int8 (kv-fusion{kv-dtype=int8}): k and v are int8, with fp32 scales `ks{i}`/`vs{i}`
+    of [1, kv_heads, rows, 1]: symmetric absmax per token per head, quantized as rows are
+    written and dequantized as attention reads them (KIVI, Liu et al. 2024; KVQuant, Hooper
+    et al. 2024, quantize per channel for keys; per token keeps a write one-row local).
     """
 
     def __init__(self, decl: KVDecl, device: str | torch.device = "cpu"):
         super().__init__()
         shape = (1, decl.kv_heads, decl.max_seq_len + 1, decl.head_dim)
+        self.quantized = decl.dtype == "int8"
+        dtype = torch.int8 if self.quantized else torch.float32
         for i in range(decl.layers):
-            self.register_buffer(f"k{i}", torch.zeros(shape, device=device))
-            self.register_buffer(f"v{i}", torch.zeros(shape, device=device))
+            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device))
+            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device))
+            if self.quantized:
+                self.register_buffer(f"ks{i}", torch.zeros(shape[:3] + (1,), device=device))
+                self.register_buffer(f"vs{i}", torch.zeros(shape[:3] + (1,), device=device))
 
     def layer(self, i: int) -> tuple[Tensor, Tensor]:
         return getattr(self, f"k{i}"), getattr(self, f"v{i}")
+
+    def write(self, i: int, pos: Tensor, k: Tensor, v: Tensor) -> None:
+        """cache[:, :, pos] = k, v ([1, KV, T, D]), quantized when the cache is int8."""
+        kc, vc = self.layer(i)
+        if not self.quantized:
+            kc.index_copy_(2, pos, k)
+            vc.index_copy_(2, pos, v)
+            return
+        for cache, scales, x in (
+            (kc, getattr(self, f"ks{i}"), k),
+            (vc, getattr(self, f"vs{i}"), v),
+        ):
+            q, s = quantize_int8(x)
+            cache.index_copy_(2, pos, q)
+            scales.index_copy_(2, pos, s)
+
+    def read(self, i: int, length: int) -> tuple[Tensor, Tensor]:
+        """k, v of slots 0..length-1 as fp32 [1, KV, L, D] (dequantized when int8)."""
+        kc, vc = self.layer(i)
+        k, v = kc[:, :, :length], vc[:, :, :length]
+        if not self.quantized:
+            return k, v
+        ks, vs = getattr(self, f"ks{i}")[:, :, :length], getattr(self, f"vs{i}")[:, :, :length]
+        return k.float() * ks, v.float() * vs  # [1, KV, L, D] * [1, KV, L, 1]
 
     def reset(self) -> None:
         for b in self.buffers():
             b.zero_()
 
     def move(self, src: Tensor, dst: Tensor) -> None:
-        """Copy the K/V rows at slots `src` to slots `dst` in every layer (accepted tree nodes
-        move from their scratch slots to their place in the sequence)."""
+        """Copy the K/V rows (and their int8 scales) at slots `src` to slots `dst` in every layer
+        (accepted tree nodes move from their scratch slots to their place in the sequence)."""
         for b in self.buffers():
-            b.index_copy_(2, dst, b.index_select(2, src))  # [1, KV, n, D]
+            b.index_copy_(2, dst, b.index_select(2, src))  # [1, KV, n, D or 1]
+
+
+def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric absmax int8 per row of the last dim: x [..., D] -> (int8 [..., D], f32 [..., 1]).
+    An all-zero row gets scale 0 and dequantizes to zeros."""
+    scale = x.abs().amax(-1, keepdim=True) / 127.0  # [..., 1]
+    q = torch.round(x / scale.clamp(min=1e-30)).clamp(-127, 127).to(torch.int8)
+    return q, scale
 
 
 class GraphModule(nn.Module):
@@ -240,16 +282,17 @@ def _rope(m: GraphModule, n: Node, x: Tensor, pos: Tensor) -> Tensor:
 
 
 def _kv_write(m: GraphModule, n: Node, k: Tensor, v: Tensor, pos: Tensor) -> int:
-    kc, vc = m.kv.layer(n.attrs["layer"])
+    kc, _ = m.kv.layer(n.attrs["layer"])
     heads, d = kc.shape[1], kc.shape[3]
-    kc.index_copy_(2, pos, _heads(k, heads, d))  # cache[:, :, pos] = k  [1, KV, T, D]
-    vc.index_copy_(2, pos, _heads(v, heads, d))
+    # cache[:, :, pos] = k, v  [1, KV, T, D]; quantized there when the cache is int8
+    m.kv.write(n.attrs["layer"], pos, _heads(k, heads, d), _heads(v, heads, d))
     return n.attrs["layer"]
 
 
 def _attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos: Tensor, last: Tensor):
     """`last` is `slots` [L] (causal, sliding) or the tree's `visible` mask [T, L] (tree)."""
-    kc, vc = m.kv.layer(layer)
+    if n.attrs["mask"] == "sink-window":
+        return _sink_window_attention(m, n, q, layer, pos, last)
     kind, window = n.attrs["mask"], n.attr("window")
     if kind == "tree":
         mask, length = last, last.shape[1]
@@ -257,7 +300,7 @@ def _attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos: Tensor, last
     else:
         slots, length = last, last.shape[0]
         mask = slots[None, :] <= pos[:, None]  # [T, L] causal over absolute positions
-    k, v = kc[:, :, :length], vc[:, :, :length]  # [1, KV, L, D]
+    k, v = m.kv.read(layer, length)  # [1, KV, L, D] fp32 (dequantized if the cache is int8)
     if window:  # Mistral: key visible iff q_pos - k_pos < window. In a tree, a scratch slot's
         # index is >= its node's position, so the test is exact while window > tree size.
         mask = mask & (pos[:, None] - slots[None, :] < window)
@@ -268,6 +311,33 @@ def _attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos: Tensor, last
     else:
         out = _gqa_attention(qh, k, v, mask, scale)
     return _merge(out)  # [1, T, H*D]
+
+
+def _sink_window_attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos, kpos: Tensor):
+    """StreamingLLM over a ring cache (passes/sparse_attention.py): q and the cached keys are
+    un-rotated; both are rotated here by cache position (`pos` [T] of the queries, `kpos` [L]
+    of the slots read), and a slot is visible iff its cache position is <= the query's."""
+    k, v = m.kv.read(layer, kpos.shape[0])  # [1, KV, L, D] un-rotated keys
+    inv, scale = m.w(n.attrs["w"]), n.attr("rope_scale", 1.0)
+    qh = _rotate(_heads(q, n.attrs["heads"], n.attrs["head_dim"]), pos, inv, scale)  # [1,H,T,D]
+    k = _rotate(k, kpos, inv, scale)  # [1, KV, L, D]
+    mask = kpos[None, :] <= pos[:, None]  # [T, L]
+    sm = n.attrs["head_dim"] ** -0.5
+    if m.sdpa:
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=sm, enable_gqa=True)
+    else:
+        out = _gqa_attention(qh, k, v, mask, sm)
+    return _merge(out)  # [1, T, H*D]
+
+
+def _rotate(xh: Tensor, pos: Tensor, inv_freq: Tensor, scale: float) -> Tensor:
+    """RoPE of xh [1, H, N, D] at positions pos [N]: the same math as _rope, per head."""
+    freqs = pos[:, None].float() * inv_freq[None, :]  # [N, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [N, D]
+    cos, sin = emb.cos() * scale, emb.sin() * scale
+    d = xh.shape[-1]
+    rot = torch.cat((-xh[..., d // 2 :], xh[..., : d // 2]), dim=-1)
+    return xh * cos + rot * sin
 
 
 def _gqa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:

@@ -23,7 +23,9 @@ class Op(str, Enum):
     KV_WRITE = "kv_write"  # write k, v at positions into a layer's cache; yields the cache state
     ATTENTION = "attention"  # q against the cache slots it reads, under a mask kind:
     #   causal|sliding: inputs (q, kv, pos, slots); tree: (q, kv, pos, visible) where
-    #   visible: bool[T, L] says which of the L slots each tree node sees (SpecInfer's tree mask)
+    #   visible: bool[T, L] says which of the L slots each tree node sees (SpecInfer's tree mask);
+    #   sink-window (passes/sparse_attention.py): (q, kv, pos, kpos), q and the cached k
+    #   un-rotated, rope `w` applied by cache position (pos of q, kpos: i64[L] of each slot)
     ADD = "add"
     MUL = "mul"
     SILU = "silu"
@@ -31,7 +33,8 @@ class Op(str, Enum):
     LM_HEAD = "lm_head"  # hidden -> logits, w=[vocab, hidden]
 
 
-MASK_KINDS = ("causal", "sliding", "tree")
+MASK_KINDS = ("causal", "sliding", "tree", "sink-window")
+DENSE_MASKS = ("causal", "sliding", "tree")  # what a target lowers unless it says more
 
 # op -> number of tensor inputs
 ARITY: Mapping[Op, int] = {

@@ -64,6 +64,7 @@ class PassRecord:
     nodes_in: int
     nodes_out: int
     changed: bool
+    facts: dict[str, Any] = field(default_factory=dict)  # what the pass put in ctx.facts[name]
 
 
 REGISTRY: dict[str, PassInfo] = {}
@@ -116,7 +117,7 @@ def _parse_options(info: PassInfo, body: str) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in body.split(","))):
         key, eq, raw = item.partition("=")
-        key = key.strip()
+        key = key.strip().replace("-", "_")  # kv-dtype=int8 names option kv_dtype
         if not eq or key not in info.options:
             known = ", ".join(info.options) or "none"
             raise ArcError(f"pass {info.name}: bad option {item!r} (options: {known})")
@@ -235,7 +236,7 @@ class PassManager:
         for name, opts in self.items:
             for ins in self.instruments:
                 ins.before(name, module)
-            t0 = time.perf_counter()
+            t0, prev = time.perf_counter(), ctx.facts.get(name)
             try:
                 out = registry()[name].fn(module, ctx, **opts)
             except ArcError:
@@ -247,8 +248,12 @@ class PassManager:
             for ins in self.instruments:
                 ins.after(name, out)
             changed = out is not module and dumps(out) != dumps(module)
+            facts = ctx.facts.get(name)
+            facts = dict(facts) if isinstance(facts, dict) and facts is not prev else {}
             records.append(
-                PassRecord(name, opts, round(ms, 3), module.node_count(), out.node_count(), changed)
+                PassRecord(
+                    name, opts, round(ms, 3), module.node_count(), out.node_count(), changed, facts
+                )
             )
             module = out
             done.append(name)

@@ -19,9 +19,10 @@ PRESETS: dict[str, list[str]] = {
     # -O2: -O1 plus lossless speculative decoding: a drafted token tree verified in one
     # forward (training-free drafters: prompt lookup + Token Recycling), greedy-identical.
     "O2": ["kv-fusion", "weight-format", "spec-tree"],
-    # -O3: -O2 with the tree sized from verify cost measured on this device (spec-tree's
-    # `tune`); not built yet, so -O3 equals -O2 today.
-    "O3": ["kv-fusion", "weight-format", "spec-tree"],
+    # -O3: -O2 with trees up to 16 nodes, capped at compile time where tokens per second,
+    # measured on this device, peak (spec-tree's `tune`, arc/tune.py); --target auto also
+    # times every installed target and keeps the fastest.
+    "O3": ["kv-fusion", "weight-format", "spec-tree{budget=15,tune=true}"],
 }
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from arc.errors import ArcError
+from arc.ir import KVDecl
 
 SOURCES = ("arc", "passes", "targets", "models")  # the code an engine is built by
 
@@ -273,9 +274,7 @@ def _row(spec, added, path, cached, rounds, base_rounds, lossless) -> dict[str, 
     from_verifies = sum(p["produced"] for p in first) - plain_steps
     prefill = per_round(lambda ps: statistics.mean(p["prefill_ms"] for p in ps))
     weights = sum(v["bytes"] for v in m.get("weights", {}).values() if isinstance(v, dict))
-    kv = m["ir"]["kv"]
-    width = {"f32": 4, "bf16": 2, "f16": 2, "int8": 1}.get(kv.get("dtype", "f32"), 4)
-    kv_bytes = kv["layers"] * 2 * kv["kv_heads"] * kv["head_dim"] * width  # K and V per token
+    kv_bytes = KVDecl(**m["ir"]["kv"]).bytes_per_token()  # K and V per token, int8 scales too
     tok_s = statistics.median(tps)
     per_forward = statistics.median(m_ / max(f, 1) for m_, f in zip(made, fw, strict=True))
     ours = [p["ids"] for p in rounds[0]["prompts"]]

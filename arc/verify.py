@@ -10,7 +10,7 @@ import networkx as nx
 
 from arc.errors import ArcError
 from arc.formats import FORMATS, components
-from arc.ir import Graph, Module
+from arc.ir import KV_DTYPES, Graph, Module
 from arc.ops import ARITY, REQUIRED_ATTRS, Op, ShapeError, infer_shape, result_dtype
 
 
@@ -21,6 +21,8 @@ class VerifyError(ValueError):
 def verify(m: Module) -> None:
     """Raise VerifyError naming the first broken invariant of `m`."""
     _verify_weights(m)
+    if m.kv.dtype not in KV_DTYPES:
+        raise VerifyError(f"kv dtype {m.kv.dtype!r} is not one of {', '.join(KV_DTYPES)}")
     if not m.functions:
         raise VerifyError("module has no functions")
     for g in m.functions.values():

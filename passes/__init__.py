@@ -1,3 +1,9 @@
 """arc's passes: each module registers one pass named after it (kv_fusion.py is "kv-fusion")."""
 
-from arc.passes import kv_fusion, layer_skip, spec_tree, weight_format  # noqa: F401
+from arc.passes import (  # noqa: F401
+    kv_fusion,
+    layer_skip,
+    sparse_attention,
+    spec_tree,
+    weight_format,
+)

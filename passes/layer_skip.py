@@ -10,7 +10,16 @@ What it does, by `mode`:
 - `draft` (lossless on its own): removes nothing; adds a `draft` function, `decode` through a
   subset of the layers (same inputs and outputs), sharing the weights and the KV cache with
   the full model: self-speculative decoding drafts with it and verifies with the full model.
-  `adaptive` (skipping per token by confidence) is not built; it is refused.
+- `adaptive` (LOSSY; FiRST's idea, Jain et al. 2024, made training-free the way VARiant
+  switches depth): the prompt decides. The pass adds `variants` decode functions
+  `decode_skip<k>`, each skipping the k lowest-Block-Influence layers (k up to `ratio` of the
+  layers), sharing weights and KV with `decode`. Per request the runtime
+  (arc/runtime/adaptive.py) runs the last `probe` prompt tokens through the full model and
+  every variant, and decodes the whole request with the deepest skip whose greedy tokens
+  agree with the full model's on at least `agree` of them (else with all layers): one skip
+  set per request, so a layer skipped for one token is skipped for all and the cache stays
+  consistent. Chosen over per-token exits (CALM, FiRST's router) because those need trained
+  routers or leave later tokens reading K/V a skipped layer never wrote.
 
 Why it helps decoding: a decode step reads every layer's weights once per token, so its cost
 is proportional to the layers it runs. Many middle layers change the residual stream little.
@@ -63,8 +72,9 @@ from arc.ir import Graph, GraphBuilder, Module
 from arc.ops import Op
 from arc.pipeline import PassContext, register_pass
 
-MODES = ("static", "draft")
-NOT_BUILT = {"adaptive": "per-token adaptive skipping is not built yet; use static or draft"}
+MODES = ("static", "draft", "adaptive")
+NOT_BUILT: dict[str, str] = {}
+VARIANT = "decode_skip"  # adaptive: decode functions named decode_skip<k> (k layers skipped)
 SEARCHES = ("greedy", "score")
 SEARCH_WIDTH = 8  # greedy search: candidates tried per step, the lowest-BI layers left
 CALIB_CHARS_PER_TOKEN = 8  # characters of text taken per calibration token wanted (ample)
@@ -86,8 +96,12 @@ def layer_skip(
     layers: str = "",
     search: str = "greedy",
     calib: int = 128,
+    variants: int = 3,
+    agree: float = 0.75,
+    probe: int = 8,
 ) -> Module:
-    """Drop layers (`static`) or add a `draft` function over fewer layers (`draft`)."""
+    """Drop layers (`static`), add a `draft` function over fewer layers (`draft`), or add
+    depth variants the runtime picks from per request (`adaptive`)."""
     if "decode" not in module.functions:
         raise ArcError("layer-skip: the module has no decode function")
     present = [b.index for b in blocks(module.functions["decode"])]
@@ -96,6 +110,16 @@ def layer_skip(
     if mode == "static":
         chosen, facts = _choose_static(module, ctx, present, named, count, calib)
         out = drop_layers(module, chosen)
+    elif mode == "adaptive":
+        _check_adaptive(module, named, variants, agree, probe)
+        facts = _choose_variants(module, ctx, present, count, variants, calib)
+        facts |= {"agree": agree, "probe": probe}
+        decode = module.functions["decode"]
+        extra = {
+            v["function"]: replace(skip_layers(decode, module, v["skipped"]), name=v["function"])
+            for v in facts["variants"]
+        }
+        out = module.with_functions({**module.functions, **extra})
     else:
         chosen, facts = _choose_draft(module, ctx, present, named, count, search, calib)
         draft = replace(skip_layers(module.functions["decode"], module, chosen), name="draft")
@@ -141,6 +165,19 @@ def _check_options(present, mode, ratio, layers, search, calib) -> list[int]:
         if i in (present[0], present[-1]):
             raise ArcError(f"layer-skip: layer {i} is the first or last layer; those are kept")
     return named
+
+
+def _check_adaptive(module: Module, named, variants: int, agree: float, probe: int) -> None:
+    if named:
+        raise ArcError("layer-skip: mode=adaptive chooses its layers; give ratio=, not layers=")
+    if not 1 <= variants <= 8:
+        raise ArcError(f"layer-skip: variants={variants} must be 1..8")
+    if not 0.0 < agree <= 1.0:
+        raise ArcError(f"layer-skip: agree={agree} must be in (0, 1]")
+    if not 1 <= probe <= 64:
+        raise ArcError(f"layer-skip: probe={probe} must be 1..64 prompt tokens")
+    if any(name.startswith("verify_") for name in module.functions):
+        raise ArcError("layer-skip: mode=adaptive cannot follow spec-tree (verify is full depth)")
 
 
 def _count(ratio: float, present: list[int]) -> int:
@@ -261,6 +298,22 @@ def _choose_static(module, ctx, present, named, count, calib):
     dropped = sorted(_least(scores, present[1:-1])[:count])
     return dropped, {
         "dropped": dropped,
+        "criterion": "block-influence",
+        "layers": present,
+        "scores": [round(scores[i], 6) for i in present],
+        "calib_tokens": cal.n,
+    }
+
+
+def _choose_variants(module, ctx, present, count, variants, calib):
+    """`variants` skip sets, k = count * (i + 1) / variants layers each (distinct k), each the
+    k lowest-Block-Influence layers on the calibration text (so they nest)."""
+    cal = Calibration(module, ctx, min(calib, module.kv.max_seq_len))
+    scores = cal.block_influence()
+    order = _least(scores, present[1:-1])
+    sizes = sorted({max(1, round(count * (i + 1) / variants)) for i in range(variants)})
+    return {
+        "variants": [{"function": f"{VARIANT}{k}", "skipped": sorted(order[:k])} for k in sizes],
         "criterion": "block-influence",
         "layers": present,
         "scores": [round(scores[i], 6) for i in present],

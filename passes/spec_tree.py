@@ -59,9 +59,12 @@ def spec_tree(
     shape: str = "dynamic",
     adaptive: bool = True,
     ladder: bool = True,
+    tune: bool = False,
 ) -> Module:
     """Add `verify_B` functions (trees of B nodes: budget + 1, and with `ladder` also 2, 4,
-    8, ... below it, so the runtime can fit the tree to the draft) and a speculative plan."""
+    8, ... below it, so the runtime can fit the tree to the draft) and a speculative plan.
+    `tune` (-O3): after the build, arc compile measures verify cost and tokens per second
+    per tree size on this device and caps the plan's tree there (arc/tune.py)."""
     _check_options(module, draft, budget, depth, shape)
     sizes = verify_sizes(budget, ladder)
     functions = dict(module.functions)
@@ -79,6 +82,7 @@ def spec_tree(
                 "ladder": ladder,
                 "verify_tokens": budget + 1,
                 "verify_sizes": sizes,
+                "tune": tune,
             }
         ),
     )
@@ -94,6 +98,8 @@ def verify_sizes(budget: int, ladder: bool) -> list[int]:
 def _check_options(module: Module, draft: str, budget: int, depth: int, shape: str) -> None:
     if "decode" not in module.functions:
         raise ArcError("spec-tree: the module has no decode function")
+    if any(name.startswith("decode_skip") for name in module.functions):
+        raise ArcError("spec-tree cannot follow layer-skip{mode=adaptive}: verify is full depth")
     if draft in NOT_BUILT:
         raise ArcError(f"spec-tree: draft={draft}: {NOT_BUILT[draft]}")
     if draft not in DRAFTERS:

@@ -43,11 +43,20 @@ def get(name: str) -> ModuleType:
     return module
 
 
-def check_ops(module, target: str, ops) -> None:
-    """UnsupportedError naming the op (or mask kind) and `target` for the first node of
-    `module` that `target` cannot lower: what every target's check_module starts with."""
+def check_ops(module, target: str, ops, kv_dtypes=("f32",), masks=None) -> None:
+    """UnsupportedError naming the op (or mask kind, or KV dtype) and `target` for the first
+    node of `module` that `target` cannot lower: what every target's check_module starts with.
+    `masks`: the ATTENTION mask kinds it lowers (default: the dense ones, DENSE_MASKS)."""
     from arc.errors import UnsupportedError
-    from arc.ops import MASK_KINDS, Op
+    from arc.ops import DENSE_MASKS, MASK_KINDS, Op
+
+    masks = DENSE_MASKS if masks is None else masks
+
+    if module.kv.dtype not in kv_dtypes:
+        raise UnsupportedError(
+            f"target {target} cannot lower KV cache dtype {module.kv.dtype} "
+            f"(kv-fusion{{kv-dtype={module.kv.dtype}}}); it supports {', '.join(kv_dtypes)}"
+        )
 
     for g in module.functions.values():
         for n in g.nodes:
@@ -55,8 +64,10 @@ def check_ops(module, target: str, ops) -> None:
                 raise UnsupportedError(
                     f"target {target} cannot lower op {n.op.value} (in {g.name})"
                 )
-            if n.op is Op.ATTENTION and n.attrs["mask"] not in MASK_KINDS:
-                raise UnsupportedError(f"target {target} cannot lower mask {n.attrs['mask']}")
+            if n.op is Op.ATTENTION and n.attrs["mask"] not in masks:
+                kind = n.attrs["mask"]
+                why = " (sparse-attention); use --target torch" if kind in MASK_KINDS else ""
+                raise UnsupportedError(f"target {target} cannot lower mask {kind}{why}")
 
 
 def tensorrt_status() -> str:

@@ -33,10 +33,10 @@ import torch
 
 from arc import cpu as arc_cpu
 from arc.errors import EngineError, UnsupportedError
-from arc.ir import Graph, Module
+from arc.ir import KV_DTYPES, Graph, Module
 from arc.lowering import lower
 from arc.ops import Op
-from arc.runtime.steps import Steps
+from arc.runtime.steps import Steps, ring_of
 
 NAME = "torch"
 DEVICES = ("cpu", "cuda")
@@ -50,9 +50,10 @@ def installed() -> str | None:
 
 
 def check_module(module: Module) -> None:
+    from arc.ops import MASK_KINDS
     from arc.targets import check_ops
 
-    check_ops(module, NAME, OPS)
+    check_ops(module, NAME, OPS, kv_dtypes=KV_DTYPES, masks=MASK_KINDS)
 
 
 def _device_info(device: str) -> dict[str, Any]:
@@ -310,6 +311,7 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
         reset=kv.reset,
         move=kv.move,
         bucket=max_len if info.get("static_slots") else 64,
+        ring=ring_of(module.meta),
     )
 
 

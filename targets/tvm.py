@@ -183,6 +183,10 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
         raise EngineError("engine's TVM library takes other weights than its module has")
     # TVM's thread pool reads this when it starts (its default here is one thread)
     os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
+    # torch only glues here (cache row writes, masks, sampling): its OpenMP workers would
+    # spin after each tiny op on the cores TVM's pool computes on (libgomp took 6% of a
+    # verify's samples), so torch runs on the calling thread
+    torch.set_num_threads(1)
     tensors = _param_tensors(module, weights)
     aligned = [_aligned(tensors[name]) for name in names]
     params = tvm.runtime.convert([tvm.runtime.from_dlpack(t) for t in aligned])

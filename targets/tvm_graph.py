@@ -132,6 +132,11 @@ def _one_token(graph: Graph) -> bool:
     )
 
 
+def _fewer_layers(graph: Graph) -> bool:
+    """A layer-skip function that runs only some layers (draft, decode_skip<k>)."""
+    return graph.name == "draft" or graph.name.startswith("decode_skip")
+
+
 class Builder:
     """One Relax IRModule for a Module's functions; kernels are shared between them."""
 
@@ -233,9 +238,9 @@ class _Emit:
 
         kv, parts = self.kv, []
         for layer in range(kv.layers):
-            if layer not in self.written and self.graph.name == "draft":
-                # layer-skip's draft runs fewer layers: the skipped layers' rows are zeros, at
-                # slots the full model's verify rewrites before any step reads them
+            if layer not in self.written and _fewer_layers(self.graph):
+                # layer-skip's draft or depth variant runs fewer layers: the skipped layers'
+                # rows are zeros, at slots no step reads before the full model rewrites them
                 zeros = relax.op.zeros([1, kv.kv_heads, self.t, kv.head_dim], "float32")
                 parts += [self.emit(zeros)] * 2
                 continue

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from arc.errors import ArcError
+from arc.runtime import adaptive
 from arc.runtime.sampling import Sampler, SamplingParams
 from arc.runtime.steps import Steps
 
@@ -32,6 +33,7 @@ class GenerationResult:
     stop_reason: str  # eos | stop_string | max_new_tokens | cache_full
     draft_passes: int = 0  # forwards of the draft function (`self`; none for the lookups)
     verify_passes: int = 0  # tree verifies among forward_passes
+    skipped_layers: list[int] = field(default_factory=list)  # adaptive layer-skip's choice
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -45,11 +47,14 @@ class Generator:
         eos_ids: Sequence[int],
         prefill_chunk: int = 256,
         plan: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
     ):
         """`plan`: the engine's decode plan ({"kind", "options"}); speculative needs a verify."""
         self.steps, self.tok, self.eos = steps, tokenizer, set(eos_ids)
         self.chunk = prefill_chunk
         self.plan = dict(plan or {"kind": "plain", "options": {}})
+        self.meta = meta or {}  # the module's meta: adaptive layer-skip's variants
+        self.depths = adaptive.variants_of(self.meta)  # checked now, not mid-request
         self.speculative = self.plan["kind"] == "speculative" and bool(steps.verify_sizes)
         self._drafter = None  # made on first use; kept across requests (Token Recycling)
 
@@ -63,6 +68,14 @@ class Generator:
 
     def prefill(self, prompt_ids: list[int]):
         """Run the prompt through the cache in chunks; returns the last logits [vocab]."""
+        self._check_prompt(prompt_ids)
+        self.steps.reset()
+        logits = None
+        for start in range(0, len(prompt_ids), self.chunk):
+            logits = self.steps.prefill(prompt_ids[start : start + self.chunk], start)
+        return logits
+
+    def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
             raise ArcError("empty prompt")
         if len(prompt_ids) >= self.steps.max_seq_len:
@@ -70,11 +83,6 @@ class Generator:
                 f"prompt is {len(prompt_ids)} tokens; the engine's cache holds "
                 f"{self.steps.max_seq_len} (compile with a larger --max-seq-len)"
             )
-        self.steps.reset()
-        logits = None
-        for start in range(0, len(prompt_ids), self.chunk):
-            logits = self.steps.prefill(prompt_ids[start : start + self.chunk], start)
-        return logits
 
     def generate(
         self,
@@ -90,7 +98,7 @@ class Generator:
         """Generate after `prompt_ids`; `speculative=False` forces the plain loop."""
         sample = Sampler(sampling)
         t0 = time.perf_counter()
-        logits = self.prefill(prompt_ids)
+        logits, skipped = self._prefill_choosing(prompt_ids)
         out = [sample(logits)]
         t1 = time.perf_counter()
         text = _TextTracker(self.tok, on_text, stop)
@@ -126,13 +134,27 @@ class Generator:
             stop_reason=reason,
             verify_passes=verifies,
             draft_passes=drafts,
+            skipped_layers=list(skipped),
         )
+
+    def _prefill_choosing(self, prompt_ids: list[int]):
+        """prefill; with adaptive layer-skip also the request's depth (arc/runtime/adaptive.py),
+        which the decode steps then use. Returns (logits [vocab], layers skipped)."""
+        facts = self.depths
+        self.steps.decode_fn = "decode"
+        if facts is None:
+            return self.prefill(prompt_ids), ()
+        self._check_prompt(prompt_ids)
+        logits, choice = adaptive.prefill_and_choose(self.steps, prompt_ids, facts, self.chunk)
+        self.steps.decode_fn = choice.function
+        return logits, choice.skipped
 
     def _plain(self, out: list[int], pos: int, sample: Sampler, stopper) -> tuple[str, int]:
         """One decode step per token; `pos` is where the newest token goes in the cache."""
         forwards = 0
         while True:
-            if pos >= self.steps.max_seq_len:
+            ring = getattr(self.steps, "ring", None)  # a ring cache (sink-window) never fills
+            if pos >= self.steps.max_seq_len and not ring:
                 return "cache_full", forwards
             tok = sample(self.steps.decode(out[-1], pos))
             pos, forwards = pos + 1, forwards + 1

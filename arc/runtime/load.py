@@ -89,6 +89,7 @@ def load_engine(path: str | Path, *, progress: bool = False) -> LoadedEngine:
         module.meta.get("eos_ids", []),
         prefill_chunk=rt["prefill_chunk"],
         plan=manifest["decode_plan"],
+        meta=module.meta,
     )
     return LoadedEngine(manifest, module, gen, tok, lock)
 

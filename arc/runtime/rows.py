@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from arc.errors import ArcError
 from arc.ir import KVDecl
 from arc.runtime.steps import Steps
 
@@ -52,6 +53,8 @@ class RowCache:
     contiguous block, so a target can hand it to its graph by pointer, with no slicing copy."""
 
     def __init__(self, decl: KVDecl, device: str = "cpu", layout: str = "heads"):
+        if decl.dtype != "f32":  # the onnx and tvm graphs exchange fp32 rows only
+            raise ArcError(f"a rows-convention cache holds f32 KV, not {decl.dtype}")
         s, kv, d = decl.max_seq_len + 1, decl.kv_heads, decl.head_dim
         shape = (2 * decl.layers, kv, s, d) if layout == "heads" else (2 * decl.layers, s, kv * d)
         self.tensor = torch.zeros(shape, device=device)

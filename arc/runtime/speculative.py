@@ -36,7 +36,7 @@ from arc.runtime.tree import Tree, best_first, build
 
 TOPK = 4  # successors kept per verified node for Token Recycling
 PROBE_EVERY, MAX_PROBE_EVERY = 8, 64  # plain steps with a draft at hand before a probe
-PRIOR_COST = 0.15  # untimed sizes: a decode step's time x (1 + PRIOR_COST * (B - 1))
+PRIOR_COST = 0.15  # untimed, unmeasured sizes: a decode step's time x (1 + PRIOR_COST * (B - 1))
 
 
 @dataclass
@@ -65,6 +65,9 @@ class SpeculativeLoop:
         self.budget, self.depth = max(self.sizes) - 1, int(options["depth"])
         self.adaptive = bool(options.get("adaptive", True))
         self.cost = {b: _Ema() for b in [1, *self.sizes]}  # seconds per step of each size
+        # -O3's measured verify cost / decode cost per size (arc/tune.py), else a guess
+        ratio = options.get("cost_ratio") or {}
+        self.prior = {b: float(ratio.get(str(b), 1 + PRIOR_COST * (b - 1))) for b in self.sizes}
         self.accepted, self.predicted = _Ema(1.0), _Ema(1.0)  # drafted tokens per verify
         self.draft_cost = _Ema(0.0)  # seconds of drafting per step
         self.idle, self.probe_every = 0, PROBE_EVERY
@@ -149,7 +152,7 @@ class SpeculativeLoop:
         if known is not None:
             return known
         base = self.cost[1].value or 1.0
-        return base * (1 + PRIOR_COST * (size - 1))
+        return base * self.prior.get(size, 1.0)
 
     def _plain(self, token: int, pos: int, sample: Sampler) -> int:
         t = time.perf_counter()
@@ -221,3 +224,9 @@ def check_plan(kind: Any, options: Any, module) -> None:
         raise ArcError("speculative plan: drafter self needs the engine's draft function")
     if opts.get("shape") not in ("static", "dynamic"):
         raise ArcError("speculative plan: shape must be static or dynamic")
+    ratio = opts.get("cost_ratio", {})
+    if not isinstance(ratio, Mapping) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1e6
+        for v in ratio.values()
+    ):
+        raise ArcError("speculative plan: cost_ratio must map tree sizes to positive numbers")

@@ -6,6 +6,13 @@ and `move(src, dst)` that copies K/V rows between cache slots; `Steps` turns pos
 those tensors. It passes only the filled part of the
 static cache (rounded up to `bucket` slots), so a step's attention reads what the sequence has,
 not the whole cache, while compiled code still sees few distinct shapes.
+
+With a ring cache (`ring=(sink, window)`, passes/sparse_attention.py) prefill and decode take
+`(tokens, pos, write, kpos)`: `pos` is each new token's position in cache order, `write` its
+ring slot, `kpos` [L] each slot's position in cache order. Until the ring is full these are the
+absolute positions and slots; after, a token at absolute position p goes to slot
+sink + (p - sink) % window, the query sits at cache position C-1 (C = sink + window) and the
+window's slots count back from it by age, so decoding never runs out of cache.
 """
 
 from __future__ import annotations
@@ -18,6 +25,12 @@ from torch import Tensor
 StepFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
+def ring_of(meta) -> tuple[int, int] | None:
+    """(sink, window) of a module whose cache is a ring (its `meta["sink_window"]`), or None."""
+    sw = meta.get("sink_window")
+    return (int(sw["sink"]), int(sw["window"])) if sw else None
+
+
 class Steps:
     def __init__(
         self,
@@ -28,8 +41,11 @@ class Steps:
         reset: Callable[[], None] = lambda: None,
         move: Callable[[Tensor, Tensor], None] | None = None,
         bucket: int = 64,
+        ring: tuple[int, int] | None = None,
     ):
         self.functions, self.max_seq_len, self.device = functions, max_seq_len, device
+        self.ring = ring  # (sink, window) of a ring cache, or None
+        self.decode_fn = "decode"  # adaptive layer-skip: the request's decode_skip<k>
         self.bucket, self._reset, self._move = bucket, reset, move
         self._positions = torch.arange(max_seq_len, dtype=torch.long, device=device)
 
@@ -43,14 +59,32 @@ class Steps:
             return self.decode(tokens[0], start)
         end = start + len(tokens)
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, T]
-        logits = self.functions["prefill"](ids, self._positions[start:end], self._slots(end))
+        at = self._positions[start:end]  # [T]; a prompt fits the cache, so no ring wraps yet
+        feeds = (at, at, self._slots(end)) if self.ring else (at, self._slots(end))
+        logits = self.functions["prefill"](ids, *feeds)
         return logits[0, -1]
 
     def decode(self, token: int, pos: int) -> Tensor:
         """Logits [vocab] after one token at position `pos`."""
         ids = torch.tensor([[token]], dtype=torch.long, device=self.device)  # [1, 1]
-        logits = self.functions["decode"](ids, self._positions[pos : pos + 1], self._slots(pos + 1))
+        if self.ring:
+            feeds = self._ring_feeds(pos)
+        else:
+            feeds = (self._positions[pos : pos + 1], self._slots(pos + 1))
+        logits = self.functions[self.decode_fn](ids, *feeds)
         return logits[0, -1]
+
+    def _ring_feeds(self, pos: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(pos, write, kpos) of a ring-cache decode step for absolute position `pos`."""
+        if pos < self.max_seq_len:  # not wrapped yet: cache order is sequence order
+            at = self._positions[pos : pos + 1]
+            return at, at, self._slots(pos + 1)
+        sink, window = self.ring
+        write = sink + (pos - sink) % window
+        slots = self._positions  # [C], every slot is filled
+        age = (write - slots) % window  # steps since a window slot was written
+        kpos = torch.where(slots < sink, slots, self.max_seq_len - 1 - age)  # [C]
+        return self._positions[-1:], self._positions[write : write + 1], kpos
 
     def verify(self, tokens: list[int], pos: list[int], write: list[int], visible: Tensor):
         """Logits [B, vocab] for the B tree nodes `tokens` (see arc.runtime.tree.Tree.inputs).
@@ -80,9 +114,14 @@ class Steps:
     def draft(self, token: int, pos: int) -> Tensor:
         """Logits [vocab] of the layer-skipped `draft` function after one token at `pos`
         (a decode through fewer layers; it writes the K/V of those layers only)."""
+        return self.step("draft", token, pos)
+
+    def step(self, name: str, token: int, pos: int) -> Tensor:
+        """Logits [vocab] of the decode-like function `name` (decode, draft, decode_skip<k>)
+        after one token at `pos`."""
         ids = torch.tensor([[token]], dtype=torch.long, device=self.device)  # [1, 1]
-        logits = self.functions["draft"](ids, self._positions[pos : pos + 1], self._slots(pos + 1))
-        return logits[0, -1]
+        feeds = (self._positions[pos : pos + 1], self._slots(pos + 1))
+        return self.functions[name](ids, *feeds)[0, -1]
 
     @property
     def verify_sizes(self) -> list[int]:

@@ -235,7 +235,6 @@ def test_draft_equals_forward_through_kept_layers(deep):
         ("layer-skip{ratio=1.5}", "ratio=1.5 must be between 0 and 1"),
         ("layer-skip{ratio=0.9}", "at most 4 can go"),
         ("layer-skip{mode=magic}", "unknown mode 'magic'"),
-        ("layer-skip{mode=adaptive}", "not built yet"),
         ("layer-skip{layers=9}", "layer 9 is out of range"),
         ("layer-skip{layers=0}", "first or last layer"),
         ("layer-skip{layers=2+5}", "first or last layer"),

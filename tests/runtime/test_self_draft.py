@@ -22,28 +22,6 @@ REPEAT = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps
 SKIP = "layer-skip{mode=draft,layers=2+3}"
 
 
-@pytest.fixture(scope="module")
-def quiet(tmp_path_factory):
-    """(loaded, traced Module) of a seeded 6-layer tiny Llama with layers 2, 3 near silent."""
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
-
-    from arc.compiler import trace_model
-    from arc.models import tiny
-
-    out = tmp_path_factory.mktemp("tiny6q")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**{**tiny._COMMON, "num_hidden_layers": 6}, tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for i in (2, 3):
-            model.model.layers[i].self_attn.o_proj.weight.mul_(1e-3)
-            model.model.layers[i].mlp.down_proj.weight.mul_(1e-3)
-    model.generation_config = GenerationConfig(eos_token_id=258, bos_token_id=None)
-    model.save_pretrained(out)
-    tiny.byte_tokenizer().save_pretrained(out)
-    return {seq: trace_model(str(out), seq) for seq in (96, 256)}
-
-
 def _gen(quiet, spec: str, seq: int = 256) -> tuple[Generator, object]:
     loaded, module = quiet[seq]
     module, _ = PassManager(spec).run(module)

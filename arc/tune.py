@@ -1,0 +1,115 @@
+"""-O3's tree tuning (spec-tree{tune=true}): size the speculative tree on this device, at
+compile time, by measured tokens per second rather than tokens per step.
+
+Right after the target builds the engine, its step functions are loaded and measured:
+1. cost: one decode step and one verify of every built tree size B (a chain tree) at
+   context CONTEXT, medians of REPS calls; `cost_ratio[B]` = verify time / decode time. The
+   runtime starts its per-size cost estimates from these (arc/runtime/speculative.py) instead
+   of a guess, and keeps measuring while it decodes.
+2. throughput: the speculative loop itself, with the largest tree capped at each built size in
+   turn (and plain decoding), decodes NEW_TOKENS greedy tokens after each calibration prompt;
+   the cap with the best overall tokens per second becomes the plan's `verify_tokens` (and
+   `budget`). The calibration prompts are made from the end of Python's pydoc_data.topics,
+   the text layer-skip calibrates on (arc eval scores on its start; benchmarks/prompts.json
+   is not used, so the benchmark does not grade the data it was tuned on): one asks to copy a
+   passage, one to explain it, so both drafting regimes weigh in.
+The record (`tune` in the plan options) keeps every measurement; `arc inspect` shows the plan.
+EAGLE-2 (Li et al. 2024) and Sequoia (Chen et al. 2024) size trees by expected accepted
+tokens against measured verify cost in the same spirit.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+CONTEXT = 200  # tokens in the cache while verify cost is measured
+REPS = 7
+NEW_TOKENS = 48
+PASSAGE_CHARS = 600
+
+
+def tune_tree(steps, tokenizer, eos_ids: list[int], options: dict[str, Any]) -> dict[str, Any]:
+    """Plan options for `steps` (a loaded engine's, speculative) tuned on this device."""
+    from arc.runtime.generate import Generator
+    from arc.runtime.tree import Tree
+
+    sizes = sorted(int(b) for b in options["verify_sizes"])
+    context = max(8, min(CONTEXT, steps.max_seq_len - 2 * sizes[-1]))
+    prompts = calibration_prompts(tokenizer, steps.max_seq_len - NEW_TOKENS - 2 * sizes[-1])
+    with torch.inference_mode():
+        steps.reset()
+        steps.prefill(list(range(1, context + 1)), 0)
+        base = _median_s(lambda: steps.decode(7, context))
+        ratio = {}
+        for b in sizes:
+            tree = Tree(7)
+            tree.add_path(range(8, 8 + b - 1))
+            inputs = tree.inputs(context, b)
+            ratio[b] = round(_median_s(lambda inputs=inputs: steps.verify(*inputs)) / base, 3)
+        steps.reset()
+        rates: dict[int, float] = {}
+        for cap in [1, *sizes]:
+            opts = {**options, "verify_tokens": max(cap, 2)}
+            opts["cost_ratio"] = {str(b): r for b, r in ratio.items()}
+            plan = {"kind": "speculative", "options": opts}
+            gen = Generator(steps, tokenizer, eos_ids, plan=plan)
+            produced = seconds = 0.0
+            for prompt in prompts:
+                r = gen.generate(prompt, max_new_tokens=NEW_TOKENS, speculative=cap > 1)
+                produced += len(r.token_ids) - 1
+                seconds += r.decode_ms / 1e3
+            rates[cap] = round(produced / seconds, 2) if seconds else 0.0
+    if not prompts:  # a cache too small for the calibration prompts: keep every size
+        rates = {sizes[-1]: 0.0}
+    best = max(rates, key=lambda c: (rates[c], -c))
+    top = max(best, 2)  # a plan keeps at least its smallest tree; the loop can still go plain
+    return {
+        **options,
+        "verify_tokens": top,
+        "budget": top - 1,
+        "depth": min(int(options["depth"]), top - 1),
+        "verify_sizes": [b for b in sizes if b <= top],
+        "cost_ratio": {str(b): r for b, r in ratio.items()},
+        "tune": {
+            "decode_ms": round(base * 1e3, 3),
+            "context": context,
+            "tok_s_by_largest_tree": {str(c): v for c, v in rates.items()},
+            "chosen": top,
+            "why": f"largest tree {best} decoded fastest here ({rates[best]} tok/s; "
+            + ", ".join(f"{c}: {v}" for c, v in rates.items())
+            + ")",
+        },
+    }
+
+
+def calibration_prompts(tokenizer, limit: int) -> list[list[int]]:
+    """Two prompts on a passage from the end of Python's pydoc_data.topics: copy it, explain it;
+    the passage shortened until each prompt has at most `limit` tokens ([] if none fits)."""
+    from arc.evaluate import corpus_text
+
+    chars = PASSAGE_CHARS
+    while chars >= 40:
+        passage = corpus_text()[-chars:]
+        asks = [
+            f"Repeat this text exactly:\n\n{passage}\n\nRepeated text:\n",
+            f"{passage}\n\nExplain in a few sentences what the text above says.\n",
+        ]
+        prompts = [list(tokenizer.encode(a)) for a in asks]
+        if max(len(p) for p in prompts) <= limit:
+            return prompts
+        chars //= 2
+    return []
+
+
+def _median_s(fn) -> float:
+    fn()
+    times = []
+    for _ in range(REPS):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
