@@ -5,8 +5,10 @@ acceptance against the full model, and its cost per token relative to `decode`.
         -o /tmp/draft.arc
     python benchmarks/layer_skip.py /tmp/draft.arc [--depth 4] [--new-tokens 64] [--reps 30]
 
-The runtime has no `self` drafter yet, so the loop is emulated here with the engine's own step
-functions (Draft & Verify, Zhang et al. 2023): from the last committed token, `draft` proposes
+This isolates the draft's acceptance from the speculative loop (the runtime's own `self`
+drafter, spec-tree{draft=self}, is measured end to end by benchmarks/spec_speed.py): the loop
+is emulated with the engine's step functions (Draft & Verify, Zhang et al. 2023): from the last
+committed token, `draft` proposes
 `depth` tokens greedily (writing K/V for the layers it runs), then `decode` runs on the same
 positions one token at a time as the verifier (rewriting every layer's K/V), accepting drafted
 tokens while they equal its greedy choice, plus its own next token. The output is exactly plain
