@@ -59,19 +59,24 @@ def _fmt(module: Module, name: str) -> tuple[str, tuple, int]:
     return d.format, tuple(int(x) for x in d.shape), d.group or formats.get(d.format).group
 
 
-def block_weights(module: Module) -> dict[str, tuple[str, int]]:
-    """Weight -> (format kind, group) for the weights run from their blocks (q4_*, q8_0,
-    int4, int8 as stored: each row dequantized in registers, exactly as arc/formats.py does);
-    the others (f32, bf16, a block weight used other than as a projection's or embedding's
-    `w`) are passed as fp32."""
+def _uses(module: Module) -> dict[str, set[tuple[Op, str]]]:
+    """Weight -> the (op, attribute) pairs that read it, over every function."""
     uses: dict[str, set] = {}
     for g in module.functions.values():
         for n in g.nodes:
             for key in ("w", "b"):
                 if n.attr(key) is not None:
                     uses.setdefault(n.attrs[key], set()).add((n.op, key))
+    return uses
+
+
+def block_weights(module: Module) -> dict[str, tuple[str, int]]:
+    """Weight -> (format kind, group) for the weights run from their blocks (q4_*, q8_0,
+    int4, int8 as stored: each row dequantized in registers, exactly as arc/formats.py does);
+    the others (f32, bf16, a block weight used other than as a projection's or embedding's
+    `w`) are passed as fp32."""
     out = {}
-    for name, used in uses.items():
+    for name, used in _uses(module).items():
         fmt, _, group = _fmt(module, name)
         kind = formats.get(fmt).kind
         if kind in BLOCK_KINDS and all(op in BLOCK_USES and key == "w" for op, key in used):
@@ -79,20 +84,14 @@ def block_weights(module: Module) -> dict[str, tuple[str, int]]:
     return out
 
 
-def panel_weights(module: Module, blocks: dict) -> dict[str, tuple[str, int]]:
+def panel_weights(module: Module, blocks: dict) -> dict[str, tuple[str, int, str]]:
     """Weight -> (kind, group, scale dtype) for the weights passed in panel layout
     (kernels.panel_specs): rows a multiple of PANEL, read only as a projection's `w` (or, for
     a block weight, also by its embedding, whose kernel reads panels too); kind "f32" for an
     fp32 weight. A GGUF's blocks (q4_0, q4_1, q8_0) keep their scales in fp16, as the file
     stores them: fewer bytes per step, the same values (tvm.py checks it at load)."""
-    uses: dict[str, set] = {}
-    for g in module.functions.values():
-        for n in g.nodes:
-            for key in ("w", "b"):
-                if n.attr(key) is not None:
-                    uses.setdefault(n.attrs[key], set()).add((n.op, key))
     out = {}
-    for name, used in uses.items():
+    for name, used in _uses(module).items():
         shape = module.weights[name].shape
         if len(shape) != 2 or int(shape[0]) % kernels.PANEL:
             continue
@@ -113,8 +112,8 @@ def param_specs(module: Module, blocks: dict) -> dict[str, tuple[tuple, str]]:
     panels = panel_weights(module, blocks)
     out = {}
     for name in module.used_weights():
-        n, k = (int(x) for x in module.weights[name].shape[:2]) if name in panels else (0, 0)
         if name in panels:
+            n, k = (int(x) for x in module.weights[name].shape)
             kind, group, scale = panels[name]
             specs = kernels.panel_specs(kind, n, k, group, scale)
             out |= {formats.tensor_name(name, s): v for s, v in specs.items()}

@@ -65,14 +65,8 @@ class Steps:
         return logits[0, -1]
 
     def decode(self, token: int, pos: int) -> Tensor:
-        """Logits [vocab] after one token at position `pos`."""
-        ids = torch.tensor([[token]], dtype=torch.long, device=self.device)  # [1, 1]
-        if self.ring:
-            feeds = self._ring_feeds(pos)
-        else:
-            feeds = (self._positions[pos : pos + 1], self._slots(pos + 1))
-        logits = self.functions[self.decode_fn](ids, *feeds)
-        return logits[0, -1]
+        """Logits [vocab] after one token at position `pos` (through `decode_fn`)."""
+        return self.step(self.decode_fn, token, pos)
 
     def _ring_feeds(self, pos: int) -> tuple[Tensor, Tensor, Tensor]:
         """(pos, write, kpos) of a ring-cache decode step for absolute position `pos`."""
@@ -120,7 +114,10 @@ class Steps:
         """Logits [vocab] of the decode-like function `name` (decode, draft, decode_skip<k>)
         after one token at `pos`."""
         ids = torch.tensor([[token]], dtype=torch.long, device=self.device)  # [1, 1]
-        feeds = (self._positions[pos : pos + 1], self._slots(pos + 1))
+        if self.ring:
+            feeds = self._ring_feeds(pos)
+        else:
+            feeds = (self._positions[pos : pos + 1], self._slots(pos + 1))
         return self.functions[name](ids, *feeds)[0, -1]
 
     @property
