@@ -21,8 +21,9 @@ Papers: SpecInfer (Miao et al. 2024, tree attention and multi-branch verificatio
 confidence); Token Recycling (Luo et al. 2024, the `recycle` drafter); prompt lookup
 decoding (Saxena 2023) for `ngram`; Draft & Verify (Zhang et al. 2024) and SWIFT (Xia et al.
 2024) for `self`, which drafts with layer-skip's `draft` function (layer-skip{mode=draft}
-before this pass; `auto` then merges it with the others). `jacobi` (Lookahead decoding, Fu et
-al. 2024) is named but not built: refused with a clear message.
+before this pass; `auto` then merges it with the others); Speculative Jacobi Decoding
+(Santilli et al. 2023) and Lookahead decoding (Fu et al. 2024) for `jacobi`: Jacobi guesses
+refined by each verify's outputs, their trajectories' n-grams pooled.
 
 Preconditions: a `decode` function; the tree (budget + 1 nodes) fits the cache and every
 sliding window (a scratch slot's index stands in for its position in the window test).
@@ -42,8 +43,7 @@ from arc.ir import DecodePlan, GraphBuilder, Module, Node, rebuild
 from arc.ops import Op
 from arc.pipeline import PassContext, register_pass
 
-DRAFTERS = ("ngram", "recycle", "self", "auto")
-NOT_BUILT = {"jacobi": "Jacobi/lookahead drafting is not built yet; use ngram, recycle or auto"}
+DRAFTERS = ("ngram", "recycle", "jacobi", "self", "auto")
 SHAPES = ("static", "dynamic")
 MAX_BUDGET = 31  # verify compiles with static T = budget + 1; the small-T kernels go to 32
 
@@ -100,8 +100,6 @@ def _check_options(module: Module, draft: str, budget: int, depth: int, shape: s
         raise ArcError("spec-tree: the module has no decode function")
     if any(name.startswith("decode_skip") for name in module.functions):
         raise ArcError("spec-tree cannot follow layer-skip{mode=adaptive}: verify is full depth")
-    if draft in NOT_BUILT:
-        raise ArcError(f"spec-tree: draft={draft}: {NOT_BUILT[draft]}")
     if draft not in DRAFTERS:
         raise ArcError(f"spec-tree: unknown drafter {draft!r}; choose from {', '.join(DRAFTERS)}")
     if draft == "self" and "draft" not in module.functions:
@@ -113,6 +111,11 @@ def _check_options(module: Module, draft: str, budget: int, depth: int, shape: s
         raise ArcError(
             "spec-tree: cannot run after sparse-attention{kind=sink-window} (a tree verify "
             "writes scratch slots past the sequence; a ring cache has none)"
+        )
+    if "block-topk" in masks:
+        raise ArcError(
+            "spec-tree: cannot run after sparse-attention{kind=block-topk} (a tree verify "
+            "would attend densely where decode attends to chosen blocks)"
         )
     if shape not in SHAPES:
         raise ArcError(f"spec-tree: unknown tree shape {shape!r}; choose static or dynamic")

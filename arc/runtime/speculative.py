@@ -13,11 +13,14 @@ larger B is, and drafting costs time too (little for lookups, a partial forward 
 tokens per second: expected tokens of a tree of the B-1 best paths are 1 + c * (sum of their
 scores) -- a path's score estimates the chance the model accepts it, so the sum is the
 expected accepted length (EAGLE-2's reasoning) -- with c a running calibration of accepted over
-predicted tokens; the time of each B, plus the drafting's, is a running mean measured on this
-device. When plain steps win, the smallest tree is still tried now and then (every 8 steps,
-doubling up to 64 while such probes find nothing), so the estimates follow the request; an
-expensive drafter (`self`) is then run only for those probes.
-"""
+predicted tokens over recent verifies (decayed sums, with a prior of CALIB_PRIOR predicted
+tokens taken at face value, so a few verifies with tiny predictions cannot swing it: a ratio
+of running means did, and chat prompts verified too often); the time of each B, plus the
+drafting's, is a running mean measured on this device. When plain steps win, the smallest
+tree is still tried now and then (every 8 steps, doubling up to 64 while such probes find
+nothing), so the estimates follow the request; an expensive drafter (`self`) is then run only
+for those probes. The model's top successors after every node, which Token Recycling
+records, come from arc/runtime/topk.py (a full softmax and topk per step cost 2-3% of it)."""
 
 from __future__ import annotations
 
@@ -26,17 +29,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from arc.runtime.accept import accept_greedy, accept_sampled
 from arc.runtime.drafters import Drafter
 from arc.runtime.sampling import Sampler, _filtered
 from arc.runtime.steps import Steps
+from arc.runtime.topk import top_successors
 from arc.runtime.tree import Tree, best_first, build
 
 TOPK = 4  # successors kept per verified node for Token Recycling
 PROBE_EVERY, MAX_PROBE_EVERY = 8, 64  # plain steps with a draft at hand before a probe
 PRIOR_COST = 0.15  # untimed, unmeasured sizes: a decode step's time x (1 + PRIOR_COST * (B - 1))
+CALIB_DECAY, CALIB_PRIOR = 0.9, 2.0  # calibration: weight of older verifies, prior tokens
 
 
 @dataclass
@@ -58,6 +61,22 @@ class _Ema:
         self.value = x if self.value is None else self.value + self.rate * (x - self.value)
 
 
+class _Calibration:
+    """Accepted over predicted drafted tokens, recent verifies weighing most: decayed sums
+    plus CALIB_PRIOR predicted tokens accepted at face value (ratio 1 before any data)."""
+
+    def __init__(self):
+        self.accepted = self.predicted = 0.0
+
+    def add(self, accepted: float, predicted: float) -> None:
+        self.accepted = CALIB_DECAY * self.accepted + accepted
+        self.predicted = CALIB_DECAY * self.predicted + predicted
+
+    @property
+    def ratio(self) -> float:
+        return (self.accepted + CALIB_PRIOR) / (self.predicted + CALIB_PRIOR)
+
+
 class SpeculativeLoop:
     def __init__(self, steps: Steps, drafter: Drafter, options: Mapping[str, Any]):
         self.steps, self.drafter = steps, drafter
@@ -68,7 +87,7 @@ class SpeculativeLoop:
         # -O3's measured verify cost / decode cost per size (arc/tune.py), else a guess
         ratio = options.get("cost_ratio") or {}
         self.prior = {b: float(ratio.get(str(b), 1 + PRIOR_COST * (b - 1))) for b in self.sizes}
-        self.accepted, self.predicted = _Ema(1.0), _Ema(1.0)  # drafted tokens per verify
+        self.calib = _Calibration()  # accepted / predicted drafted tokens
         self.draft_cost = _Ema(0.0)  # seconds of drafting per step
         self.idle, self.probe_every = 0, PROBE_EVERY
 
@@ -130,7 +149,7 @@ class SpeculativeLoop:
             return 1
         if not self.adaptive:  # the smallest verify that holds the draft (up to the budget)
             return next((b for b in fits if b > len(paths)), fits[-1])
-        calib = self.accepted.value / max(self.predicted.value, 1e-6)
+        calib = self.calib.ratio
         rate = {1: 1.0 / self._time(1)}
         for b in fits:
             expect = 1.0 + calib * sum(score for _, score in paths[: b - 1])
@@ -176,21 +195,18 @@ class SpeculativeLoop:
             self.steps.move(src, dst)
         self._teach(tree, logits, sample)
         self.cost[size].add(time.perf_counter() - t)
-        self.accepted.add(len(path))
+        self.calib.add(len(path), sum(score for _, score in paths))
         if path:
             self.probe_every = PROBE_EVERY
-        self.predicted.add(sum(score for _, score in paths))
         return new
 
     def _teach(self, tree, logits, sample: Sampler) -> None:
         """Hand the drafter the model's top successors after every node (Token Recycling)."""
         x = logits if sample.params.greedy else _filtered(logits.detach().cpu(), sample.params)
-        top = torch.topk(x.float(), TOPK, dim=-1)
-        probs = torch.softmax(x.float(), dim=-1).gather(-1, top.indices)
-        self.drafter.observe(tree, (top.indices, probs))
+        self.drafter.observe(tree, top_successors(x, TOPK))
 
 
-DRAFTERS = ("ngram", "recycle", "self", "auto")  # what this runtime drives ("jacobi": not yet)
+DRAFTERS = ("ngram", "recycle", "jacobi", "self", "auto")  # what this runtime drives
 
 
 def check_plan(kind: Any, options: Any, module) -> None:

@@ -105,7 +105,6 @@ def test_moved_kv_equals_sequential_kv(traced):
         ("spec-tree{budget=0}", "budget=0"),
         ("spec-tree{budget=4,depth=5}", "depth=5"),
         ("spec-tree{draft=magic}", "unknown drafter"),
-        ("spec-tree{draft=jacobi}", "not built yet"),
         ("spec-tree{draft=self}", "draft=self needs a `draft` function"),
         ("spec-tree{shape=round}", "unknown tree shape"),
     ],

@@ -18,7 +18,7 @@ from arc.runtime.tree import Tree, best_first
 from tests.conftest import TINY
 
 REPEAT = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the"
-DRAFTERS = [(d, s) for d in ("ngram", "recycle", "auto") for s in ("static", "dynamic")]
+DRAFTERS = [(d, s) for d in ("ngram", "recycle", "jacobi", "auto") for s in ("static", "dynamic")]
 
 
 def _gen(traced, ref, spec, seq=256, eos=(258,)):

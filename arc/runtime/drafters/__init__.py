@@ -30,17 +30,19 @@ class Drafter(Protocol):
 def make(name: str, options: Mapping[str, Any], vocab: int, steps=None) -> Drafter:
     """Drafter `name`; `self` (and `auto`, when the engine has a `draft` function) drafts
     with `steps.draft`."""
-    from arc.runtime.drafters import auto, ngram, recycle, selfdraft
+    from arc.runtime.drafters import auto, jacobi, ngram, recycle, selfdraft
 
     static = options.get("shape") == "static"
     has_draft = steps is not None and "draft" in steps.functions
     if name == "ngram":
         return ngram.NGram()
+    if name == "jacobi":
+        return jacobi.Jacobi()
     if name == "recycle":
         return recycle.Recycle(vocab, static=static)
     if name == "self" and has_draft:
         return selfdraft.SelfDraft(steps)
     if name == "auto":
-        merged = [ngram.NGram(), recycle.Recycle(vocab, static=static)]
+        merged = [ngram.NGram(), recycle.Recycle(vocab, static=static), jacobi.Jacobi()]
         return auto.Merge(merged + ([selfdraft.SelfDraft(steps)] if has_draft else []))
     raise ArcError(f"drafter {name!r} is not available in this runtime or engine")

@@ -1,0 +1,31 @@
+"""arc.runtime.topk: the chunked top-k equals torch.topk and a full softmax, on vocabularies
+it chunks (49152, as SmolLM2's) and ones it does not (a tiny model's, an odd size)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arc.runtime.topk import top_successors
+
+
+@pytest.mark.parametrize("vocab", [49152, 1024, 1000, 300])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_equals_topk_and_softmax(vocab, rows):
+    gen = torch.Generator().manual_seed(vocab + rows)
+    x = torch.randn(rows, vocab, generator=gen) * 4
+    x[0, 7] = x[0, 8] = x.max() + 1  # the top two in one chunk
+    tokens, probs = top_successors(x, 4)
+    ref = torch.topk(x, 4, dim=-1)
+    assert torch.equal(torch.sort(tokens[:, :2]).values, torch.sort(ref.indices[:, :2]).values)
+    assert torch.equal(x.gather(1, tokens), ref.values)  # the same values in the same order
+    full = torch.softmax(x, dim=-1).gather(1, tokens)
+    torch.testing.assert_close(probs, full, rtol=1e-5, atol=1e-7)
+
+
+def test_all_top_logits_in_one_chunk():
+    x = torch.full((1, 49152), -5.0)
+    x[0, 1000:1004] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    x[0, 40000] = 0.5  # the next best, in another chunk, must not displace them
+    tokens, _ = top_successors(x, 4)
+    assert tokens.tolist() == [[1000, 1001, 1002, 1003]]
