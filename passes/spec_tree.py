@@ -14,7 +14,9 @@ Why it helps decoding: a decode step on a CPU is bound by reading every weight o
 forward over a handful of tokens reads the same weights once too, so when the model accepts
 k drafted tokens, one weight pass yields k + 1 tokens. Greedy acceptance keeps exactly the
 tokens plain decoding would produce; sampling uses multi-branch rejection sampling, which
-preserves the model's distribution. So the pass is lossless.
+preserves the model's distribution. So the pass is lossless, unless `accept=relaxed` (LANTERN,
+Jang et al. 2025: a drafted token is accepted for its latent neighbourhood's probability
+within total variation `delta`), which is lossy and opt-in; `arc eval` measures it.
 
 Papers: SpecInfer (Miao et al. 2024, tree attention and multi-branch verification); Medusa
 (Cai et al. 2024, static trees); EAGLE-2 (Li et al. 2024, dynamic trees from draft
@@ -48,7 +50,15 @@ SHAPES = ("static", "dynamic")
 MAX_BUDGET = 31  # verify compiles with static T = budget + 1; the small-T kernels go to 32
 
 
-@register_pass("spec-tree", after=("kv-fusion",))
+ACCEPTS = ("exact", "relaxed")
+
+
+def _lossless(opts) -> bool:
+    """Exact acceptance keeps greedy output identical; relaxed (LANTERN) changes it."""
+    return opts.get("accept", "exact") == "exact"
+
+
+@register_pass("spec-tree", after=("kv-fusion",), lossless=_lossless)
 def spec_tree(
     module: Module,
     ctx: PassContext,
@@ -60,12 +70,19 @@ def spec_tree(
     adaptive: bool = True,
     ladder: bool = True,
     tune: bool = False,
+    accept: str = "exact",
+    delta: float = 0.1,
+    sim: float = 0.65,
 ) -> Module:
     """Add `verify_B` functions (trees of B nodes: budget + 1, and with `ladder` also 2, 4,
     8, ... below it, so the runtime can fit the tree to the draft) and a speculative plan.
     `tune` (-O3): after the build, arc compile measures verify cost and tokens per second
-    per tree size on this device and caps the plan's tree there (arc/tune.py)."""
+    per tree size on this device and caps the plan's tree there (arc/tune.py).
+    `accept=relaxed` (lossy): LANTERN's relaxed acceptance of a drafted token whose latent
+    neighbourhood (output-embedding cosine >= `sim`) carries the model's choice, within
+    total variation `delta` (arc/runtime/relaxed.py)."""
     _check_options(module, draft, budget, depth, shape)
+    _check_accept(accept, delta, sim)
     sizes = verify_sizes(budget, ladder)
     functions = dict(module.functions)
     for size in sizes:
@@ -83,6 +100,7 @@ def spec_tree(
                 "verify_tokens": budget + 1,
                 "verify_sizes": sizes,
                 "tune": tune,
+                **({"accept": accept, "delta": delta, "sim": sim} if accept != "exact" else {}),
             }
         ),
     )
@@ -93,6 +111,15 @@ def verify_sizes(budget: int, ladder: bool) -> list[int]:
     """Tree sizes (nodes, root included) that get a verify function."""
     top = budget + 1
     return sorted({top, *(b for b in (2, 4, 8, 16) if ladder and b < top)})
+
+
+def _check_accept(accept: str, delta: float, sim: float) -> None:
+    if accept not in ACCEPTS:
+        raise ArcError(f"spec-tree: unknown accept={accept!r}; choose exact or relaxed")
+    if not 0 < delta < 1:
+        raise ArcError(f"spec-tree: delta={delta} must be in (0, 1): a total-variation bound")
+    if not -1 <= sim <= 1:
+        raise ArcError(f"spec-tree: sim={sim} must be a cosine similarity in [-1, 1]")
 
 
 def _check_options(module: Module, draft: str, budget: int, depth: int, shape: str) -> None:

@@ -176,6 +176,7 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int):
             # heap workspace per task
             acc = T.alloc_buffer((lanes,), "float32")
             o = T.alloc_buffer((d,), "float32")
+            o2 = T.alloc_buffer((d,), "float32")  # odd slots' sum: two FMA chains
             red = T.alloc_buffer((2,), "float32")  # running max, then sum
             qh = T.alloc_buffer((d,), "float32")  # this head's query
             h = ht // t_len
@@ -183,8 +184,7 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int):
             kvh = h // g
             for i in T.vectorized(d):
                 qh[i] = q[t, h * d + i]
-            red[0] = neg
-            for s in range(l_len + t_len):
+            for s in range(l_len + t_len):  # scores; the max after, not a chain through here
                 p[h, t, s] = neg
                 if m[t, s] != T.uint8(0):
                     for i in T.vectorized(lanes):
@@ -210,17 +210,42 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int):
                     for i in T.vectorized(2):
                         acc[i] = acc[i] + acc[i + 2]
                     p[h, t, s] = (acc[0] + acc[1]) * T.float32(scale)
-                    red[0] = T.max(red[0], p[h, t, s])
+            for i in T.vectorized(lanes):  # the max, 16 slots at a time
+                acc[i] = neg
+            for so in range((l_len + t_len) // lanes):
+                for i in T.vectorized(lanes):
+                    acc[i] = T.max(acc[i], p[h, t, so * lanes + i])
+            for s in range((l_len + t_len) // lanes * lanes, l_len + t_len):
+                acc[0] = T.max(acc[0], p[h, t, s])
+            for i in T.vectorized(8):
+                acc[i] = T.max(acc[i], acc[i + 8])
+            for i in T.vectorized(4):
+                acc[i] = T.max(acc[i], acc[i + 4])
+            for i in T.vectorized(2):
+                acc[i] = T.max(acc[i], acc[i + 2])
+            red[0] = T.max(acc[0], acc[1])
             red[1] = T.float32(0)
             for s in range(l_len + t_len):
                 p[h, t, s] = T.exp(p[h, t, s] - red[0])
                 red[1] = red[1] + p[h, t, s]
             for i in T.vectorized(d):
                 o[i] = T.float32(0)
-            for s in range(l_len):
+                o2[i] = T.float32(0)
+            for s2 in range(l_len // 2):  # even slots into o, odd into o2
+                if p[h, t, 2 * s2] != T.float32(0):
+                    for i in T.vectorized(d):
+                        o[i] = o[i] + p[h, t, 2 * s2] * cache[2 * layer + 1, kvh, 2 * s2, i]
+                if p[h, t, 2 * s2 + 1] != T.float32(0):
+                    for i in T.vectorized(d):
+                        o2[i] = (
+                            o2[i] + p[h, t, 2 * s2 + 1] * cache[2 * layer + 1, kvh, 2 * s2 + 1, i]
+                        )
+            for s in range(l_len // 2 * 2, l_len):
                 if p[h, t, s] != T.float32(0):
                     for i in T.vectorized(d):
                         o[i] = o[i] + p[h, t, s] * cache[2 * layer + 1, kvh, s, i]
+            for i in T.vectorized(d):
+                o[i] = o[i] + o2[i]
             for j in range(t_len):
                 if p[h, t, l_len + j] != T.float32(0):
                     for i in T.vectorized(d):

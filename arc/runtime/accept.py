@@ -21,9 +21,12 @@ from arc.runtime.sampling import SamplingParams, filter_logits
 from arc.runtime.tree import Tree
 
 
-def accept_greedy(tree: Tree, logits: Tensor) -> tuple[list[int], list[int]]:
-    """(accepted nodes below the root, new tokens incl. the bonus) for verify `logits` [B, V]."""
-    best = logits[: len(tree)].argmax(-1).tolist()
+def accept_greedy(
+    tree: Tree, logits: Tensor, best: list[int] | None = None
+) -> tuple[list[int], list[int]]:
+    """(accepted nodes below the root, new tokens incl. the bonus) for verify `logits` [B, V];
+    `best`: their argmax per node when the caller has it."""
+    best = logits[: len(tree)].argmax(-1).tolist() if best is None else best
     node, path, tokens = 0, [], []
     while True:
         tokens.append(best[node])

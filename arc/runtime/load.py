@@ -81,6 +81,10 @@ def load_engine(path: str | Path, *, progress: bool = False) -> LoadedEngine:
         raise
     except Exception as e:  # noqa: BLE001 - a crafted IR that verifies but does not lower
         raise EngineError(f"{path}: engine does not load ({_why(e)})") from None
+    if plan["options"].get("accept") == "relaxed":
+        from arc.runtime.relaxed import latents_of
+
+        steps.latents = latents_of(module, weights)
     tok = _tokenizer(engine.root / TOKENIZER, path)  # the verified payloads, nowhere else
     rt = manifest["runtime"]
     gen = Generator(

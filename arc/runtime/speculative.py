@@ -16,7 +16,9 @@ expected accepted length (EAGLE-2's reasoning) -- with c a running calibration o
 predicted tokens over recent verifies (decayed sums, with a prior of CALIB_PRIOR predicted
 tokens taken at face value, so a few verifies with tiny predictions cannot swing it: a ratio
 of running means did, and chat prompts verified too often); the time of each B, plus the
-drafting's, is a running mean measured on this device. When plain steps win, the smallest
+drafting's, is a running mean measured on this device. A tree must promise MARGIN more
+tokens per second than a plain step (estimates err, and a wasted verify costs more than a
+missed one gains where drafts are poor). When plain steps win, the smallest
 tree is still tried now and then (every 8 steps, doubling up to 64 while such probes find
 nothing), so the estimates follow the request; an expensive drafter (`self`) is then run only
 for those probes. The model's top successors after every node, which Token Recycling
@@ -31,15 +33,18 @@ from typing import Any
 
 from arc.runtime.accept import accept_greedy, accept_sampled
 from arc.runtime.drafters import Drafter
+from arc.runtime.relaxed import accept_relaxed_greedy, accept_relaxed_sampled
 from arc.runtime.sampling import Sampler, _filtered
 from arc.runtime.steps import Steps
-from arc.runtime.topk import top_successors
+from arc.runtime.topk import argmax_and_successors, top_successors
 from arc.runtime.tree import Tree, best_first, build
 
 TOPK = 4  # successors kept per verified node for Token Recycling
 PROBE_EVERY, MAX_PROBE_EVERY = 8, 64  # plain steps with a draft at hand before a probe
 PRIOR_COST = 0.15  # untimed, unmeasured sizes: a decode step's time x (1 + PRIOR_COST * (B - 1))
-CALIB_DECAY, CALIB_PRIOR = 0.9, 2.0  # calibration: weight of older verifies, prior tokens
+CALIB_DECAY, CALIB_PRIOR = 0.9, 0.5  # calibration: weight of older verifies, prior tokens
+QUIET_AFTER, QUIET_EVERY = 16, 4  # bare decode steps while drafts do not pay (_quiet)
+MARGIN = 0.05  # a tree must promise this much more tokens/s than a plain step to be verified
 
 
 @dataclass
@@ -90,6 +95,9 @@ class SpeculativeLoop:
         self.calib = _Calibration()  # accepted / predicted drafted tokens
         self.draft_cost = _Ema(0.0)  # seconds of drafting per step
         self.idle, self.probe_every = 0, PROBE_EVERY
+        self.relaxed = None  # LANTERN's relaxed acceptance (lossy, opt-in): (latents, delta, sim)
+        if options.get("accept") == "relaxed":
+            self.relaxed = (steps.latents, float(options["delta"]), float(options["sim"]))
 
     def run(self, history: list[int], pos: int, sample: Sampler, stopper) -> tuple[str, SpecStats]:
         """Decode after `history` (prompt + first token; the last one is not in the cache yet,
@@ -106,15 +114,16 @@ class SpeculativeLoop:
             room = self.steps.max_seq_len - pos
             if room <= 0:
                 return "cache_full", stats
+            quiet = not first and self._quiet()
             if first:
                 paths = []
-            elif self._rest():
+            elif quiet or self._rest():
                 paths, self.idle = [], self.idle + 1
             else:
                 paths = self._draft(history, pos)
             size, first = self._choose(paths, room), False
             if size == 1:
-                new = [self._plain(history[-1], pos, sample)]
+                new = [self._plain(history[-1], pos, sample, teach=not quiet)]
                 stats.plain_steps += 1
             else:
                 new = self._verify(history[-1], paths[: size - 1], size, pos, sample)
@@ -125,6 +134,14 @@ class SpeculativeLoop:
                 reason = stopper(tok)
                 if reason:
                     return reason, stats
+
+    def _quiet(self) -> bool:
+        """A bare decode step, no drafting or teaching: after QUIET_AFTER plain steps in a row
+        (drafts are not paying), on all but every QUIET_EVERY-th step. Drafting and Token
+        Recycling's top-k of the logits cost ~0.5 ms a step, 4% of a decode step, which a
+        request that drafts nothing (chat) pays for nothing."""
+        idle = self.idle
+        return self.adaptive and idle >= QUIET_AFTER and idle % QUIET_EVERY != 0
 
     def _rest(self) -> bool:
         """Skip drafting this step: an expensive drafter (one that runs the model, `self`)
@@ -154,6 +171,7 @@ class SpeculativeLoop:
         for b in fits:
             expect = 1.0 + calib * sum(score for _, score in paths[: b - 1])
             rate[b] = expect / (self._time(b) + self.draft_cost.value)
+        rate[1] *= 1 + MARGIN  # estimates err: speculate only for a clear gain
         best = max(rate, key=rate.get)
         if best == 1:
             self.idle += 1
@@ -173,11 +191,18 @@ class SpeculativeLoop:
         base = self.cost[1].value or 1.0
         return base * self.prior.get(size, 1.0)
 
-    def _plain(self, token: int, pos: int, sample: Sampler) -> int:
+    def _plain(self, token: int, pos: int, sample: Sampler, teach: bool = True) -> int:
         t = time.perf_counter()
         logits = self.steps.decode(token, pos)
-        out = sample(logits)
-        self._teach(Tree(token), logits[None], sample)
+        if not teach:
+            out = sample(logits)
+        elif sample.params.greedy:  # the argmax and the drafter's successors from shared passes
+            best, top = argmax_and_successors(logits[None], TOPK)
+            out = best[0]
+            self.drafter.observe(Tree(token), top)
+        else:
+            out = sample(logits)
+            self._teach(Tree(token), logits[None], sample)
         self.cost[1].add(time.perf_counter() - t)
         return out
 
@@ -185,15 +210,25 @@ class SpeculativeLoop:
         t = time.perf_counter()
         tree = build(root, [p for p, _ in paths])
         logits = self.steps.verify(*tree.inputs(pos, size))[: len(tree)]  # [n, V]
-        if sample.params.greedy:
-            path, new = accept_greedy(tree, logits)
+        if self.relaxed is not None:
+            path, new = (
+                accept_relaxed_greedy(tree, logits, *self.relaxed)
+                if sample.params.greedy
+                else accept_relaxed_sampled(tree, logits, sample.params, sample.gen, *self.relaxed)
+            )
+        elif sample.params.greedy:
+            best, top = argmax_and_successors(logits, TOPK)
+            path, new = accept_greedy(tree, logits, best)
         else:
             path, new = accept_sampled(tree, logits, sample.params, sample.gen)
         src = [pos + node for node in path]
         dst = [pos + 1 + i for i in range(len(path))]
         if src != dst:
             self.steps.move(src, dst)
-        self._teach(tree, logits, sample)
+        if self.relaxed is None and sample.params.greedy:
+            self.drafter.observe(tree, top)
+        else:
+            self._teach(tree, logits, sample)
         self.cost[size].add(time.perf_counter() - t)
         self.calib.add(len(path), sum(score for _, score in paths))
         if path:
@@ -240,6 +275,14 @@ def check_plan(kind: Any, options: Any, module) -> None:
         raise ArcError("speculative plan: drafter self needs the engine's draft function")
     if opts.get("shape") not in ("static", "dynamic"):
         raise ArcError("speculative plan: shape must be static or dynamic")
+    if opts.get("accept", "exact") not in ("exact", "relaxed"):
+        raise ArcError("speculative plan: accept must be exact or relaxed")
+    if opts.get("accept") == "relaxed":
+        d, s = opts.get("delta"), opts.get("sim")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (d, s)):
+            raise ArcError("speculative plan: relaxed acceptance needs numbers delta and sim")
+        if not (0 < d < 1 and -1 <= s <= 1):
+            raise ArcError("speculative plan: delta must be in (0, 1) and sim in [-1, 1]")
     ratio = opts.get("cost_ratio", {})
     if not isinstance(ratio, Mapping) or not all(
         isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1e6

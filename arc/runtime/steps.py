@@ -46,6 +46,7 @@ class Steps:
         self.functions, self.max_seq_len, self.device = functions, max_seq_len, device
         self.ring = ring  # (sink, window) of a ring cache, or None
         self.decode_fn = "decode"  # adaptive layer-skip: the request's decode_skip<k>
+        self.latents = None  # output embeddings for relaxed acceptance (arc/runtime/relaxed.py)
         self.bucket, self._reset, self._move = bucket, reset, move
         self._positions = torch.arange(max_seq_len, dtype=torch.long, device=device)
 

@@ -22,17 +22,29 @@ CHUNK = 128
 def top_successors(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(tokens [n, k] i64, probabilities [n, k] f32) of the k largest of `logits` [n, V], in
     decreasing order (ties in any order)."""
+    return argmax_and_successors(logits, k)[1]
+
+
+def argmax_and_successors(logits: Tensor, k: int) -> tuple[list[int], tuple[Tensor, Tensor]]:
+    """(argmax of each row, exactly torch.argmax's: the first maximal index; top_successors)
+    from one pass for the maxima and one for the normalizer: a step's logits have left the
+    cache by the time the runtime reads them (the LM head streamed 30 MB after writing its
+    first rows), and every pass over them costs ~0.1 ms."""
     x = logits.float()
     n, vocab = x.shape
     if vocab % CHUNK or vocab // CHUNK < 2 * k:  # small or odd vocabularies: plain topk
         top = torch.topk(x, k, dim=-1)
         values, tokens = top.values, top.indices
+        best = x.argmax(dim=-1).tolist()
     else:
         chunks = x.view(n, vocab // CHUNK, CHUNK)  # [n, C, CHUNK]
-        best = torch.topk(chunks.amax(dim=-1), k, dim=-1).indices  # [n, k] chunk ids
-        picked = chunks.gather(1, best[..., None].expand(n, k, CHUNK))  # [n, k, CHUNK]
+        cmax, carg = chunks.max(dim=-1)  # [n, C]: each chunk's max, its first index
+        first = cmax.argmax(dim=-1, keepdim=True)  # [n, 1]: the first chunk holding the max
+        best = (first * CHUNK + carg.gather(1, first)).reshape(-1).tolist()
+        ids = torch.topk(cmax, k, dim=-1).indices  # [n, k] chunk ids
+        picked = chunks.gather(1, ids[..., None].expand(n, k, CHUNK))  # [n, k, CHUNK]
         top = torch.topk(picked.reshape(n, k * CHUNK), k, dim=-1)
         values = top.values
-        tokens = best.gather(1, top.indices // CHUNK) * CHUNK + top.indices % CHUNK
+        tokens = ids.gather(1, top.indices // CHUNK) * CHUNK + top.indices % CHUNK
     probs = torch.exp(values - torch.logsumexp(x, dim=-1, keepdim=True))
-    return tokens, probs
+    return best, (tokens, probs)

@@ -29,3 +29,17 @@ def test_all_top_logits_in_one_chunk():
     x[0, 40000] = 0.5  # the next best, in another chunk, must not displace them
     tokens, _ = top_successors(x, 4)
     assert tokens.tolist() == [[1000, 1001, 1002, 1003]]
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000])
+def test_argmax_is_torch_s_first_maximal_index(vocab):
+    from arc.runtime.topk import argmax_and_successors
+
+    x = torch.randn(6, vocab, generator=torch.Generator().manual_seed(1))
+    x[1, 900] = x[1, 5] = x[1].max() + 1  # a tie in two chunks: the first index wins
+    x[2, 3] = x[2, 2] = x[2].max() + 1  # a tie in one chunk
+    x[3] = 0.0  # all equal
+    best, (tokens, _) = argmax_and_successors(x, 4)
+    assert best == x.argmax(-1).tolist()
+    assert best[1] == 5 and best[2] == 2 and best[3] == 0
+    assert torch.equal(x.gather(1, tokens[:, :1]).reshape(-1), x.max(-1).values)
