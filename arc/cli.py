@@ -161,6 +161,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         prompts,
         max_new_tokens=a.max_new_tokens,
         ppl_tokens=a.ppl_tokens,
+        max_seq_len=a.max_seq_len,
+        long_context=a.long_context,
         progress=sys.stderr.isatty() and not a.json,
     )
     if a.json:
@@ -182,6 +184,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
         f"perplexity  reference {p['reference']:.4f}, passes {p['passes']:.4f}, "
         f"delta {p['delta_pct']:+.4f} % ({p['tokens']} tokens of {p['corpus']})"
     )
+    if "long_context" in r:
+        lc = r["long_context"]
+        print(
+            f"long ctx    reference {lc['reference']:.4f}, passes {lc['passes']:.4f}, delta "
+            f"{lc['delta_pct']:+.4f} % ({lc['tokens']} tokens streamed: {lc['prefix']} "
+            f"prefilled, then one decode step each; caches {lc['cache']['reference']} / "
+            f"{lc['cache']['passes']} slots)"
+        )
     for line in _kv_facts(r.get("facts", {}).get("kv-fusion")):
         print(line.strip())
     _stderr(f"[eval in {r['wall_s']:.1f} s]")
@@ -472,6 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per prompt")
     e.add_argument(
         "--ppl-tokens", type=int, default=1024, help="tokens of pydoc_data.topics to score"
+    )
+    e.add_argument("--max-seq-len", type=int, help="KV cache slots (default: as compile)")
+    e.add_argument(
+        "--long-context",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also stream N corpus tokens through decode, one per step (sparse attention's "
+        "cost past its cache or over many blocks; 0: off)",
     )
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(fn=cmd_eval)

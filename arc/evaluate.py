@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from arc import long_context as long_mod
 from arc.errors import ArcError
 from arc.ir import Graph, Module, rebuild
 from arc.ops import Op
@@ -71,13 +72,26 @@ def subject(
     from arc.runtime.generate import Generator
     from arc.runtime.steps import Steps, ring_of
 
+    relaxed = module.plan.kind == "speculative" and module.plan.options.get("accept") == "relaxed"
     keep = ("prefill", "decode", *_depth_variants(module))
+    if relaxed:  # lossy acceptance: greedy agreement runs the speculative loop itself
+        keep += tuple(k for k in module.functions if k.startswith("verify_"))
     fns = {k: module.functions[k] for k in keep} | {"score": _score(module)}
     module = module.with_functions(fns)
-    lowered, kv = lower(module, materialize(module, weights, blocks))
+    stored = materialize(module, weights, blocks)
+    lowered, kv = lower(module, stored)
     ring = ring_of(module.meta)
-    steps = Steps(lowered, max_seq_len=module.kv.max_seq_len, reset=kv.reset, ring=ring)
-    gen = Generator(steps, tokenizer, module.meta.get("eos_ids", []), meta=module.meta)
+    steps = Steps(
+        lowered, max_seq_len=module.kv.max_seq_len, reset=kv.reset, move=kv.move, ring=ring
+    )
+    plan = None
+    if relaxed:
+        from arc.runtime.relaxed import latents_of
+
+        steps.latents = latents_of(module, stored)
+        plan = {"kind": "speculative", "options": dict(module.plan.options)}
+    eos = module.meta.get("eos_ids", [])
+    gen = Generator(steps, tokenizer, eos, plan=plan, meta=module.meta)
     return Subject(gen, lowered["score"], kv.reset, module.kv.max_seq_len)
 
 
@@ -137,12 +151,12 @@ def corpus_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def corpus_ids(tokenizer, n: int) -> list[int]:
+def corpus_ids(tokenizer, n: int, flag: str = "--ppl-tokens") -> list[int]:
     """The first `n` tokens of Python's pydoc_data.topics: its values in sorted key order,
     joined by blank lines (English reference documentation, fixed per Python version)."""
     ids = list(tokenizer.encode(corpus_text(), add_special_tokens=True))
     if len(ids) < n:
-        raise ArcError(f"--ppl-tokens {n}: {CORPUS} has only {len(ids)} tokens")
+        raise ArcError(f"{flag} {n}: {CORPUS} has only {len(ids)} tokens")
     return ids[:n]
 
 
@@ -240,12 +254,14 @@ def evaluate(
     max_new_tokens: int = 32,
     ppl_tokens: int = 1024,
     max_seq_len: int | None = None,
+    long_context: int = 0,
     candidate_weights: Mapping[str, Tensor] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """The `arc eval --json` object: `model` after pipeline `spec` against `model` with no
-    passes. `candidate_weights` replaces the weights the pipeline's Module runs with (tests use
-    it to make a lossy candidate from perturbed weights)."""
+    passes. `long_context` > 0 adds streamed perplexity over that many tokens (arc/
+    long_context.py). `candidate_weights` replaces the weights the pipeline's Module runs with
+    (tests use it to make a lossy candidate from perturbed weights)."""
     from tqdm import tqdm
 
     from arc.compiler import trace_model
@@ -257,6 +273,8 @@ def evaluate(
         raise ArcError("--max-new-tokens must be at least 1")
     if ppl_tokens < 2:
         raise ArcError("--ppl-tokens must be at least 2")
+    if long_context and long_context < 2:
+        raise ArcError("--long-context must be at least 2 tokens (0: off)")
     pm = PassManager(spec)  # a bad spec fails here, before the model loads
     loaded, module = trace_model(model, max_seq_len)
     ctx = PassContext("cpu", "torch", weights=loaded.weights, tokenizer=loaded.tokenizer)
@@ -267,6 +285,13 @@ def evaluate(
     ids = [prompt_ids(tok, p) for p in prompts]
     text = corpus_ids(tok, ppl_tokens)
     units = len(ids) + 2 * len(windows(len(text), module.kv.max_seq_len))
+    if long_context:
+        long_ids = corpus_ids(tok, long_context, flag="--long-context")
+        weights = candidate_weights or loaded.weights
+        long_pair = _long_subjects(
+            loaded, module, passed, pm, long_context, (reference, candidate), weights
+        )
+        units += 2 * (len(long_ids) - min(len(long_ids), long_mod.PREFIX))
     with tqdm(total=units, desc="eval", disable=not progress, file=sys.stderr, leave=False) as bar:
 
         def tick(stage: str) -> None:
@@ -274,6 +299,8 @@ def evaluate(
             bar.update(1)
 
         result = compare(reference, candidate, ids, text, max_new_tokens, tick)
+        if long_context:
+            result["long_context"] = long_mod.long_context(*long_pair, long_ids, tick)
     result["perplexity"]["corpus"] = f"{CORPUS} (Python {sys.version.split()[0]})"
     return {
         "model": loaded.name,
@@ -282,3 +309,26 @@ def evaluate(
         **({"facts": ctx.facts} if ctx.facts else {}),  # what passes measured (layer-skip)
         "wall_s": round(time.perf_counter() - t0, 3),
     }
+
+
+def _long_subjects(loaded, module: Module, passed: Module, pm, n: int, pair, weights):
+    """(reference, candidate) Subjects for streaming `n` tokens: the reference with a dense
+    cache of at least `n` slots; the candidate is the pipeline's Module when its cache is a
+    ring (it runs past its cache) or already holds `n`, else the pipeline run again on the
+    Module with `n` slots."""
+    from arc.pipeline import PassContext
+    from arc.runtime.steps import ring_of
+
+    limit = loaded.arch.max_positions
+    if n > limit:
+        raise ArcError(f"--long-context {n}: the model has only {limit} positions")
+    reference, candidate = pair
+    tok, blocks = loaded.tokenizer, loaded.blocks
+    big = module
+    if module.kv.max_seq_len < n:
+        big = module.with_functions(module.functions, kv=replace(module.kv, max_seq_len=n))
+        reference = subject(big, loaded.weights, tok, blocks)
+    if not ring_of(passed.meta) and passed.kv.max_seq_len < n:
+        ctx = PassContext("cpu", "torch", weights=loaded.weights, tokenizer=tok)
+        candidate = subject(pm.run(big, ctx)[0], weights, tok, blocks)
+    return reference, candidate

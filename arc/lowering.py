@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from arc import formats, qlinear
+from arc import block_topk, formats, qlinear
 from arc.errors import ArcError
 from arc.ir import Graph, KVDecl, Module, Node
 from arc.ops import Op
@@ -102,10 +102,11 @@ class KVCache(nn.Module):
     et al. 2024, quantize per channel for keys; per token keeps a write one-row local).
     """
 
-    def __init__(self, decl: KVDecl, device: str | torch.device = "cpu"):
+    def __init__(self, decl: KVDecl, device: str | torch.device = "cpu", *, block: int = 0):
         super().__init__()
         shape = (1, decl.kv_heads, decl.max_seq_len + 1, decl.head_dim)
         self.quantized = decl.dtype == "int8"
+        self.block, self.max_row = block, decl.max_seq_len  # the spare row is the last
         dtype = torch.int8 if self.quantized else torch.float32
         for i in range(decl.layers):
             self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device))
@@ -113,6 +114,11 @@ class KVCache(nn.Module):
             if self.quantized:
                 self.register_buffer(f"ks{i}", torch.zeros(shape[:3] + (1,), device=device))
                 self.register_buffer(f"vs{i}", torch.zeros(shape[:3] + (1,), device=device))
+            if block:  # block-topk: per-block key min/max per channel (arc/block_topk.py)
+                nb = block_topk.blocks_of(decl.max_seq_len, block)
+                summary = (1, decl.kv_heads, nb, decl.head_dim)
+                self.register_buffer(f"kmin{i}", torch.zeros(summary, device=device))
+                self.register_buffer(f"kmax{i}", torch.zeros(summary, device=device))
 
     def layer(self, i: int) -> tuple[Tensor, Tensor]:
         return getattr(self, f"k{i}"), getattr(self, f"v{i}")
@@ -140,6 +146,43 @@ class KVCache(nn.Module):
             return k, v
         ks, vs = getattr(self, f"ks{i}")[:, :, :length], getattr(self, f"vs{i}")[:, :, :length]
         return k.float() * ks, v.float() * vs  # [1, KV, L, D] * [1, KV, L, 1]
+
+    def gather(self, i: int, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v of slots `rows` [1, KV, N] (per KV head) as fp32 [1, KV, N, D]."""
+        kc, vc = self.layer(i)
+        idx = rows[..., None]  # [1, KV, N, 1]
+        k = kc.gather(2, idx.expand(-1, -1, -1, kc.shape[3]))  # [1, KV, N, D]
+        v = vc.gather(2, idx.expand(-1, -1, -1, vc.shape[3]))
+        if not self.quantized:
+            return k, v
+        ks, vs = getattr(self, f"ks{i}").gather(2, idx), getattr(self, f"vs{i}").gather(2, idx)
+        return k.float() * ks, v.float() * vs
+
+    def keys(self, i: int, rows: Tensor) -> Tensor:
+        """k of slots `rows` [N] (the same for every head) as fp32 [1, KV, N, D]."""
+        k = self.layer(i)[0].index_select(2, rows)
+        return k.float() * getattr(self, f"ks{i}").index_select(2, rows) if self.quantized else k
+
+    def summarize(self, i: int, pos: Tensor, one: bool) -> None:
+        """Refresh layer i's block key summaries after rows `pos` [T] were written. A decode
+        step (`one`) folds its key into its block's min/max (a block's first row starts it
+        afresh), as Quest updates its page metadata; a prefill chunk re-summarizes every block
+        from the cache, rows past the chunk's last left out."""
+        kmin, kmax = getattr(self, f"kmin{i}"), getattr(self, f"kmax{i}")
+        if one:
+            b = pos // self.block  # [1]
+            k = self.keys(i, pos)  # [1, KV, 1, D] as stored (dequantized when int8)
+            fresh = pos % self.block == 0  # [1]: the first row of its block
+            kmin.index_copy_(2, b, torch.where(fresh, k, torch.minimum(kmin.index_select(2, b), k)))
+            kmax.index_copy_(2, b, torch.where(fresh, k, torch.maximum(kmax.index_select(2, b), k)))
+            return
+        nb = kmin.shape[2]
+        rows = torch.arange(nb * self.block, device=pos.device).clamp(max=self.max_row)
+        k = self.keys(i, rows)  # [1, KV, NB*B, D]
+        k = k.view(k.shape[0], k.shape[1], nb, self.block, k.shape[3])  # [1, KV, NB, B, D]
+        lo, hi = block_topk.summarize_block(k, rows.view(nb, self.block), pos[-1])
+        kmin.copy_(lo)  # [1, KV, NB, D]
+        kmax.copy_(hi)
 
     def reset(self) -> None:
         for b in self.buffers():
@@ -286,6 +329,8 @@ def _kv_write(m: GraphModule, n: Node, k: Tensor, v: Tensor, pos: Tensor) -> int
     heads, d = kc.shape[1], kc.shape[3]
     # cache[:, :, pos] = k, v  [1, KV, T, D]; quantized there when the cache is int8
     m.kv.write(n.attrs["layer"], pos, _heads(k, heads, d), _heads(v, heads, d))
+    if n.attr("block"):  # block-topk: refresh the key summaries (arc/block_topk.py)
+        m.kv.summarize(n.attrs["layer"], pos, one=m.graph.node(n.inputs[0]).shape[1] == 1)
     return n.attrs["layer"]
 
 
@@ -293,6 +338,8 @@ def _attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos: Tensor, last
     """`last` is `slots` [L] (causal, sliding) or the tree's `visible` mask [T, L] (tree)."""
     if n.attrs["mask"] == "sink-window":
         return _sink_window_attention(m, n, q, layer, pos, last)
+    if n.attrs["mask"] == "block-topk" and _sparse_step(m, n):
+        return _block_topk_attention(m, n, q, layer, pos)
     kind, window = n.attrs["mask"], n.attr("window")
     if kind == "tree":
         mask, length = last, last.shape[1]
@@ -328,6 +375,32 @@ def _sink_window_attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos, 
     else:
         out = _gqa_attention(qh, k, v, mask, sm)
     return _merge(out)  # [1, T, H*D]
+
+
+def _sparse_step(m: GraphModule, n: Node) -> bool:
+    """A block-topk attention is sparse in a one-token step whose topk blocks do not cover the
+    cache; prefill stays dense (as in Quest), and so does a decode that would keep every block
+    (then it is exactly causal attention)."""
+    blocks = block_topk.blocks_of(m.kv.max_row, n.attrs["block"])
+    return n.shape[1] == 1 and n.attrs["topk"] < blocks
+
+
+def _block_topk_attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos: Tensor):
+    """Quest (arc/block_topk.py): score every block from its key min/max, gather the rows of
+    the topk best per KV head, exact attention over them."""
+    block, topk = n.attrs["block"], n.attrs["topk"]
+    qh = _heads(q, n.attrs["heads"], n.attrs["head_dim"])  # [1, H, 1, D]
+    kmin, kmax = getattr(m.kv, f"kmin{layer}"), getattr(m.kv, f"kmax{layer}")  # [1, KV, NB, D]
+    s = block_topk.scores(qh, kmin, kmax, pos, block)  # [1, KV, NB]
+    rows = block_topk.select_rows(s, topk, block, m.kv.max_row)  # [1, KV, topk*block]
+    k, v = m.kv.gather(layer, rows)  # [1, KV, N, D]
+    mask = block_topk.visible(rows, pos, qh.shape[1])  # [1, H, 1, N]
+    sm = n.attrs["head_dim"] ** -0.5
+    if m.sdpa:
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=sm, enable_gqa=True)
+    else:
+        out = _gqa_attention(qh, k, v, mask, sm)
+    return _merge(out)  # [1, 1, H*D]
 
 
 def _rotate(xh: Tensor, pos: Tensor, inv_freq: Tensor, scale: float) -> Tensor:
@@ -382,9 +455,22 @@ def lower(
     `sdpa`: attention through F.scaled_dot_product_attention, else written out (_gqa_attention).
     """
     tensors = {k: v.to(device).contiguous() for k, v in materialize(module, weights).items()}
-    kv = KVCache(module.kv, device)
+    kv = KVCache(module.kv, device, block=summary_block(module))
     fns = {
         name: GraphModule(g, tensors, kv, gemv=gemv, sdpa=sdpa)
         for name, g in module.functions.items()
     }
     return fns, kv
+
+
+def summary_block(module: Module) -> int:
+    """The block size of block-topk's key summaries (a KV_WRITE's `block`), 0 when none."""
+    sizes = {
+        n.attrs["block"]
+        for g in module.functions.values()
+        for n in g.nodes
+        if n.op is Op.KV_WRITE and n.attr("block")
+    }
+    if len(sizes) > 1:
+        raise ArcError(f"KV writes keep block summaries of different sizes {sorted(sizes)}")
+    return sizes.pop() if sizes else 0

@@ -25,7 +25,9 @@ class Op(str, Enum):
     #   causal|sliding: inputs (q, kv, pos, slots); tree: (q, kv, pos, visible) where
     #   visible: bool[T, L] says which of the L slots each tree node sees (SpecInfer's tree mask);
     #   sink-window (passes/sparse_attention.py): (q, kv, pos, kpos), q and the cached k
-    #   un-rotated, rope `w` applied by cache position (pos of q, kpos: i64[L] of each slot)
+    #   un-rotated, rope `w` applied by cache position (pos of q, kpos: i64[L] of each slot);
+    #   block-topk (Quest, arc/block_topk.py): inputs as causal; a one-token step attends to
+    #   the `topk` blocks of `block` slots with the highest key-summary bound, prefill is causal
     ADD = "add"
     MUL = "mul"
     SILU = "silu"
@@ -33,7 +35,7 @@ class Op(str, Enum):
     LM_HEAD = "lm_head"  # hidden -> logits, w=[vocab, hidden]
 
 
-MASK_KINDS = ("causal", "sliding", "tree", "sink-window")
+MASK_KINDS = ("causal", "sliding", "tree", "sink-window", "block-topk")
 DENSE_MASKS = ("causal", "sliding", "tree")  # what a target lowers unless it says more
 
 # op -> number of tensor inputs

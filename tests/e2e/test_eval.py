@@ -164,3 +164,54 @@ def test_prompts_file_that_is_not_a_prompt_list(tmp_path):
             load_prompts(path)
     path.write_text('["a", {"prompt": "b", "kind": "x"}]')
     assert load_prompts(path) == ["a", "b"]
+
+
+# ---------------------------------------------------------------- long context (sparse attention)
+
+
+def test_streamed_perplexity_equals_one_window(traced):
+    """Streaming (a prefill, then one decode step per token) scores the same text as one dense
+    window does, when the cache holds all of it."""
+    from arc.long_context import stream_nll
+
+    loaded, module = traced("tiny-llama", 256)
+    s = subject(module, loaded.weights, loaded.tokenizer)
+    ids = corpus_ids(loaded.tokenizer, 200)
+    streamed = torch.tensor(stream_nll(s, ids, 16) / 199).exp().item()
+    assert streamed == pytest.approx(perplexity(s, ids), rel=1e-5)
+
+
+def test_long_context_through_a_ring_and_through_blocks():
+    kw = dict(max_new_tokens=4, ppl_tokens=50, max_seq_len=64, long_context=300)
+    ring = evaluate("tiny-llama", "sparse-attention{sink=4}", PROMPTS[:2], **kw)
+    lc = ring["long_context"]
+    assert set(lc) == {"tokens", "prefix", "cache", "reference", "passes", "delta_pct"}
+    assert lc["tokens"] == 300 and lc["prefix"] == 64  # the prefill fits the 64-slot ring
+    assert lc["cache"] == {"reference": 300, "passes": 64}  # the text runs past the ring
+    assert lc["reference"] > 1 and abs(lc["delta_pct"]) > 0.1
+    assert ring["perplexity"]["delta_pct"] == 0.0  # windows of the ring never wrap it
+    quest = evaluate(
+        "tiny-llama", "sparse-attention{kind=block-topk,block=8,topk=4}", PROMPTS[:2], **kw
+    )
+    lc = quest["long_context"]
+    assert lc["cache"] == {"reference": 300, "passes": 300} and lc["prefix"] == 128
+    # the same reference, prefilled 128 tokens instead of 64: equal to rounding
+    assert lc["reference"] == pytest.approx(ring["long_context"]["reference"], rel=1e-5)
+    assert abs(lc["delta_pct"]) > 0.1
+    covering = "sparse-attention{kind=block-topk,block=8,topk=38}"  # 38 * 8 >= 300: dense
+    assert evaluate("tiny-llama", covering, PROMPTS[:2], **kw)["long_context"]["delta_pct"] == 0
+    plain = dict(kw, long_context=0)
+    assert "long_context" not in evaluate("tiny-llama", "kv-fusion", PROMPTS[:2], **plain)
+
+
+def test_long_context_cli(prompts_file):
+    done = arc(
+        "eval", "tiny-llama", "--passes", "sparse-attention{sink=4}", "--prompts",
+        str(prompts_file), "--max-new-tokens", "4", "--ppl-tokens", "50", "--max-seq-len",
+        "64", "--long-context", "200",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "long ctx    reference" in done.stdout and "caches 200 / 64 slots" in done.stdout
+    assert_clean_error(arc("eval", "tiny-llama", "--long-context", "1"), "--long-context")
+    bad = arc("eval", "tiny-llama", "--long-context", "5000", "--ppl-tokens", "50")
+    assert_clean_error(bad, "--long-context 5000")

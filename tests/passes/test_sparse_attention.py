@@ -162,7 +162,6 @@ def test_compiled_mode_runs_past_the_cache(traced):
         ("sink=8,window=8", "sink=8 must be smaller than window=8"),
         ("sink=20,window=10", "sink=20 must be smaller"),
         ("kind=magic", "unknown kind 'magic'"),
-        ("kind=block-topk", "not built yet"),
     ],
 )
 def test_bad_options(opts, fragment, traced):
