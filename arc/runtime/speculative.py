@@ -43,7 +43,7 @@ TOPK = 4  # successors kept per verified node for Token Recycling
 PROBE_EVERY, MAX_PROBE_EVERY = 8, 64  # plain steps with a draft at hand before a probe
 PRIOR_COST = 0.15  # untimed, unmeasured sizes: a decode step's time x (1 + PRIOR_COST * (B - 1))
 CALIB_DECAY, CALIB_PRIOR = 0.9, 0.5  # calibration: weight of older verifies, prior tokens
-QUIET_AFTER, QUIET_EVERY = 16, 4  # bare decode steps while drafts do not pay (_quiet)
+QUIET_AFTER, QUIET_EVERY = 8, 4  # bare decode steps while drafts do not pay (_quiet)
 MARGIN = 0.05  # a tree must promise this much more tokens/s than a plain step to be verified
 
 
@@ -95,6 +95,7 @@ class SpeculativeLoop:
         self.calib = _Calibration()  # accepted / predicted drafted tokens
         self.draft_cost = _Ema(0.0)  # seconds of drafting per step
         self.idle, self.probe_every = 0, PROBE_EVERY
+        self.dry = 0  # steps in a row that yielded one token (plain, or nothing accepted)
         self.relaxed = None  # LANTERN's relaxed acceptance (lossy, opt-in): (latents, delta, sim)
         if options.get("accept") == "relaxed":
             self.relaxed = (steps.latents, float(options["delta"]), float(options["sim"]))
@@ -128,6 +129,7 @@ class SpeculativeLoop:
             else:
                 new = self._verify(history[-1], paths[: size - 1], size, pos, sample)
                 stats.verifies += 1
+            self.dry = self.dry + 1 if len(new) == 1 else 0
             for tok in new:
                 history.append(tok)
                 pos += 1
@@ -136,12 +138,13 @@ class SpeculativeLoop:
                     return reason, stats
 
     def _quiet(self) -> bool:
-        """A bare decode step, no drafting or teaching: after QUIET_AFTER plain steps in a row
-        (drafts are not paying), on all but every QUIET_EVERY-th step. Drafting and Token
+        """A bare decode step, no drafting or teaching: after QUIET_AFTER steps in a row that
+        yielded one token each (plain steps, or verifies that accepted nothing: drafts are not
+        paying), on all but every QUIET_EVERY-th step. Drafting and Token
         Recycling's top-k of the logits cost ~0.5 ms a step, 4% of a decode step, which a
         request that drafts nothing (chat) pays for nothing."""
-        idle = self.idle
-        return self.adaptive and idle >= QUIET_AFTER and idle % QUIET_EVERY != 0
+        dry = self.dry
+        return self.adaptive and dry >= QUIET_AFTER and dry % QUIET_EVERY != 0
 
     def _rest(self) -> bool:
         """Skip drafting this step: an expensive drafter (one that runs the model, `self`)
