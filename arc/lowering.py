@@ -353,11 +353,7 @@ def _attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos: Tensor, last
         mask = mask & (pos[:, None] - slots[None, :] < window)
     qh = _heads(q, n.attrs["heads"], n.attrs["head_dim"])  # [1, H, T, D]
     scale = n.attrs["head_dim"] ** -0.5
-    if m.sdpa:
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    else:
-        out = _gqa_attention(qh, k, v, mask, scale)
-    return _merge(out)  # [1, T, H*D]
+    return _attend(m, qh, k, v, mask, scale)  # [1, T, H*D]
 
 
 def _sink_window_attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos, kpos: Tensor):
@@ -370,11 +366,7 @@ def _sink_window_attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos, 
     k = _rotate(k, kpos, inv, scale)  # [1, KV, L, D]
     mask = kpos[None, :] <= pos[:, None]  # [T, L]
     sm = n.attrs["head_dim"] ** -0.5
-    if m.sdpa:
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=sm, enable_gqa=True)
-    else:
-        out = _gqa_attention(qh, k, v, mask, sm)
-    return _merge(out)  # [1, T, H*D]
+    return _attend(m, qh, k, v, mask, sm)  # [1, T, H*D]
 
 
 def _sparse_step(m: GraphModule, n: Node) -> bool:
@@ -396,11 +388,7 @@ def _block_topk_attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos: T
     k, v = m.kv.gather(layer, rows)  # [1, KV, N, D]
     mask = block_topk.visible(rows, pos, qh.shape[1])  # [1, H, 1, N]
     sm = n.attrs["head_dim"] ** -0.5
-    if m.sdpa:
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=sm, enable_gqa=True)
-    else:
-        out = _gqa_attention(qh, k, v, mask, sm)
-    return _merge(out)  # [1, 1, H*D]
+    return _attend(m, qh, k, v, mask, sm)  # [1, 1, H*D]
 
 
 def _rotate(xh: Tensor, pos: Tensor, inv_freq: Tensor, scale: float) -> Tensor:
@@ -411,6 +399,16 @@ def _rotate(xh: Tensor, pos: Tensor, inv_freq: Tensor, scale: float) -> Tensor:
     d = xh.shape[-1]
     rot = torch.cat((-xh[..., d // 2 :], xh[..., : d // 2]), dim=-1)
     return xh * cos + rot * sin
+
+
+def _attend(m: GraphModule, qh: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float):
+    """Masked attention of qh [1, H, T, D] over k, v [1, KV, N, D] -> [1, T, H*D]: SDPA, or
+    written out (_gqa_attention) when the module does not use SDPA."""
+    if m.sdpa:
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        out = _gqa_attention(qh, k, v, mask, scale)
+    return _merge(out)
 
 
 def _gqa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:

@@ -432,10 +432,9 @@ def panel_gemv(kind: str, n: int, k: int, group: int, scale: str = "float32"):
                 flat = tirx.min(p * nb + b + AHEAD, npan * nb - 1)
                 p2, b2 = tirx.floordiv(flat, nb), tirx.floormod(flat, nb)
                 row = PANEL * (4 if kind == "f32" else 1)  # bytes of one column of a panel
-                for e2 in range(0, g, max(1, LINE // row)):  # f32: one column per line
+                byte_rows = g // 2 if kind == "affine4" else g  # affine4: 2 columns a byte
+                for e2 in range(0, byte_rows, max(1, LINE // row)):  # f32: a column a line
                     at = [p2, b2 * g + e2, 0] if kind == "f32" else [p2, b2, e2, 0]
-                    if kind == "affine4" and e2 >= g // 2:
-                        break  # two columns per byte: the block holds g/2 rows of bytes
                     _prefetch(comps[0], at)
                 for comp in comps[1:]:
                     _prefetch(comp, [p2, b2, 0])

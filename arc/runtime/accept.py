@@ -14,6 +14,8 @@ model's own (tested by a chi-square test in tests/runtime/test_speculative.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -22,15 +24,21 @@ from arc.runtime.tree import Tree
 
 
 def accept_greedy(
-    tree: Tree, logits: Tensor, best: list[int] | None = None
+    tree: Tree,
+    logits: Tensor,
+    best: list[int] | None = None,
+    instead: Callable[[int, int], int | None] | None = None,
 ) -> tuple[list[int], list[int]]:
     """(accepted nodes below the root, new tokens incl. the bonus) for verify `logits` [B, V];
-    `best`: their argmax per node when the caller has it."""
+    `best`: their argmax per node when the caller has it. `instead(node, argmax)`: a child to
+    accept when the argmax has none (relaxed acceptance, arc/runtime/relaxed.py)."""
     best = logits[: len(tree)].argmax(-1).tolist() if best is None else best
     node, path, tokens = 0, [], []
     while True:
-        tokens.append(best[node])
         nxt = tree.child(node, best[node])
+        if nxt is None and instead is not None and tree.children(node):
+            nxt = instead(node, best[node])
+        tokens.append(best[node] if nxt is None else tree.tokens[nxt])
         if nxt is None:
             return path, tokens
         path.append(nxt)
@@ -38,20 +46,27 @@ def accept_greedy(
 
 
 def accept_sampled(
-    tree: Tree, logits: Tensor, params: SamplingParams, gen: torch.Generator
+    tree: Tree,
+    logits: Tensor,
+    params: SamplingParams,
+    gen: torch.Generator,
+    group: Callable[[Tensor, int], list[int]] | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Like accept_greedy, for sampling: distribution-preserving multi-branch acceptance."""
+    """Like accept_greedy, for sampling: distribution-preserving multi-branch acceptance.
+    `group(p, token)`: the tokens whose mass the first child is accepted with (relaxed
+    acceptance, arc/runtime/relaxed.py); by default the child alone, exact."""
     node, path, tokens = 0, [], []
     while True:
         p = torch.softmax(filter_logits(logits[node].double().cpu(), params), dim=-1)
         nxt = None
-        for token, child in tree.children(node).items():
+        for i, (token, child) in enumerate(tree.children(node).items()):
             mass = float(p.sum())
+            kept = group(p, token) if group is not None and i == 0 else [token]
             u = float(torch.rand((), generator=gen, dtype=torch.float64))
-            if mass > 0 and u * mass < float(p[token]):
+            if mass > 0 and u * mass < float(p[kept].sum()):
                 nxt = child
                 break
-            p[token] = 0.0  # rejected: the rest of p, renormalized, is the residual
+            p[kept] = 0.0  # rejected: the rest of p, renormalized, is the residual
         if nxt is None:
             tokens.append(int(torch.multinomial(p / p.sum(), 1, generator=gen)))
             return path, tokens

@@ -41,7 +41,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from arc.runtime.sampling import SamplingParams, filter_logits
+from arc.runtime.accept import accept_greedy, accept_sampled
+from arc.runtime.sampling import SamplingParams
 from arc.runtime.tree import Tree
 
 CANDIDATES = 64  # tokens of p considered as a drafted token's neighbours
@@ -77,30 +78,19 @@ def accept_relaxed_greedy(
     tree: Tree, logits: Tensor, lat: Latents, delta: float, sim: float
 ) -> tuple[list[int], list[int]]:
     """(accepted nodes, new tokens incl. the bonus), like accept_greedy, relaxed."""
-    best = logits[: len(tree)].argmax(-1).tolist()
-    node, path, tokens = 0, [], []
-    while True:
-        nxt = tree.child(node, best[node])
-        if nxt is None and tree.children(node):
-            nxt = _near_tie(tree, logits[node], best[node], node, lat, delta, sim)
-        if nxt is None:
-            tokens.append(best[node])
-            return path, tokens
-        tokens.append(tree.tokens[nxt])
-        path.append(nxt)
-        node = nxt
 
+    def instead(node: int, top: int) -> int | None:
+        """The first child of `node` within `delta` of the argmax's probability and its
+        latent neighbour, or None."""
+        p = torch.softmax(logits[node].double(), dim=-1)
+        kids = list(tree.children(node).items())
+        close = lat.sim(top, [t for t, _ in kids]).tolist()
+        for (token, child), s in zip(kids, close, strict=True):
+            if s >= sim and float(p[token]) >= float(p[top]) - delta:
+                return child
+        return None
 
-def _near_tie(tree, logits, top: int, node: int, lat: Latents, delta: float, sim: float):
-    """The first child of `node` within `delta` of the argmax's probability and its latent
-    neighbour, or None."""
-    p = torch.softmax(logits.double(), dim=-1)
-    kids = list(tree.children(node).items())
-    close = lat.sim(top, [t for t, _ in kids]).tolist()
-    for (token, child), s in zip(kids, close, strict=True):
-        if s >= sim and float(p[token]) >= float(p[top]) - delta:
-            return child
-    return None
+    return accept_greedy(tree, logits, instead=instead)
 
 
 def accept_relaxed_sampled(
@@ -113,25 +103,9 @@ def accept_relaxed_sampled(
     sim: float,
 ) -> tuple[list[int], list[int]]:
     """Like accept_sampled, relaxed for the first child at each node (module docstring)."""
-    node, path, tokens = 0, [], []
-    while True:
-        p = torch.softmax(filter_logits(logits[node].double().cpu(), params), dim=-1)
-        kids = list(tree.children(node).items())
-        nxt = None
-        for i, (token, child) in enumerate(kids):
-            mass = float(p.sum())
-            group = _neighbourhood(p, token, lat, delta, sim) if i == 0 else [token]
-            u = float(torch.rand((), generator=gen, dtype=torch.float64))
-            if mass > 0 and u * mass < float(p[group].sum()):
-                nxt = child
-                break
-            p[group] = 0.0  # rejected: the output lies outside the group
-        if nxt is None:
-            tokens.append(int(torch.multinomial(p / p.sum(), 1, generator=gen)))
-            return path, tokens
-        tokens.append(tree.tokens[nxt])
-        path.append(nxt)
-        node = nxt
+    return accept_sampled(
+        tree, logits, params, gen, group=lambda p, token: _neighbourhood(p, token, lat, delta, sim)
+    )
 
 
 def _neighbourhood(p: Tensor, token: int, lat: Latents, delta: float, sim: float) -> list[int]:
