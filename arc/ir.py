@@ -99,6 +99,10 @@ class KVDecl:
 
     `dtype` int8 (passes/kv_fusion.py): k and v are stored as int8 with an fp32 absmax scale
     per token per head ([1, kv_heads, max_seq_len, 1] each), dequantized where attention reads.
+
+    `merged` (kv-fusion{share=N,merge=slerp}, MiniCache): the last `merged` layers each hold a
+    pair of model layers: k and v are the pair's merged unit directions (in `dtype`), plus
+    fp32 magnitudes of each of the two layers' k and v ([1, kv_heads, max_seq_len, 2] each).
     """
 
     layers: int
@@ -106,11 +110,17 @@ class KVDecl:
     head_dim: int
     max_seq_len: int
     dtype: str = "f32"
+    merged: int = 0
 
     def bytes_per_token(self) -> int:
-        """Cache bytes one token's K and V take over all layers (scales included)."""
+        """Cache bytes one token's K and V take over all layers (scales and magnitudes
+        included): a merged pair stores one layer's K/V plus 2 layers x (k, v) fp32 norms."""
         row = self.head_dim * 4 if self.dtype == "f32" else self.head_dim + 4  # one head's k
-        return 2 * self.layers * self.kv_heads * row
+        return 2 * self.layers * self.kv_heads * row + self.merged * 2 * 2 * self.kv_heads * 4
+
+    def is_merged(self, layer: int) -> bool:
+        """Cache layer `layer` holds a merged pair (the last `merged` layers do)."""
+        return layer >= self.layers - self.merged
 
 
 @dataclass(frozen=True)
@@ -243,6 +253,7 @@ def format_module(m: Module) -> str:
         f"// weights: {len(used)} used tensors, {params / 1e6:.1f}M params, {'/'.join(fmts)}",
         f"// kv: {kv.layers} layers x k,v {kv.dtype}[1,{kv.kv_heads},{kv.max_seq_len},"
         f"{kv.head_dim}]{' + f32 scales' if kv.dtype == 'int8' else ''}"
+        f"{f' ({kv.merged} merged pairs + f32 norms)' if kv.merged else ''}"
         f"  ({kv.bytes_per_token()} B/token)",
     ]
     return "\n".join(head + [format_graph(g) for g in m.functions.values()])
@@ -263,7 +274,7 @@ def module_to_json(m: Module) -> dict[str, Any]:
         "ir_version": IR_VERSION,
         "name": m.name,
         "meta": dict(m.meta),
-        "kv": vars(m.kv).copy(),
+        "kv": {k: v for k, v in vars(m.kv).items() if k != "merged" or v},  # old manifests' form
         "plan": {"kind": m.plan.kind, "options": dict(m.plan.options)},
         "weights": {
             k: {

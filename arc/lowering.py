@@ -18,6 +18,7 @@ cache holds is how a step reads only the filled part of a static cache. A specul
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +101,11 @@ class KVCache(nn.Module):
     of [1, kv_heads, rows, 1]: symmetric absmax per token per head, quantized as rows are
     written and dequantized as attention reads them (KIVI, Liu et al. 2024; KVQuant, Hooper
     et al. 2024, quantize per channel for keys; per token keeps a write one-row local).
+
+    A merged layer (kv-fusion{merge=slerp}, KVDecl.merged; MiniCache, Liu et al. 2024) holds
+    a pair of model layers: k{i}/v{i} are the pair's merged unit directions (int8 + scales
+    when the cache is int8) and `km{i}`/`vm{i}` [1, kv_heads, rows, 2] each layer's norms;
+    layer `part` (0 earlier, 1 later) reads back norm * direction (`slerp_merge`).
     """
 
     def __init__(self, decl: KVDecl, device: str | torch.device = "cpu", *, block: int = 0):
@@ -114,6 +120,9 @@ class KVCache(nn.Module):
             if self.quantized:
                 self.register_buffer(f"ks{i}", torch.zeros(shape[:3] + (1,), device=device))
                 self.register_buffer(f"vs{i}", torch.zeros(shape[:3] + (1,), device=device))
+            if decl.is_merged(i):  # the pair's two norms per token per head, k and v
+                self.register_buffer(f"km{i}", torch.zeros(shape[:3] + (2,), device=device))
+                self.register_buffer(f"vm{i}", torch.zeros(shape[:3] + (2,), device=device))
             if block:  # block-topk: per-block key min/max per channel (arc/block_topk.py)
                 nb = block_topk.blocks_of(decl.max_seq_len, block)
                 summary = (1, decl.kv_heads, nb, decl.head_dim)
@@ -125,27 +134,39 @@ class KVCache(nn.Module):
 
     def write(self, i: int, pos: Tensor, k: Tensor, v: Tensor) -> None:
         """cache[:, :, pos] = k, v ([1, KV, T, D]), quantized when the cache is int8."""
-        kc, vc = self.layer(i)
-        if not self.quantized:
-            kc.index_copy_(2, pos, k)
-            vc.index_copy_(2, pos, v)
-            return
-        for cache, scales, x in (
-            (kc, getattr(self, f"ks{i}"), k),
-            (vc, getattr(self, f"vs{i}"), v),
-        ):
-            q, s = quantize_int8(x)
-            cache.index_copy_(2, pos, q)
-            scales.index_copy_(2, pos, s)
+        self._store("k", i, pos, k)
+        self._store("v", i, pos, v)
 
-    def read(self, i: int, length: int) -> tuple[Tensor, Tensor]:
-        """k, v of slots 0..length-1 as fp32 [1, KV, L, D] (dequantized when int8)."""
+    def write_merged(self, i: int, pos: Tensor, first: tuple, k: Tensor, v: Tensor) -> None:
+        """Merged layer i at slots `pos`: the directions and norms of the earlier layer's rows
+        `first` (k, v [1, KV, T, D]) and the later layer's `k`, `v` (MiniCache's merge)."""
+        for name, a, b in (("k", first[0], k), ("v", first[1], v)):
+            e, norms = slerp_merge(a, b)  # [1, KV, T, D], [1, KV, T, 2]
+            self._store(name, i, pos, e)
+            getattr(self, f"{name}m{i}").index_copy_(2, pos, norms)
+
+    def _store(self, name: str, i: int, pos: Tensor, x: Tensor) -> None:
+        cache = getattr(self, f"{name}{i}")
+        if not self.quantized:
+            cache.index_copy_(2, pos, x)
+            return
+        q, s = quantize_int8(x)
+        cache.index_copy_(2, pos, q)
+        getattr(self, f"{name}s{i}").index_copy_(2, pos, s)
+
+    def read(self, i: int, length: int, part: int | None = None) -> tuple[Tensor, Tensor]:
+        """k, v of slots 0..length-1 as fp32 [1, KV, L, D] (dequantized when int8); of a
+        merged layer, layer `part`'s reconstruction norm * direction."""
         kc, vc = self.layer(i)
         k, v = kc[:, :, :length], vc[:, :, :length]
-        if not self.quantized:
+        if self.quantized:
+            ks, vs = getattr(self, f"ks{i}")[:, :, :length], getattr(self, f"vs{i}")[:, :, :length]
+            k, v = k.float() * ks, v.float() * vs  # [1, KV, L, D] * [1, KV, L, 1]
+        if part is None:
             return k, v
-        ks, vs = getattr(self, f"ks{i}")[:, :, :length], getattr(self, f"vs{i}")[:, :, :length]
-        return k.float() * ks, v.float() * vs  # [1, KV, L, D] * [1, KV, L, 1]
+        km = getattr(self, f"km{i}")[:, :, :length, part : part + 1]  # [1, KV, L, 1]
+        vm = getattr(self, f"vm{i}")[:, :, :length, part : part + 1]
+        return k * km, v * vm
 
     def gather(self, i: int, rows: Tensor) -> tuple[Tensor, Tensor]:
         """k, v of slots `rows` [1, KV, N] (per KV head) as fp32 [1, KV, N, D]."""
@@ -193,6 +214,31 @@ class KVCache(nn.Module):
         (accepted tree nodes move from their scratch slots to their place in the sequence)."""
         for b in self.buffers():
             b.index_copy_(2, dst, b.index_select(2, src))  # [1, KV, n, D or 1]
+
+
+def slerp_merge(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """MiniCache's merge of two layers' rows a, b [..., D]: (e [..., D], norms [..., 2]) with
+    e = SLERP(a/|a|, b/|b|, t=1/2) and norms (|a|, |b|); layer j reads back norms[j] * e.
+
+    SLERP(x, y, t) = sin((1-t)W)/sin(W) x + sin(tW)/sin(W) y, W the angle between the unit
+    vectors; at t = 1/2 both weights are 1/(2 cos(W/2)) = 1/|x + y|, so e = (x+y)/|x+y|: the
+    same point, with no arccos to lose precision near W = 0. A zero row has norm 0 and reads
+    back as zeros; antipodal rows (x + y = 0) get e = 0.
+    """
+    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)  # [..., 1]
+    s = a / na.clamp(min=1e-30) + b / nb.clamp(min=1e-30)  # [..., D]
+    e = s / s.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+    return e, torch.cat([na, nb], dim=-1)  # [..., D], [..., 2]
+
+
+class MergedRows(NamedTuple):
+    """What a merged layer's KV_WRITE yields: its cache layer, the slots this call writes, and
+    the layer's own exact new rows k, v [1, KV, T, D] (its attention reads them as they are)."""
+
+    layer: int
+    slots: Tensor
+    k: Tensor
+    v: Tensor
 
 
 def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -324,9 +370,14 @@ def _rope(m: GraphModule, n: Node, x: Tensor, pos: Tensor) -> Tensor:
     return _merge(xh * cos + rot * sin)
 
 
-def _kv_write(m: GraphModule, n: Node, k: Tensor, v: Tensor, pos: Tensor) -> int:
+def _kv_write(m: GraphModule, n: Node, k: Tensor, v: Tensor, pos: Tensor, first=None):
     kc, _ = m.kv.layer(n.attrs["layer"])
     heads, d = kc.shape[1], kc.shape[3]
+    if n.attr("merge") is not None:  # merge=0 stores nothing; merge=1 stores the pair merged
+        rows = MergedRows(n.attrs["layer"], pos, _heads(k, heads, d), _heads(v, heads, d))
+        if n.attrs["merge"] == 1:
+            m.kv.write_merged(rows.layer, pos, (first.k, first.v), rows.k, rows.v)
+        return rows
     # cache[:, :, pos] = k, v  [1, KV, T, D]; quantized there when the cache is int8
     m.kv.write(n.attrs["layer"], pos, _heads(k, heads, d), _heads(v, heads, d))
     if n.attr("block"):  # block-topk: refresh the key summaries (arc/block_topk.py)
@@ -334,8 +385,9 @@ def _kv_write(m: GraphModule, n: Node, k: Tensor, v: Tensor, pos: Tensor) -> int
     return n.attrs["layer"]
 
 
-def _attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos: Tensor, last: Tensor):
-    """`last` is `slots` [L] (causal, sliding) or the tree's `visible` mask [T, L] (tree)."""
+def _attention(m: GraphModule, n: Node, q: Tensor, layer, pos: Tensor, last: Tensor):
+    """`last` is `slots` [L] (causal, sliding) or the tree's `visible` mask [T, L] (tree).
+    `layer` is the KV_WRITE's cache layer, or its MergedRows for a merged layer."""
     if n.attrs["mask"] == "sink-window":
         return _sink_window_attention(m, n, q, layer, pos, last)
     if n.attrs["mask"] == "block-topk" and _sparse_step(m, n):
@@ -347,7 +399,12 @@ def _attention(m: GraphModule, n: Node, q: Tensor, layer: int, pos: Tensor, last
     else:
         slots, length = last, last.shape[0]
         mask = slots[None, :] <= pos[:, None]  # [T, L] causal over absolute positions
-    k, v = m.kv.read(layer, length)  # [1, KV, L, D] fp32 (dequantized if the cache is int8)
+    rows = layer if n.attr("merge") is not None else None
+    if rows is None:
+        k, v = m.kv.read(layer, length)  # [1, KV, L, D] fp32 (dequantized if the cache is int8)
+    else:  # the merged past reconstructed with this layer's norms, this call's rows exact
+        k, v = m.kv.read(rows.layer, length, n.attrs["merge"])  # [1, KV, L, D]
+        k, v = k.index_copy(2, rows.slots, rows.k), v.index_copy(2, rows.slots, rows.v)
     if window:  # Mistral: key visible iff q_pos - k_pos < window. In a tree, a scratch slot's
         # index is >= its node's position, so the test is exact while window > tree size.
         mask = mask & (pos[:, None] - slots[None, :] < window)

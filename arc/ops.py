@@ -21,6 +21,8 @@ class Op(str, Enum):
     SLICE = "slice"  # x[..., start:stop] (the outputs of a fused projection)
     ROPE = "rope"  # rotary position embedding (Su et al. 2021), half-split layout
     KV_WRITE = "kv_write"  # write k, v at positions into a layer's cache; yields the cache state
+    #   merge=0|1 (kv-fusion merge=slerp): a merged pair's writes; merge=1 takes a 4th input,
+    #   the pair's merge=0 write, and stores both layers' rows merged (arc/verify.py)
     ATTENTION = "attention"  # q against the cache slots it reads, under a mask kind:
     #   causal|sliding: inputs (q, kv, pos, slots); tree: (q, kv, pos, visible) where
     #   visible: bool[T, L] says which of the L slots each tree node sees (SpecInfer's tree mask);

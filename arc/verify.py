@@ -11,7 +11,7 @@ import networkx as nx
 from arc.errors import ArcError
 from arc.formats import FORMATS, components
 from arc.ir import KV_DTYPES, Graph, Module
-from arc.ops import ARITY, REQUIRED_ATTRS, Op, ShapeError, infer_shape, result_dtype
+from arc.ops import ARITY, DENSE_MASKS, REQUIRED_ATTRS, Op, ShapeError, infer_shape, result_dtype
 
 
 class VerifyError(ValueError):
@@ -59,8 +59,9 @@ def _verify_graph(m: Module, g: Graph) -> None:
         where = f"@{g.name} %{n.id} ({n.op.value})"
         if n.id in seen:
             raise VerifyError(f"{where}: duplicate id")
-        if len(n.inputs) != ARITY[n.op]:
-            raise VerifyError(f"{where}: {len(n.inputs)} inputs, expected {ARITY[n.op]}")
+        arity = ARITY[n.op] + (n.op is Op.KV_WRITE and n.attr("merge") == 1)  # + the first write
+        if len(n.inputs) != arity:
+            raise VerifyError(f"{where}: {len(n.inputs)} inputs, expected {arity}")
         missing = [a for a in REQUIRED_ATTRS.get(n.op, ()) if a not in n.attrs]
         if missing:
             raise VerifyError(f"{where}: missing attrs {missing}")
@@ -106,6 +107,7 @@ def _verify_kv(m: Module, g: Graph, n, ins, where: str) -> None:
     layer = n.attrs["layer"]
     if not 0 <= layer < m.kv.layers:
         raise VerifyError(f"{where}: layer {layer} has no KV declaration")
+    _verify_merge(m, n, ins, where)
     if n.op is Op.ATTENTION:
         kv = ins[1]
         if kv.op is not Op.KV_WRITE or kv.attrs["layer"] != layer:
@@ -116,6 +118,32 @@ def _verify_kv(m: Module, g: Graph, n, ins, where: str) -> None:
         width = m.kv.kv_heads * m.kv.head_dim
         if ins[0].shape[-1] != width or ins[1].shape[-1] != width:
             raise VerifyError(f"{where}: k/v width != kv_heads*head_dim ({width})")
+
+
+def _verify_merge(m: Module, n, ins, where: str) -> None:
+    """A merged cache layer (kv-fusion merge=slerp) is written by its pair's two KV_WRITEs,
+    `merge=0` (the earlier layer: stores nothing) then `merge=1` (reads the first write as a
+    4th input and stores the merged rows), and read by dense ATTENTIONs of the same `merge`."""
+    role = n.attr("merge")
+    if m.kv.is_merged(n.attrs["layer"]) != (role is not None):
+        raise VerifyError(f"{where}: merge={role} disagrees with the KV declaration's layer")
+    if role is None:
+        return
+    if role not in (0, 1):
+        raise VerifyError(f"{where}: merge={role} must be 0 (earlier layer) or 1 (later)")
+    if n.op is Op.ATTENTION:
+        if ins[1].attr("merge") != role:
+            raise VerifyError(
+                f"{where}: merge={role} reads a kv_write of merge={ins[1].attr('merge')}"
+            )
+        if n.attrs["mask"] not in DENSE_MASKS:
+            raise VerifyError(f"{where}: a merged KV layer is read by dense masks only")
+    elif role == 1:
+        first = ins[3]
+        if first.op is not Op.KV_WRITE or first.attr("merge") != 0:
+            raise VerifyError(f"{where}: merge=1 must read its pair's merge=0 kv_write")
+        if first.attrs["layer"] != n.attrs["layer"]:
+            raise VerifyError(f"{where}: merge=1 reads the first write of another layer")
 
 
 def _verify_no_dangling(g: Graph) -> None:

@@ -22,10 +22,27 @@ never in an -O preset; the record gives KV bytes per token before and after):
   attends to the earlier layer's, its own k/v projections vanish (their weights leave the
   engine), and the cache holds L-N layers. This is the training-free form of Cross-Layer
   Attention (CLA, Brandon et al. 2024), pairs chosen deepest first as MiniCache (Liu et al.
-  2024) finds deep layers' KV most alike. MiniCache's own merge (SLERP of the pair's K/V
-  directions with per-layer magnitudes, and unmergeable-token retention) is NOT built: the
-  later layer reuses the earlier layer's K/V as they are. Deeper than L/2 pairs (share > L/4)
-  reach the shallow half, which MiniCache does not merge.
+  2024) finds deep layers' KV most alike. Deeper than L/2 pairs (share > L/4) reach the
+  shallow half, which MiniCache does not merge. How a pair shares, `merge=`:
+  - `reuse` (the default): the later layer reuses the earlier layer's K/V as they are.
+  - `slerp`: MiniCache's merge (Liu et al. 2024, "MiniCache: KV Cache Compression in Depth
+    Dimension for Large Language Models", Section 4). Per token and KV head the pair's entry
+    holds ONE unit direction e = SLERP(k_a/|k_a|, k_b/|k_b|, t=1/2) and both layers' norms
+    |k_a|, |k_b| (fp32); layer i reads k_i ~ |k_i| e; the same for V. Both layers keep their
+    k/v projections. In the IR the earlier layer's KV_WRITE gets `merge=0` and stores
+    nothing; the later one's gets `merge=1` and a 4th input, the first write, and stores the
+    merged rows; each ATTENTION (`merge=` its write's) reads the merged past with its own
+    norms and this call's new rows exact (arc/lowering.py KVCache, MergedRows). So a prompt
+    prefilled in one call attends exactly, as in MiniCache, which merges the cache after
+    prefill; the merge acts from the next call on. Cache per pair: one layer's K/V (in
+    kv-dtype) + 16 bytes per KV head per token (KVDecl.merged, bytes_per_token).
+    NOT built: MiniCache's retention of unmergeable tokens (those whose two directions are far
+    apart are kept unmerged). With a fixed-size cache that needs a per-token flag, a budget of
+    spare full rows, and slot allocation that survives chunked prefill; every token is merged
+    here. Also refused (one ArcError line): spec-tree (a tree verify attends its nodes' exact
+    rows where plain decoding reads them merged, so it would not be lossless against it),
+    sparse-attention (its ring and block summaries read the cache another way), and the onnx
+    and tvm targets (targets.check_ops), whose graphs exchange plain f32 rows.
 
 Measured on smollm2-135m with `arc eval` (10 shipped prompts x 32 greedy tokens; perplexity
 over 1024 tokens of pydoc_data.topics, reference 12.742), 2026-11-30, shared loaded 2-core CPU:
@@ -39,6 +56,8 @@ over 1024 tokens of pydoc_data.topics, reference 12.742), 2026-11-30, shared loa
 Before:  %5 = linear(%4, w=layers.0.wq)  %6 = linear(%4, w=layers.0.wk)  %7 = linear(%4, w=...)
 After:   %5 = linear(%4, w=layers.0.wq+wk+wv)  %6 = slice(%5, start=0, stop=576)  ...
 share=1: layer 29's kv_write is gone; %900 = attention(%899, %850, ...)  # %850: layer 28's
+merge=slerp: %850 = kv_write(%848, %849, %1, layer=28, merge=0)
+             %898 = kv_write(%896, %897, %1, %850, layer=28, merge=1)  # stores the pair merged
 """
 
 from __future__ import annotations
@@ -49,7 +68,7 @@ from types import MappingProxyType
 
 from arc.errors import ArcError
 from arc.ir import KV_DTYPES, Graph, GraphBuilder, Module, Node, WeightDecl, rebuild
-from arc.ops import Op
+from arc.ops import DENSE_MASKS, Op
 from arc.pipeline import PassContext, register_pass
 
 _ATTENTION_USERS = (Op.ROPE, Op.KV_WRITE)
@@ -68,13 +87,15 @@ def kv_fusion(
     mlp: bool = True,
     kv_dtype: str = "f32",
     share: int = 0,
+    merge: str = "reuse",
 ) -> Module:
     """Fuse projections feeding attention (q/k/v) if `attention`, the rest (gate/up) if `mlp`;
-    store the KV cache as `kv_dtype`; share KV over the `share` deepest adjacent layer pairs."""
+    store the KV cache as `kv_dtype`; share KV over the `share` deepest adjacent layer pairs,
+    the later layer reusing the earlier's K/V (`merge=reuse`) or both merged (`slerp`)."""
     before = module.kv
-    pairs = _check_options(module, kv_dtype, share)
+    pairs = _check_options(module, kv_dtype, share, merge)
     if pairs:
-        module = share_kv(module, pairs)
+        module = share_kv(module, pairs, merge)
     if kv_dtype != "f32" and module.kv.dtype != kv_dtype:
         module = replace(module, kv=replace(module.kv, dtype=kv_dtype))
     weights = dict(module.weights)
@@ -87,6 +108,7 @@ def kv_fusion(
         "kv_layers_before": before.layers,
         "kv_layers_after": module.kv.layers,
         "shared_kv_layers": "|".join(f"{a}+{b}" for b, a in sorted(pairs.items())),
+        "kv_merge": merge if pairs else "none",
         "kv_bytes_per_token_before": before.bytes_per_token(),
         "kv_bytes_per_token_after": module.kv.bytes_per_token(),
     }
@@ -98,10 +120,17 @@ def kv_fusion(
 # ---------------------------------------------------------------- options
 
 
-def _check_options(module: Module, kv_dtype: str, share: int) -> dict[int, int]:
+MERGES = ("reuse", "slerp")
+
+
+def _check_options(module: Module, kv_dtype: str, share: int, merge: str) -> dict[int, int]:
     """The shared pairs as {later KV layer: earlier KV layer}, after checking the options."""
     if kv_dtype not in KV_DTYPES:
         raise ArcError(f"kv-fusion: kv-dtype={kv_dtype!r}; choose from {', '.join(KV_DTYPES)}")
+    if merge not in MERGES:
+        raise ArcError(f"kv-fusion: merge={merge!r}; choose from {', '.join(MERGES)}")
+    if merge == "slerp" and share:
+        _check_dense(module)
     layers = module.kv.layers
     if share < 0 or share > layers // 2:
         raise ArcError(
@@ -111,6 +140,18 @@ def _check_options(module: Module, kv_dtype: str, share: int) -> dict[int, int]:
     if share and _shares_already(module):
         raise ArcError("kv-fusion: share= was applied already (a layer reads another's KV)")
     return {layers - 1 - 2 * j: layers - 2 - 2 * j for j in range(share)}
+
+
+def _check_dense(module: Module) -> None:
+    """A merged layer substitutes its own exact rows at the slots a call writes; the sparse
+    masks (a ring cache, block summaries of the stored keys) read the cache another way."""
+    for g in module.functions.values():
+        for n in g.nodes:
+            if n.op is Op.ATTENTION and n.attrs["mask"] not in DENSE_MASKS:
+                raise ArcError(
+                    f"kv-fusion: merge=slerp cannot merge layers read with mask "
+                    f"{n.attrs['mask']} (sparse-attention); use merge=reuse"
+                )
 
 
 def _shares_already(module: Module) -> bool:
@@ -124,29 +165,45 @@ def _shares_already(module: Module) -> bool:
 # ---------------------------------------------------------------- cross-layer sharing
 
 
-def share_kv(module: Module, pairs: dict[int, int]) -> Module:
-    """`module` whose KV layers `pairs` keys attend to their pair's earlier layer's K/V and
-    write none; the KV layers are renumbered densely and the declaration shrinks."""
+def share_kv(module: Module, pairs: dict[int, int], merge: str = "reuse") -> Module:
+    """`module` whose KV layers `pairs` keys share their pair's earlier layer's cache entry:
+    `reuse`: attend to the earlier layer's K/V and write none; `slerp`: both layers write the
+    entry merged (MiniCache) and read it back with their own norms. The KV layers are
+    renumbered densely (a pair's entry is its earlier layer's) and the declaration shrinks."""
     kept = [i for i in range(module.kv.layers) if i not in pairs]
     renumber = {old: new for new, old in enumerate(kept)}
     renumber |= {b: renumber[a] for b, a in pairs.items()}
     shapes = module.weight_shapes()
-    functions = {k: _share_graph(g, shapes, pairs, renumber) for k, g in module.functions.items()}
-    return module.with_functions(functions, kv=replace(module.kv, layers=len(kept)))
+    functions = {
+        k: _share_graph(g, shapes, pairs, renumber, merge) for k, g in module.functions.items()
+    }
+    merged = len(pairs) if merge == "slerp" else 0  # deepest pairs: the last cache entries
+    return module.with_functions(functions, kv=replace(module.kv, layers=len(kept), merged=merged))
 
 
-def _share_graph(g: Graph, shapes, pairs: dict[int, int], renumber: dict[int, int]) -> Graph:
+def _share_graph(g: Graph, shapes, pairs, renumber, merge: str) -> Graph:
     writes = {n.attrs["layer"]: n.id for n in g.nodes if n.op is Op.KV_WRITE}
     ins = {n.id: list(n.inputs) for n in g.nodes}
+    roles: dict[int, int] = {}  # node id -> merge role (0 earlier layer, 1 later) for slerp
     for n in g.nodes:
-        if n.op is Op.ATTENTION and n.attrs["layer"] in pairs:
-            src = writes.get(pairs[n.attrs["layer"]])
-            if src is None:  # e.g. a layer-skip draft that skips the earlier layer of a pair
-                raise ArcError(
-                    f"kv-fusion: @{g.name} has no KV write of layer {pairs[n.attrs['layer']]} "
-                    f"for layer {n.attrs['layer']} to share"
-                )
-            ins[n.id][1] = src  # read the earlier layer's cache
+        if n.op is Op.KV_WRITE and n.attrs["layer"] in pairs.values() and merge == "slerp":
+            roles[n.id] = 0  # stores nothing (a draft without the later layer writes none)
+        if n.op is not Op.KV_WRITE or n.attrs["layer"] not in pairs:
+            continue
+        src = writes.get(pairs[n.attrs["layer"]])
+        if src is None:  # e.g. a layer-skip draft that skips the earlier layer of a pair
+            raise ArcError(
+                f"kv-fusion: @{g.name} has no KV write of layer {pairs[n.attrs['layer']]} "
+                f"for layer {n.attrs['layer']} to share"
+            )
+        if merge == "slerp":
+            ins[n.id].append(src)  # the later write merges the earlier one's rows
+            roles[n.id] = 1
+    for n in g.nodes:
+        if n.op is Op.ATTENTION and n.attrs["layer"] in pairs and merge == "reuse":
+            ins[n.id][1] = writes[pairs[n.attrs["layer"]]]  # read the earlier layer's cache
+        elif n.op is Op.ATTENTION and n.inputs[1] in roles:
+            roles[n.id] = roles[n.inputs[1]]
     live, stack = set(), list(g.outputs)
     while stack:  # what the outputs still need: the later layers' k/v projections drop out
         x = stack.pop()
@@ -160,6 +217,8 @@ def _share_graph(g: Graph, shapes, pairs: dict[int, int], renumber: dict[int, in
         attrs = dict(n.attrs)
         if n.op in (Op.KV_WRITE, Op.ATTENTION):
             attrs["layer"] = renumber[attrs["layer"]]
+        if n.id in roles:
+            attrs["merge"] = roles[n.id]
         remap[n.id] = b.add(n.op, [remap[i] for i in ins[n.id]], **attrs)
     return b.build(remap[o] for o in g.outputs)
 

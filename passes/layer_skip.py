@@ -490,7 +490,7 @@ def _tree_probe(g: Graph, module: Module) -> Graph:
             write = b.input("write", ("T",), "i64")  # [T] scratch slots
             remap[n.id] = visible = b.input("visible", ("T", "L"), "bool")  # [T, L]
         elif n.op is Op.KV_WRITE:
-            remap[n.id] = b.add(n.op, [ins[0], ins[1], write], **dict(n.attrs))
+            remap[n.id] = b.add(n.op, [ins[0], ins[1], write, *ins[3:]], **dict(n.attrs))
         elif n.op is Op.ATTENTION:
             remap[n.id] = b.add(n.op, [*ins[:3], visible], **dict(n.attrs, mask="tree"))
         else:

@@ -155,6 +155,11 @@ def _check_module(module: Module, kind: str) -> None:
             "blocks, and accepted rows moved into place would leave the block summaries stale",
         }[kind]
         raise ArcError(f"sparse-attention: kind={kind} cannot be combined with spec-tree ({why})")
+    if module.kv.merged:  # a merged layer's reads substitute rows at the written slots
+        raise ArcError(
+            f"sparse-attention: kind={kind} cannot read merged KV layers "
+            "(kv-fusion{merge=slerp}); use merge=reuse"
+        )
     extra = sorted(set(module.functions) - {"prefill", "decode"})
     if extra:  # the runtime feeds the sparse inputs to prefill and decode only
         raise ArcError(

@@ -83,6 +83,12 @@ def spec_tree(
     total variation `delta` (arc/runtime/relaxed.py)."""
     _check_options(module, draft, budget, depth, shape)
     _check_accept(accept, delta, sim)
+    if module.kv.merged:  # see passes/kv_fusion.py, merge=slerp
+        raise ArcError(
+            "spec-tree: cannot verify merged KV layers (kv-fusion{merge=slerp}) losslessly: "
+            "a tree verify attends its nodes' exact K/V where plain decoding reads them "
+            "merged; use merge=reuse"
+        )
     sizes = verify_sizes(budget, ladder)
     functions = dict(module.functions)
     for size in sizes:
@@ -176,7 +182,8 @@ def _verify_graph(module: Module, nodes: int):
         if n.op is Op.INPUT:
             return _input(b, n.attrs["name"], nodes, new)
         if n.op is Op.KV_WRITE:
-            return b.add(Op.KV_WRITE, [ins[0], ins[1], new["write"]], **dict(n.attrs))
+            # a merged layer's second write keeps its 4th input, the first write (kv-fusion)
+            return b.add(Op.KV_WRITE, [ins[0], ins[1], new["write"], *ins[3:]], **dict(n.attrs))
         if n.op is Op.ATTENTION:
             attrs = dict(n.attrs, mask="tree")
             return b.add(Op.ATTENTION, [ins[0], ins[1], ins[2], new["visible"]], **attrs)

@@ -43,10 +43,13 @@ def get(name: str) -> ModuleType:
     return module
 
 
-def check_ops(module, target: str, ops, kv_dtypes=("f32",), masks=None) -> None:
+def check_ops(
+    module, target: str, ops, kv_dtypes=("f32",), masks=None, kv_merge: bool = False
+) -> None:
     """UnsupportedError naming the op (or mask kind, or KV dtype) and `target` for the first
     node of `module` that `target` cannot lower: what every target's check_module starts with.
-    `masks`: the ATTENTION mask kinds it lowers (default: the dense ones, DENSE_MASKS)."""
+    `masks`: the ATTENTION mask kinds it lowers (default: the dense ones, DENSE_MASKS);
+    `kv_merge`: whether it lowers merged KV layers (kv-fusion{merge=slerp})."""
     from arc.errors import UnsupportedError
     from arc.ops import DENSE_MASKS, MASK_KINDS, Op
 
@@ -56,6 +59,12 @@ def check_ops(module, target: str, ops, kv_dtypes=("f32",), masks=None) -> None:
         raise UnsupportedError(
             f"target {target} cannot lower KV cache dtype {module.kv.dtype} "
             f"(kv-fusion{{kv-dtype={module.kv.dtype}}}); it supports {', '.join(kv_dtypes)}"
+        )
+
+    if module.kv.merged and not kv_merge:
+        raise UnsupportedError(
+            f"target {target} cannot lower merged KV layers (kv-fusion{{merge=slerp}}); "
+            "use --target torch, or merge=reuse"
         )
 
     for g in module.functions.values():

@@ -53,7 +53,7 @@ def check_module(module: Module) -> None:
     from arc.ops import MASK_KINDS
     from arc.targets import check_ops
 
-    check_ops(module, NAME, OPS, kv_dtypes=KV_DTYPES, masks=MASK_KINDS)
+    check_ops(module, NAME, OPS, kv_dtypes=KV_DTYPES, masks=MASK_KINDS, kv_merge=True)
 
 
 def _device_info(device: str) -> dict[str, Any]:
