@@ -361,10 +361,12 @@ def _kv_facts(facts) -> list[str]:
     if not isinstance(facts, dict) or not all(isinstance(facts.get(k), int) for k in keys):
         return []
     shared = str(facts.get("shared_kv_layers") or "none")[:80]
+    merge = str(facts.get("kv_merge") or "none")[:8]  # how shared pairs share (reuse, slerp)
     return [
         f"  {'':14} kv cache {facts[keys[0]]} -> {facts[keys[1]]} bytes/token  "
         f"dtype={str(facts.get('kv_dtype'))[:8]}  layers {str(facts.get('kv_layers_before'))[:8]}"
         f" -> {str(facts.get('kv_layers_after'))[:8]}  shared={shared}"
+        f"{'' if merge == 'none' else '  merge=' + merge}"
     ]
 
 

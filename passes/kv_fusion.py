@@ -52,6 +52,22 @@ over 1024 tokens of pydoc_data.topics, reference 12.742), 2026-11-30, shared loa
   46080 -> 44544 bytes per token.
 - share=7 (layers 16..29, the deeper half): agreement 0.022, perplexity +836%; 46080 -> 35328.
   Training-free reuse of another layer's K/V is costly; CLA trains for it, MiniCache merges.
+merge=slerp, measured the same way plus `--long-context 1024` (2026-11-30): the windowed
+perplexity prefills each window in ONE call, where a merged pair attends exactly, so it reads
++0.000% by construction; the streamed one (128 tokens prefilled, then one decode step per
+token, each reading the merged past) is the cost. Streamed, reuse gives its windowed figure.
+- share=1,merge=slerp: agreement 0.766 (first divergence 23.5), streamed perplexity +4.15%
+  (reuse: +5.19%); 46080 -> 44592 bytes per token.
+- share=3,merge=slerp (layers 24..29): agreement 0.300 (first divergence 9.0), streamed
+  +36.8% (reuse: agreement 0.038, +64.8%, 41472); 46080 -> 41616.
+- share=7,merge=slerp: agreement 0.081 (first divergence 2.2), streamed +465% (reuse +836%);
+  46080 -> 35664.
+The merge cuts what reuse costs (share=1: disagreement 0.553 -> 0.234, perplexity cost a fifth
+lower; share=7: nearly half lower), but without retention it does not make the deep half
+mergeable on this 135M model (MiniCache reports its merge of the deeper half near-lossless
+on far larger models, with retention). `reuse` stays the default: it composes with spec-tree,
+sparse-attention and the onnx/tvm targets, which refuse `slerp`, and saves 16 bytes per KV
+head per token more.
 
 Before:  %5 = linear(%4, w=layers.0.wq)  %6 = linear(%4, w=layers.0.wk)  %7 = linear(%4, w=...)
 After:   %5 = linear(%4, w=layers.0.wq+wk+wv)  %6 = slice(%5, start=0, stop=576)  ...

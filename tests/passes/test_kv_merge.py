@@ -14,6 +14,7 @@ from arc.lowering import KVCache, lower, slerp_merge
 from arc.ops import Op
 from arc.pipeline import PassManager
 from arc.verify import VerifyError, verify
+from tests.e2e.cli import arc, assert_clean_error
 
 TINY = ("tiny-llama", "tiny-qwen2", "tiny-mistral")
 MERGE = "kv-fusion{share=1,merge=slerp}"
@@ -214,3 +215,18 @@ def test_compiled_engine(traced, tmp_path, mode):
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.reshape(-1), w.reshape(-1), rtol=1e-4, atol=1e-4)
     assert math.isfinite(float(got[-1].sum()))
+    shown = arc("inspect", str(path))
+    assert shown.returncode == 0, shown.stderr
+    assert "kv cache 512 -> 288 bytes/token  dtype=f32  layers 2 -> 1  shared=0+1  merge=slerp" in (
+        shown.stdout
+    )
+
+
+def test_cli_refuses_a_rows_target(tmp_path):
+    try:
+        targets.get("onnx")
+    except ArcError:
+        pytest.skip("the onnx extra is not installed")
+    out = str(tmp_path / "x.arc")
+    done = arc("compile", "tiny-llama", "--target", "onnx", "--passes", MERGE, "-o", out)
+    assert_clean_error(done, "target onnx cannot lower merged KV layers")
