@@ -206,6 +206,14 @@ class _Emit:
     def emit(self, expr):
         return self.bb.emit(expr)
 
+    def value(self, x):
+        """A Relax value for `x`: a pending slice or sum (`_Pending`) is emitted now, once."""
+        if isinstance(x, _Pending):
+            if x.done is None:
+                x.done = self.emit(x.make())
+            return x.done
+        return x
+
     def w(self, name: str):
         from tvm import relax
 
@@ -226,9 +234,13 @@ class _Emit:
         for n in self.graph.nodes:
             if n.op is Op.INPUT:
                 env[n.id] = self.inputs[n.attrs["name"]]
-            else:
-                env[n.id] = EMIT[n.op](self, n, *[env[i] for i in n.inputs])
-        logits = self.emit(relax.op.expand_dims(env[self.graph.outputs[0]], 0))  # [1, T|1, V]
+                continue
+            args = [env[i] for i in n.inputs]
+            if n.op not in _TAKES_PENDING:
+                args = [self.value(a) for a in args]
+            env[n.id] = EMIT[n.op](self, n, *args)
+        out = self.value(env[self.graph.outputs[0]])
+        logits = self.emit(relax.op.expand_dims(out, 0))  # [1, T|1, V]
         return relax.Tuple([logits, self.rows()])
 
     def rows(self):
@@ -310,23 +322,59 @@ def _embed(e: _Emit, n: Node, tokens):
     return e.emit(relax.op.take(e.w(w), flat, axis=0, mode="clip"))  # [T, hidden]
 
 
+class _Pending:
+    """A slice or a residual sum not emitted yet: its readers that can take it as it is do
+    (RoPE reads q and k in place in the QKV output; an RMSNorm computes the sum with itself),
+    any other reader has it emitted (`_Emit.value`), once."""
+
+    def __init__(self, make, *parts):
+        self.make, self.parts, self.done = make, parts, None
+
+
 def _rmsnorm(e: _Emit, n: Node, x):
     from tvm import relax
 
-    return e.emit(relax.op.nn.rms_norm(x, e.w(n.attrs["w"]), axes=[-1], epsilon=n.attrs["eps"]))
+    w, eps = e.w(n.attrs["w"]), n.attrs["eps"]
+    if isinstance(x, _Pending) and x.done is None and len(x.parts) == 2:  # a residual add
+        dim = int(e.b.module.weights[n.attrs["w"]].shape[0])
+        make = lambda: kernels.add_rms_norm(dim, float(eps))  # noqa: E731
+        shape = [x.parts[0].ty.shape[0], dim]
+        out = e.emit(
+            relax.call_tir(
+                e.b.kernel(("add_rms_norm", dim, float(eps)), make),
+                [*x.parts, w],
+                [relax.TensorType(shape, "float32")] * 2,
+            )
+        )
+        x.done = e.emit(relax.TupleGetItem(out, 0))  # the sum, for its other readers
+        return e.emit(relax.TupleGetItem(out, 1))
+    return e.emit(relax.op.nn.rms_norm(e.value(x), w, axes=[-1], epsilon=eps))
+
+
+def _add(e: _Emit, n: Node, a, b):
+    from tvm import relax
+
+    return _Pending(lambda: relax.op.add(a, b), a, b)
 
 
 def _slice(e: _Emit, n: Node, x):
     from tvm import relax
 
     start, stop = n.attrs["start"], n.attrs["stop"]
-    return e.emit(relax.op.strided_slice(x, axes=[1], begin=[start], end=[stop]))
+    return _Pending(lambda: relax.op.strided_slice(x, axes=[1], begin=[start], end=[stop]), x)
 
 
 def _rope(e: _Emit, n: Node, x, pos):
     heads, d, scale = n.attrs["heads"], n.attrs["head_dim"], float(n.attr("scale", 1.0))
-    key = ("rope", heads, d, scale)
-    make = lambda: kernels.rope(heads, d, scale)  # noqa: E731
+    width, start = None, 0
+    if isinstance(x, _Pending) and x.done is None and len(x.parts) == 1:  # a slice: in place
+        node = e.graph.node(n.inputs[0])
+        src = x.parts[0]
+        width, start = int(src.ty.shape[1]), int(node.attrs["start"])
+        x = src
+    x = e.value(x)
+    key = ("rope", heads, d, scale) + ((width, start) if width else ())
+    make = lambda: kernels.rope(heads, d, scale, width, start)  # noqa: E731
     return e.call(key, make, [x, pos, e.w(n.attrs["w"])], [[e.t, heads * d]])
 
 
@@ -380,13 +428,14 @@ EMIT = {
     Op.ROPE: _rope,
     Op.KV_WRITE: _kv_write,
     Op.ATTENTION: _attention,
-    Op.ADD: lambda e, n, a, b: e.emit(_relax_op().add(a, b)),
+    Op.ADD: _add,
     Op.MUL: lambda e, n, a, b: e.emit(_relax_op().multiply(a, b)),
     Op.SILU: lambda e, n, x: e.emit(_relax_op().nn.silu(x)),
     Op.LAST: _last,
     Op.LM_HEAD: _linear,
 }
 OPS = frozenset(EMIT) | {Op.INPUT}
+_TAKES_PENDING = (Op.ROPE, Op.RMSNORM)  # the emitters that read a `_Pending` as it is
 
 
 def _relax_op():

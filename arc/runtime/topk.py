@@ -27,7 +27,7 @@ def top_successors(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def argmax_and_successors(logits: Tensor, k: int) -> tuple[list[int], tuple[Tensor, Tensor]]:
     """(argmax of each row, exactly torch.argmax's: the first maximal index; top_successors)
-    from one pass for the maxima and one for the normalizer: a step's logits have left the
+    from one pass for the chunk maxima and one for the normalizer: a step's logits have left the
     cache by the time the runtime reads them (the LM head streamed 30 MB after writing its
     first rows), and every pass over them costs ~0.1 ms."""
     x = logits.float()
@@ -38,13 +38,20 @@ def argmax_and_successors(logits: Tensor, k: int) -> tuple[list[int], tuple[Tens
         best = x.argmax(dim=-1).tolist()
     else:
         chunks = x.view(n, vocab // CHUNK, CHUNK)  # [n, C, CHUNK]
-        cmax, carg = chunks.max(dim=-1)  # [n, C]: each chunk's max, its first index
-        first = cmax.argmax(dim=-1, keepdim=True)  # [n, 1]: the first chunk holding the max
-        best = (first * CHUNK + carg.gather(1, first)).reshape(-1).tolist()
+        # amax, not max(dim) with its indices: 0.10 against 0.45 ms for 8 rows on one thread
+        cmax = chunks.amax(dim=-1)  # [n, C]: each chunk's max
+        first = cmax.argmax(dim=-1)  # [n]: the first chunk holding the row's max
+        rows = torch.arange(n)
+        inner = chunks[rows, first].argmax(dim=-1)  # [n]: its first maximal index
+        best = (first * CHUNK + inner).tolist()
         ids = torch.topk(cmax, k, dim=-1).indices  # [n, k] chunk ids
         picked = chunks.gather(1, ids[..., None].expand(n, k, CHUNK))  # [n, k, CHUNK]
         top = torch.topk(picked.reshape(n, k * CHUNK), k, dim=-1)
         values = top.values
         tokens = ids.gather(1, top.indices // CHUNK) * CHUNK + top.indices % CHUNK
-    probs = torch.exp(values - torch.logsumexp(x, dim=-1, keepdim=True))
+    # logsumexp with the row max known: one pass that exponentiates in place (0.30 against
+    # torch.logsumexp's 0.38 ms for 8 rows)
+    top1 = values[:, :1]  # [n, 1]: the row max
+    lse = top1 + (x - top1).exp_().sum(dim=-1, keepdim=True).log()
+    probs = torch.exp(values - lse)
     return best, (tokens, probs)
