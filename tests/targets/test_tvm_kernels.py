@@ -80,3 +80,51 @@ def test_to_panels_moves_rows_innermost():
     p = to_panels(codes)
     assert tuple(p.shape) == (N // PANEL, 3, 4, PANEL)
     assert p[2, 1, 3, 5] == codes[2 * PANEL + 5, 1, 3]
+
+
+@pytest.mark.parametrize("tokens, length", [(1, 37), (3, 16), (5, 0)])
+def test_attention_equals_numpy(tokens, length):
+    """The attention kernel (cache slots then the call's new rows, a u8 mask, GQA, the
+    vectorized exp) against a float64 softmax: masked slots and masked new rows get no
+    weight, and a stale value (NaN) in a masked cache slot never reaches the output."""
+    import tvm
+
+    from arc.targets import tvm_kernels
+
+    heads, kv_heads, d, layers, seq = 4, 2, 32, 2, 48
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    f = tvm_kernels.attention(heads, kv_heads, d, layers, seq).with_attr("global_symbol", "main")
+    fn = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
+    rng = np.random.default_rng(tokens)
+    q = rng.standard_normal((tokens, heads * d)).astype("float32") * 3
+    k = rng.standard_normal((tokens, kv_heads * d)).astype("float32")
+    v = rng.standard_normal((tokens, kv_heads * d)).astype("float32")
+    cache = rng.standard_normal((2 * layers, kv_heads, seq, d)).astype("float32")
+    mask = np.ones((tokens, length + tokens), "uint8")
+    for t in range(tokens):
+        mask[t, length + t + 1 :] = 0  # causal among the new rows
+    if length > 2:
+        mask[:, 1] = 0  # a masked cache slot holding garbage
+        cache[2 * 1 + 1, :, 1] = np.nan
+    out = np.zeros((tokens, heads * d), "float32")
+    p = np.zeros((heads, tokens, length + tokens), "float32")
+    args = [tvm.runtime.tensor(a) for a in (q, k, v, cache)]
+    args += [tvm.runtime.tensor(mask)]
+    outs = [tvm.runtime.tensor(out), tvm.runtime.tensor(p)]
+    fn(*args, 1, *outs)
+    kk = np.concatenate(
+        [cache[2, :, :length], k.reshape(tokens, kv_heads, d).transpose(1, 0, 2)], 1
+    )
+    vv = np.concatenate(
+        [cache[3, :, :length], v.reshape(tokens, kv_heads, d).transpose(1, 0, 2)], 1
+    )
+    ref = np.zeros((tokens, heads, d))
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        s = q.reshape(tokens, heads, d)[:, h].astype("float64") @ kk[g].T / np.sqrt(d)
+        s = np.where(mask == 1, s, -np.inf)
+        w = np.exp(s - s.max(1, keepdims=True))
+        w /= w.sum(1, keepdims=True)
+        ref[:, h] = w @ np.nan_to_num(vv[g].astype("float64"))
+    got = outs[0].numpy().reshape(tokens, heads, d)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
