@@ -3,6 +3,11 @@ decode step, at context 200 and 1000 (the numbers that decide how big a tree can
 
     python benchmarks/verify_cost.py [--model smollm2-135m] [--sizes 2,4,8,16,32] [--reps 15]
         [--format keep|f32|int8|int4|bf16]   # weight-format mode (keep: the GGUF's blocks)
+    python benchmarks/verify_cost.py --engine model.arc [--threads 2]   # any target's engine
+
+With --engine, a built speculative engine (`arc compile ... -O2 --target tvm`, say) is loaded
+as `arc run` loads it and its own verify functions are timed (the sizes its tree ladder has),
+the same way: a chain tree of T nodes after a prefill of the context.
 
 Each verify size is its own `verify` function (spec-tree{budget=T-1}), compiled with the
 torch target's CPU kernels (arc.lowering with gemv=True) by Inductor via torch.compile in this
@@ -45,13 +50,17 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--format", default="keep", help="weight-format mode")
+    ap.add_argument("--engine", help="time this engine's decode and verify functions")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    contexts = [int(c) for c in a.contexts.split(",")]
+    if a.engine:
+        _engine(a, contexts)
+        return
     # every verify size and slot count is its own graph of the same forward(): allow them all
     torch._dynamo.config.recompile_limit = 256
     torch._dynamo.config.accumulated_recompile_limit = 4096
     sizes = [int(s) for s in a.sizes.split(",")]
-    contexts = [int(c) for c in a.contexts.split(",")]
     loaded, traced = trace_model(a.model, max(contexts) + max(sizes) + 64)
     rows = {c: {} for c in contexts}
     for t in sizes:
@@ -80,10 +89,45 @@ def main() -> None:
                 rows[c][t] = _median_ms(lambda s=steps, i=ins: s.verify(*i), a.reps)
         print(f"T={t}: " + ", ".join(f"ctx {c}: {rows[c][t]:.1f} ms" for c in contexts))
     print(f"\n{a.model}, weights {a.format}, {a.threads} threads; verify time / decode step time")
+    _table(rows, contexts, sizes)
+
+
+def _table(rows: dict, contexts: list[int], sizes: list[int]) -> None:
     print(f"{'T':>4}" + "".join(f"{'ctx ' + str(c):>18}" for c in contexts))
     for t in [1, *sizes]:
         cells = [f"{rows[c][t]:7.1f} ms {rows[c][t] / rows[c][1]:5.2f}x" for c in contexts]
         print(f"{t:>4}" + "".join(f"{x:>18}" for x in cells))
+
+
+def _engine(a, contexts: list[int]) -> None:
+    """Time a built engine's decode and verify_T functions (T: the engine's tree ladder)."""
+    import os
+
+    os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))  # the tvm target's thread pool
+    from arc.runtime.load import load_engine
+
+    engine = load_engine(a.engine)
+    steps = engine.generator.steps
+    sizes = list(steps.verify_sizes)
+    if not sizes:
+        raise SystemExit(f"{a.engine}: no verify functions (compile it with -O2 or spec-tree)")
+    limit = steps.max_seq_len - max(sizes) - 1
+    contexts = [c for c in contexts if c <= limit] or [limit]
+    rows = {c: {} for c in contexts}
+    with torch.inference_mode():
+        for c in contexts:
+            steps.reset()
+            steps.prefill([100 + i % 1000 for i in range(c)], 0)
+            rows[c][1] = _median_ms(lambda c=c: steps.decode(5, c), a.reps)
+            for t in sizes:
+                tree = Tree(5)
+                for i in range(t - 1):
+                    tree.add(i, 10 + i)
+                ins = tree.inputs(c, t)
+                rows[c][t] = _median_ms(lambda i=ins: steps.verify(*i), a.reps)
+    target = engine.manifest["target"]["name"]
+    print(f"{a.engine} (target {target}), {a.threads} threads; verify time / decode step time")
+    _table(rows, contexts, sizes)
 
 
 if __name__ == "__main__":
