@@ -79,7 +79,8 @@ def check_module(module: Module) -> None:
 
 
 def _relax_module(module: Module) -> tuple[Any, dict[str, str], list[str]]:
-    """(Relax IRModule, IR function -> Relax function, tensors of the params tuple)."""
+    """(Relax IRModule, IR function -> Relax function, tensors of the params tuple); a
+    speculative module's also has `logits_stats` (`_stats_chunk`)."""
     from arc.targets.tvm_graph import Builder, graph_key
 
     builder, functions, seen = Builder(module), {}, {}
@@ -89,7 +90,29 @@ def _relax_module(module: Module) -> tuple[Any, dict[str, str], list[str]]:
             seen[key] = name
             builder.add(name, graph)
         functions[name] = seen[key]
+    chunk = _stats_chunk(module)
+    if chunk:
+        builder.add_stats(_vocab(module), chunk)
     return builder.get(), functions, list(builder.params)
+
+
+def _vocab(module: Module) -> int:
+    for g in module.functions.values():
+        for n in g.nodes:
+            if n.op is Op.LM_HEAD:
+                return int(module.weights[n.attrs["w"]].shape[0])
+    return 0
+
+
+def _stats_chunk(module: Module) -> int:
+    """The chunk of arc/runtime/topk.py when the runtime will ask for the logits' statistics
+    (a verify function exists, and the vocabulary splits into chunks), else 0."""
+    from arc.runtime.topk import CHUNK
+    from arc.targets.tvm_kernels import LANES
+
+    vocab = _vocab(module)
+    verify = any(name.startswith("verify_") for name in module.functions)
+    return CHUNK if verify and vocab and vocab % CHUNK == 0 and CHUNK % LANES == 0 else 0
 
 
 def _target(cpu: str) -> tuple[Any, dict[str, Any]]:
@@ -107,6 +130,8 @@ def build(
     module: Module, weights: dict, device: str, workdir: Path, options: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     import tvm
+
+    from arc.targets.tvm_graph import STATS
 
     if options.get("mode"):
         raise UnsupportedError("--torch-mode applies to the torch target, not tvm")
@@ -132,6 +157,8 @@ def build(
         "weights_stored_as": formats_used,
         **cpu_info,
     }
+    if _stats_chunk(module):
+        info["stats"] = {"function": STATS, "chunk": _stats_chunk(module)}
     return info, {LIBRARY: path}
 
 
@@ -176,7 +203,7 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
     import tvm
     from tvm import relax
 
-    from arc.targets.tvm_graph import param_specs
+    from arc.targets.tvm_graph import STATS, param_specs
 
     names = list(param_specs(module, _blocks(module)))
     if info["params"] != names:
@@ -199,6 +226,12 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
         calls[name] = _Call(vm[fn], params)
     steps = row_steps(calls, module.kv, device)
     steps._keep_alive = (vm, params, aligned)  # the library reads these buffers
+    stats = info.get("stats")  # absent from engines built before it
+    if isinstance(stats, dict) and stats.get("function") == STATS:
+        try:
+            steps.logit_stats = _Stats(vm[STATS], int(stats["chunk"]))
+        except (AttributeError, TypeError, ValueError) as e:
+            raise EngineError(f"engine's TVM library has no usable {STATS} ({e})") from None
     return steps
 
 
@@ -274,4 +307,19 @@ class _Call:
             for t in feeds
         ]
         out = self.fn(*[tvm.runtime.from_dlpack(t) for t in conv], self._cache(cache), self.params)
+        return torch.from_dlpack(out[0]), torch.from_dlpack(out[1])
+
+
+class _Stats:
+    """`logits [n, V] -> (chunk maxima [n, V/chunk], logsumexp [n])` by the library's
+    logits_stats kernel (arc/runtime/topk.py takes them in place of its torch passes)."""
+
+    def __init__(self, fn, chunk: int):
+        self.fn, self.chunk = fn, chunk
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import tvm
+
+        x = logits.contiguous()
+        out = self.fn(tvm.runtime.from_dlpack(x))
         return torch.from_dlpack(out[0]), torch.from_dlpack(out[1])

@@ -39,6 +39,9 @@ OPAQUE = 8  # relay/relax OpPatternKind kOpaque
 INPUT_DTYPES = {"i64": "int64", "bool": "uint8"}  # bool tensors cross as u8 (see tvm.py)
 
 
+STATS = "logits_stats"  # the Relax function of the logits' chunk maxima and logsumexp
+
+
 def graph_key(graph: Graph) -> tuple:
     """What the Relax function of `graph` depends on: its nodes without their static token
     counts (verify_2, verify_4, ... give the same key and share one function)."""
@@ -185,6 +188,26 @@ class Builder:
                 out = _Emit(self, graph, inputs, cache, params).run()
                 gv = self.bb.emit_output(out)
             self.bb.emit_func_output(gv)
+
+    def add_stats(self, vocab: int, chunk: int) -> None:
+        """Relax function `logits_stats(logits [T, V]) -> (cmax [T, V/chunk], lse [T])`
+        (tvm_kernels.logits_stats), which the runtime calls on a verify's logits."""
+        from tvm import relax
+
+        t_len = self.dims["T"]
+        logits = relax.Var("logits", relax.TensorType([t_len, vocab], "float32"))
+        attrs = {"tir_var_upper_bound": {"T": self.module.kv.max_seq_len}}
+        with self.bb.function(STATS, [logits], attrs=attrs):
+            with self.bb.dataflow():
+                gv = self.kernel(
+                    ("logits_stats", vocab, chunk), lambda: kernels.logits_stats(vocab, chunk)
+                )
+                types = [
+                    relax.TensorType([t_len, vocab // chunk], "float32"),
+                    relax.TensorType([t_len], "float32"),
+                ]
+                out = self.bb.emit_output(self.bb.emit(relax.call_tir(gv, [logits], types)))
+            self.bb.emit_func_output(out)
 
     def get(self):
         return self.bb.get()

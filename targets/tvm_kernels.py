@@ -296,7 +296,7 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int):
                         + r[i]
                         + T.float32(1)
                     )
-                    ev[i] = T.if_then_else(
+                    ev[i] = T.Select(
                         xs[i] < T.float32(EXP_LOW),
                         T.float32(0),
                         ev[i]
@@ -653,3 +653,118 @@ def panel_embed(kind: str, vocab: int, hidden: int, group: int, scale: str = "fl
 
     out = te.compute((t_len, hidden), f, name="embed")
     return te.create_prim_func([tokens, *comps, out])
+
+
+def logits_stats(vocab: int, chunk: int):
+    """PrimFunc (cmax [T, V/chunk], lse [T]) of logits [T, V]: each chunk's max and each row's
+    logsumexp, in one pass over the logits (arc/runtime/topk.py takes them instead of its
+    torch passes: after a verify those read the [T, V] logits three times on one thread).
+
+        for t in parallel(T):
+          M, s = -inf, 0                        # online softmax (Milakov & Gimelshein 2018)
+          for each chunk c:
+            cmax[t, c] = max(x[t, chunk c])     # 16 lanes at a time
+            if cmax > M: s = s * exp(M - cmax); M = cmax
+            s += sum(exp(x[t, chunk c] - M))    # the vectorized exp of `attention`
+          lse[t] = M + log(s)
+    """
+    from tvm.script import tirx as T
+
+    lanes = LANES
+    if chunk % lanes or vocab % chunk:
+        raise UnsupportedError(
+            f"target tvm: logits_stats needs {chunk} | {vocab}, {lanes} | {chunk}"
+        )
+    chunks, vecs = vocab // chunk, chunk // lanes
+    neg = T.float32(float("-inf"))
+
+    @T.prim_func(private=True)
+    def logits_stats_kernel(var_x: T.handle, var_cmax: T.handle, var_lse: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        t_len = T.int64()
+        x = T.match_buffer(var_x, (t_len, vocab), "float32")
+        cmax = T.match_buffer(var_cmax, (t_len, chunks), "float32")
+        lse = T.match_buffer(var_lse, (t_len,), "float32")
+        for t in T.parallel(t_len):
+            acc = T.alloc_buffer((lanes,), "float32")
+            sv = T.alloc_buffer((lanes,), "float32")  # the row's sum of exp, 16 lanes
+            red = T.alloc_buffer((3,), "float32")  # running max M, this chunk's max, sum
+            xs = T.alloc_buffer((lanes,), "float32")
+            fx = T.alloc_buffer((lanes,), "float32")
+            r = T.alloc_buffer((lanes,), "float32")
+            ev = T.alloc_buffer((lanes,), "float32")
+            red[0] = neg
+            for i in T.vectorized(lanes):
+                sv[i] = T.float32(0)
+            for c in range(chunks):
+                for i in T.vectorized(lanes):
+                    acc[i] = x[t, c * chunk + i]
+                for j in range(1, vecs):
+                    for i in T.vectorized(lanes):
+                        acc[i] = T.max(acc[i], x[t, c * chunk + j * lanes + i])
+                for i in T.vectorized(8):
+                    acc[i] = T.max(acc[i], acc[i + 8])
+                for i in T.vectorized(4):
+                    acc[i] = T.max(acc[i], acc[i + 4])
+                for i in T.vectorized(2):
+                    acc[i] = T.max(acc[i], acc[i + 2])
+                red[1] = T.max(acc[0], acc[1])
+                cmax[t, c] = red[1]
+                if red[1] > red[0]:  # a new running max: rescale the sum so far
+                    if red[0] > neg:
+                        for i in T.vectorized(lanes):
+                            sv[i] = sv[i] * T.exp(red[0] - red[1])
+                    red[0] = red[1]
+                if red[0] > neg:  # else the row so far is all -inf: it adds 0
+                    for j in range(vecs):
+                        for i in T.vectorized(lanes):
+                            xs[i] = x[t, c * chunk + j * lanes + i] - red[0]
+                            fx[i] = T.floor(xs[i] * T.float32(LOG2E) + T.float32(0.5))
+                            r[i] = xs[i] - fx[i] * T.float32(LN2_HI) - fx[i] * T.float32(LN2_LO)
+                            ev[i] = (
+                                (
+                                    (
+                                        (
+                                            (
+                                                (
+                                                    T.float32(EXP_POLY[0]) * r[i]
+                                                    + T.float32(EXP_POLY[1])
+                                                )
+                                                * r[i]
+                                                + T.float32(EXP_POLY[2])
+                                            )
+                                            * r[i]
+                                            + T.float32(EXP_POLY[3])
+                                        )
+                                        * r[i]
+                                        + T.float32(EXP_POLY[4])
+                                    )
+                                    * r[i]
+                                    + T.float32(EXP_POLY[5])
+                                )
+                                * r[i]
+                                * r[i]
+                                + r[i]
+                                + T.float32(1)
+                            )
+                            sv[i] = sv[i] + T.Select(
+                                xs[i] < T.float32(EXP_LOW),
+                                T.float32(0),
+                                ev[i]
+                                * T.reinterpret(
+                                    "float32",
+                                    T.shift_left(
+                                        T.Cast("int32", T.max(fx[i], T.float32(-126))) + 127, 23
+                                    ),
+                                ),
+                            )
+            for i in T.vectorized(8):
+                sv[i] = sv[i] + sv[i + 8]
+            for i in T.vectorized(4):
+                sv[i] = sv[i] + sv[i + 4]
+            for i in T.vectorized(2):
+                sv[i] = sv[i] + sv[i + 2]
+            red[2] = sv[0] + sv[1]
+            lse[t] = red[0] + T.log(red[2])
+
+    return logits_stats_kernel

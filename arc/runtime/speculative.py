@@ -220,7 +220,9 @@ class SpeculativeLoop:
                 else accept_relaxed_sampled(tree, logits, sample.params, sample.gen, *self.relaxed)
             )
         elif sample.params.greedy:
-            best, top = argmax_and_successors(logits, TOPK)
+            best, top = argmax_and_successors(
+                logits, TOPK, getattr(self.steps, "logit_stats", None)
+            )
             path, new = accept_greedy(tree, logits, best)
         else:
             path, new = accept_sampled(tree, logits, sample.params, sample.gen)

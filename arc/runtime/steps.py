@@ -47,6 +47,8 @@ class Steps:
         self.ring = ring  # (sink, window) of a ring cache, or None
         self.decode_fn = "decode"  # adaptive layer-skip: the request's decode_skip<k>
         self.latents = None  # output embeddings for relaxed acceptance (arc/runtime/relaxed.py)
+        # logits [n, V] -> (chunk maxima, logsumexp) by the target's kernel (tvm), or None
+        self.logit_stats = None
         self.bucket, self._reset, self._move = bucket, reset, move
         self._positions = torch.arange(max_seq_len, dtype=torch.long, device=device)
 

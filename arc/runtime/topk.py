@@ -25,21 +25,29 @@ def top_successors(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return argmax_and_successors(logits, k)[1]
 
 
-def argmax_and_successors(logits: Tensor, k: int) -> tuple[list[int], tuple[Tensor, Tensor]]:
+def argmax_and_successors(
+    logits: Tensor, k: int, stats=None
+) -> tuple[list[int], tuple[Tensor, Tensor]]:
     """(argmax of each row, exactly torch.argmax's: the first maximal index; top_successors)
     from one pass for the chunk maxima and one for the normalizer: a step's logits have left the
     cache by the time the runtime reads them (the LM head streamed 30 MB after writing its
-    first rows), and every pass over them costs ~0.1 ms."""
+    first rows), and every pass over them costs ~0.1 ms. `stats` (Steps.logit_stats): a
+    target kernel giving the chunk maxima and the logsumexp in one pass, used when the
+    logits have more than one row."""
     x = logits.float()
     n, vocab = x.shape
+    lse = None
     if vocab % CHUNK or vocab // CHUNK < 2 * k:  # small or odd vocabularies: plain topk
         top = torch.topk(x, k, dim=-1)
         values, tokens = top.values, top.indices
         best = x.argmax(dim=-1).tolist()
     else:
         chunks = x.view(n, vocab // CHUNK, CHUNK)  # [n, C, CHUNK]
-        # amax, not max(dim) with its indices: 0.10 against 0.45 ms for 8 rows on one thread
-        cmax = chunks.amax(dim=-1)  # [n, C]: each chunk's max
+        if stats is not None and n > 1:  # tvm: one pass, 16 lanes, 2 threads (0.1 ms)
+            cmax, lse = stats(x)  # [n, C], [n]
+            lse = lse[:, None]
+        else:  # amax, not max(dim) with indices: 0.10 against 0.45 ms for 8 rows
+            cmax = chunks.amax(dim=-1)  # [n, C]: each chunk's max
         first = cmax.argmax(dim=-1)  # [n]: the first chunk holding the row's max
         rows = torch.arange(n)
         inner = chunks[rows, first].argmax(dim=-1)  # [n]: its first maximal index
@@ -49,9 +57,9 @@ def argmax_and_successors(logits: Tensor, k: int) -> tuple[list[int], tuple[Tens
         top = torch.topk(picked.reshape(n, k * CHUNK), k, dim=-1)
         values = top.values
         tokens = ids.gather(1, top.indices // CHUNK) * CHUNK + top.indices % CHUNK
-    # logsumexp with the row max known: one pass that exponentiates in place (0.30 against
-    # torch.logsumexp's 0.38 ms for 8 rows)
-    top1 = values[:, :1]  # [n, 1]: the row max
-    lse = top1 + (x - top1).exp_().sum(dim=-1, keepdim=True).log()
+    if lse is None:  # with the row max known: one pass that exponentiates in place (0.30
+        # against torch.logsumexp's 0.38 ms for 8 rows)
+        top1 = values[:, :1]  # [n, 1]: the row max
+        lse = top1 + (x - top1).exp_().sum(dim=-1, keepdim=True).log()
     probs = torch.exp(values - lse)
     return best, (tokens, probs)

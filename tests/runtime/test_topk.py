@@ -43,3 +43,24 @@ def test_argmax_is_torch_s_first_maximal_index(vocab):
     assert best == x.argmax(-1).tolist()
     assert best[1] == 5 and best[2] == 2 and best[3] == 0
     assert torch.equal(x.gather(1, tokens[:, :1]).reshape(-1), x.max(-1).values)
+
+
+def test_target_stats_give_the_same_tokens_and_probabilities():
+    """`stats` (a target's chunk maxima and logsumexp, tvm's logits_stats kernel) in place of
+    the torch passes: the same argmax and successors; probabilities to fp32 rounding."""
+    import torch
+
+    from arc.runtime.topk import CHUNK, argmax_and_successors
+
+    x = torch.randn(5, 64 * CHUNK) * 4
+    x[2, 3 * CHUNK + 7] = x[2].max() + 1  # a clear max
+    x[3, 10] = x[3, 5000] = x[3].max() + 2  # a tie: the first index wins
+
+    def stats(t):
+        return t.view(t.shape[0], -1, CHUNK).amax(-1), torch.logsumexp(t, -1)
+
+    best, (tok, p) = argmax_and_successors(x, 4)
+    best2, (tok2, p2) = argmax_and_successors(x, 4, stats)
+    assert best == best2 == x.argmax(-1).tolist()
+    assert torch.equal(tok, tok2)
+    torch.testing.assert_close(p, p2)

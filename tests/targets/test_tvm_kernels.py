@@ -128,3 +128,28 @@ def test_attention_equals_numpy(tokens, length):
         ref[:, h] = w @ np.nan_to_num(vv[g].astype("float64"))
     got = outs[0].numpy().reshape(tokens, heads, d)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_logits_stats_equal_torch(rows):
+    """logits_stats: each 128-logit chunk's max exactly, and each row's logsumexp to fp32
+    rounding, with the running max rising mid-row (the online rescale) and -inf logits."""
+    import torch
+    import tvm
+
+    from arc.targets import tvm_kernels
+
+    vocab, chunk = 64 * 128, 128
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    f = tvm_kernels.logits_stats(vocab, chunk).with_attr("global_symbol", "main")
+    fn = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
+    x = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows)) * 5
+    x[:, 40 * chunk + 3] += 30  # a later chunk takes over the running max
+    x[0, :chunk] = float("-inf")  # a whole chunk masked out
+    args = [tvm.runtime.from_dlpack(x.clone())]
+    args += [tvm.runtime.tensor(np.zeros((rows, vocab // chunk), "float32"))]
+    args += [tvm.runtime.tensor(np.zeros((rows,), "float32"))]
+    fn(*args)
+    assert torch.equal(torch.from_numpy(args[1].numpy()), x.view(rows, -1, chunk).amax(-1))
+    want = torch.logsumexp(x.double(), -1).float()
+    torch.testing.assert_close(torch.from_numpy(args[2].numpy()), want, rtol=1e-6, atol=1e-5)
