@@ -41,6 +41,11 @@ Measured on smollm2-135m (benchmarks/sink_window.py, 2026-11-30, eager, shared m
 pydoc_data.topics streamed one token per decode step is 13.35 against 12.74 for a dense
 cache holding all of it (+4.7%); on text that fits the ring (`arc eval --ppl-tokens 256`) it
 is identical to dense (17.2350 both) and greedy agreement is 1.000 (10 prompts x 32 tokens).
+Through 4096 tokens (`arc eval smollm2-135m --passes 'sparse-attention{kind=sink-window,
+sink=4}' --max-seq-len 256 --long-context 4096 --prompts SHORT.json`, the 6 shipped prompts
+under 100 characters; 15 min on one thread): 13.233 against 10.834 for a dense cache of 4096
+(+22.1%): the ring attends to 256 of up to 4096 tokens, which the long text's later tokens
+miss (StreamingLLM's claim is stability past the cache, not dense quality).
 
 block-topk, how it is lowered (arc/block_topk.py, arc/lowering.py) and why:
 - Key summaries are state kept at KV_WRITE (what Quest does), not recomputed from the cache
