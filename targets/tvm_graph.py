@@ -20,6 +20,7 @@ weight fp32), bound once at load, never baked into the library; returns
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from arc import formats
@@ -223,6 +224,7 @@ class _Emit:
         self.weights: dict[str, Any] = {}
         self.written: dict[int, tuple[Any, Any]] = {}  # layer -> (k, v) as [T, KV*D]
         self.masks: dict[Any, Any] = {}
+        self.tables: dict[Any, Any] = {}  # (inv_freq, scale, pos) -> RoPE's cos/sin table
         self.t = 1 if _one_token(graph) else b.dims["T"]
 
     def emit(self, expr):
@@ -345,19 +347,23 @@ def _embed(e: _Emit, n: Node, tokens):
 
 
 class _Pending:
-    """A slice or a residual sum not emitted yet: its readers that can take it as it is do
-    (RoPE reads q and k in place in the QKV output; an RMSNorm computes the sum with itself),
-    any other reader has it emitted (`_Emit.value`), once."""
+    """A slice, a residual sum or a SiLU not emitted yet (`kind`: slice, add, silu): its
+    readers that can take it as it is do (RoPE reads q and k in place in the QKV output; an
+    RMSNorm computes the sum with itself; SwiGLU's product reads gate and up in place), any
+    other reader has it emitted (`_Emit.value`), once."""
 
-    def __init__(self, make, *parts):
-        self.make, self.parts, self.done = make, parts, None
+    def __init__(self, make, *parts, kind: str, span: tuple[int, int] | None = None):
+        self.make, self.parts, self.kind, self.span, self.done = make, parts, kind, span, None
+
+    def fresh(self, kind: str) -> bool:
+        return self.kind == kind and self.done is None
 
 
 def _rmsnorm(e: _Emit, n: Node, x):
     from tvm import relax
 
     w, eps = e.w(n.attrs["w"]), n.attrs["eps"]
-    if isinstance(x, _Pending) and x.done is None and len(x.parts) == 2:  # a residual add
+    if isinstance(x, _Pending) and x.fresh("add"):  # a residual add
         dim = int(e.b.module.weights[n.attrs["w"]].shape[0])
         make = lambda: kernels.add_rms_norm(dim, float(eps))  # noqa: E731
         shape = [x.parts[0].ty.shape[0], dim]
@@ -376,28 +382,62 @@ def _rmsnorm(e: _Emit, n: Node, x):
 def _add(e: _Emit, n: Node, a, b):
     from tvm import relax
 
-    return _Pending(lambda: relax.op.add(a, b), a, b)
+    return _Pending(lambda: relax.op.add(a, b), a, b, kind="add")
 
 
 def _slice(e: _Emit, n: Node, x):
     from tvm import relax
 
     start, stop = n.attrs["start"], n.attrs["stop"]
-    return _Pending(lambda: relax.op.strided_slice(x, axes=[1], begin=[start], end=[stop]), x)
+    slice_ = lambda: relax.op.strided_slice(x, axes=[1], begin=[start], end=[stop])  # noqa: E731
+    return _Pending(slice_, x, kind="slice", span=(start, stop))
+
+
+def _silu(e: _Emit, n: Node, x):
+    return _Pending(lambda: _relax_op().nn.silu(e.value(x)), x, kind="silu")
+
+
+def _mul(e: _Emit, n: Node, a, b):
+    """a * b; SwiGLU's silu(gate) * up over two slices of one gate/up output is one
+    `silu_mul` kernel reading both in place."""
+    for gate, up in ((a, b), (b, a)):
+        if not (isinstance(gate, _Pending) and gate.fresh("silu")):
+            continue
+        sl = gate.parts[0]
+        if not (isinstance(sl, _Pending) and sl.kind == "slice" and isinstance(up, _Pending)):
+            continue
+        if up.kind != "slice" or up.parts[0] is not sl.parts[0]:
+            continue
+        (a0, a1), (b0, b1), src = sl.span, up.span, sl.parts[0]
+        width = a1 - a0
+        if b1 - b0 != width or width % kernels.LANES:
+            continue
+        cols = int(src.ty.shape[1])
+        make = functools.partial(kernels.silu_mul, cols, a0, b0, width)
+        key = ("silu_mul", cols, a0, b0, width)
+        return e.call(key, make, [src], [[src.ty.shape[0], width]])
+    return e.emit(_relax_op().multiply(e.value(a), e.value(b)))
 
 
 def _rope(e: _Emit, n: Node, x, pos):
     heads, d, scale = n.attrs["heads"], n.attrs["head_dim"], float(n.attr("scale", 1.0))
     width, start = None, 0
-    if isinstance(x, _Pending) and x.done is None and len(x.parts) == 1:  # a slice: in place
+    if isinstance(x, _Pending) and x.fresh("slice"):  # in place
         node = e.graph.node(n.inputs[0])
         src = x.parts[0]
         width, start = int(src.ty.shape[1]), int(node.attrs["start"])
         x = src
     x = e.value(x)
-    key = ("rope", heads, d, scale) + ((width, start) if width else ())
-    make = lambda: kernels.rope(heads, d, scale, width, start)  # noqa: E731
-    return e.call(key, make, [x, pos, e.w(n.attrs["w"])], [[e.t, heads * d]])
+    half = d // 2
+    table = (n.attrs["w"], scale, id(pos))  # pos: a live value of this function's env
+    if table not in e.tables:  # cos and sin [T, 2, D/2], once per function
+        make_cs = lambda: kernels.rope_table(half, scale)  # noqa: E731
+        e.tables[table] = e.call(
+            ("rope_table", half, scale), make_cs, [pos, e.w(n.attrs["w"])], [[e.t, 2, half]]
+        )
+    key = ("rope", heads, d) + ((width, start) if width else ())
+    make = lambda: kernels.rope(heads, d, width, start)  # noqa: E731
+    return e.call(key, make, [x, e.tables[table]], [[e.t, heads * d]])
 
 
 def _kv_write(e: _Emit, n: Node, k, v, write) -> dict[str, Any]:
@@ -451,13 +491,13 @@ EMIT = {
     Op.KV_WRITE: _kv_write,
     Op.ATTENTION: _attention,
     Op.ADD: _add,
-    Op.MUL: lambda e, n, a, b: e.emit(_relax_op().multiply(a, b)),
-    Op.SILU: lambda e, n, x: e.emit(_relax_op().nn.silu(x)),
+    Op.MUL: _mul,
+    Op.SILU: _silu,
     Op.LAST: _last,
     Op.LM_HEAD: _linear,
 }
 OPS = frozenset(EMIT) | {Op.INPUT}
-_TAKES_PENDING = (Op.ROPE, Op.RMSNORM)  # the emitters that read a `_Pending` as it is
+_TAKES_PENDING = (Op.ROPE, Op.RMSNORM, Op.SILU, Op.MUL)  # emitters that take a `_Pending`
 
 
 def _relax_op():

@@ -1,4 +1,4 @@
-"""Hand-scheduled TIR kernels for the tvm target: GEMV/small-T GEMM, attention, mask, RoPE.
+"""Hand-scheduled TIR kernels for the tvm target: GEMV/small-T GEMM, attention, mask, RoPE, SwiGLU.
 
 Decode on a CPU is memory-bound: each token reads every weight once, so the projection
 kernel must stream weights at DRAM bandwidth. TVM's default CPU pipeline leaves the
@@ -78,28 +78,27 @@ def _schedule_gemv(sch, n: int, k: int):
     return ji
 
 
-def rope(heads: int, d: int, scale: float, width: int | None = None, start: int = 0):
-    """PrimFunc out[T, H*D] = x * cos + rotate_half(x) * sin at angles pos * inv_freq
-    (half-split layout, as arc.lowering._rope), of the H*D columns of x [T, width] from
-    `start` on: q or k read in place from the fused QKV projection's output, so no slice of
-    it is copied out first (one kernel call instead of two, 60 fewer calls a step)."""
+def rope(heads: int, d: int, width: int | None = None, start: int = 0):
+    """PrimFunc out[T, H*D] = x * cos + rotate_half(x) * sin (half-split layout, as
+    arc.lowering._rope), with cos and sin from `rope_table` [T, 2, D/2], of the H*D columns of
+    x [T, width] from `start` on: q or k read in place from the fused QKV projection's output,
+    so no slice of it is copied out first (one kernel call instead of two, 60 fewer calls a
+    step)."""
     from tvm import te, tirx
 
     t_len, half, n = tirx.Var("T", "int64"), d // 2, heads * d
     x = te.placeholder((t_len, width or n), "float32", name="x")
-    pos = te.placeholder((t_len,), "int64", name="pos")
-    inv_freq = te.placeholder((half,), "float32", name="inv_freq")
+    cs = te.placeholder((t_len, 2, half), "float32", name="cs")
 
     def f(t, j):
         i = j % d
-        angle = pos[t].astype("float32") * inv_freq[i % half]
         lo = x[t, start + tirx.max(j - half, 0)]  # x[.., i - D/2] for the upper half
         hi = x[t, start + tirx.min(j + half, n - 1)]  # x[.., i + D/2] for the lower half
         rot = tirx.if_then_else(i < half, -hi, lo)
-        return x[t, start + j] * (tirx.cos(angle) * scale) + rot * (tirx.sin(angle) * scale)
+        return x[t, start + j] * cs[t, 0, i % half] + rot * cs[t, 1, i % half]
 
     out = te.compute((t_len, n), f, name="rope")
-    return te.create_prim_func([x, pos, inv_freq, out])
+    return te.create_prim_func([x, cs, out])
 
 
 def add_rms_norm(dim: int, eps: float):
@@ -107,7 +106,7 @@ def add_rms_norm(dim: int, eps: float):
     that reads it in one kernel with two outputs (TensorRT-LLM's and vLLM's fused
     add-RMSNorm); Relax's FuseOps cannot fuse them, the sum having another reader (the next
     residual add). As arc.lowering: w * (s * rsqrt(mean(s^2) + eps)), in fp32."""
-    from tvm import te, tirx
+    from tvm import s_tir, te, tirx
 
     t_len = tirx.Var("T", "int64")
     a = te.placeholder((t_len, dim), "float32", name="a")
@@ -120,7 +119,84 @@ def add_rms_norm(dim: int, eps: float):
         (t_len,), lambda t: tirx.rsqrt(sq[t] / tirx.const(dim, "float32") + eps), name="inv"
     )
     y = te.compute((t_len, dim), lambda t, j: w[j] * (s[t, j] * inv[t]), name="norm")
-    return te.create_prim_func([a, b, w, s, y])
+    sch = s_tir.Schedule(te.create_prim_func([a, b, w, s, y]))
+    if dim % LANES == 0:  # 16 lanes at a time (unscheduled TE is a scalar loop: 7 us a row)
+        for name in ("sum", "norm"):
+            _, j = sch.get_loops(sch.get_sblock(name))
+            sch.vectorize(sch.split(j, [None, LANES])[1])
+        sq = sch.get_sblock("sq")
+        _, k = sch.get_loops(sq)
+        _, ki = sch.split(k, [None, LANES])
+        rf = sch.rfactor(ki, 0)  # 16 partial sums of squares in one vector, then their sum
+        t, ko, ki = sch.get_loops(rf)
+        sch.reorder(t, ko, ki)
+        sch.vectorize(ki)
+    return sch.mod["main"]
+
+
+def silu_mul(width: int, a0: int, b0: int, n: int):
+    """PrimFunc out[T, n] = silu(x[:, a0:a0+n]) * x[:, b0:b0+n] of x [T, width]: SwiGLU's
+    gate and product read in place from the fused gate/up projection's output (one call where
+    Relax's default pipeline, which runs no FuseOps, made four: two slices, SiLU, multiply;
+    its SiLU was a scalar expf per element, 1.2 ms of a T=8 verify). silu(a) = a / (1 + exp(-a))
+    with `exp_expr`'s polynomial (-a clamped at EXP_HIGH: silu is -0 there in fp32 too), 16
+    lanes at a time; rows in sequence (8 rows of 1536 are ~10 us, less than waking the pool).
+    TE, not TVMScript: Relax asks any one-input kernel whether it is a reshape, which needs
+    the block structure TE gives."""
+    from tvm import s_tir, te, tirx
+
+    if n % LANES:
+        raise UnsupportedError(f"target tvm: silu_mul width {n} is not a multiple of {LANES}")
+    t_len = tirx.Var("T", "int64")
+    x = te.placeholder((t_len, width), "float32", name="x")
+
+    def f(t, j):
+        a = x[t, a0 + j]
+        e = exp_expr(tirx.min(-a, tirx.const(EXP_HIGH, "float32")))
+        return a / (tirx.const(1, "float32") + e) * x[t, b0 + j]
+
+    out = te.compute((t_len, n), f, name="silu_mul")
+    sch = s_tir.Schedule(te.create_prim_func([x, out]))
+    _, j = sch.get_loops(sch.get_sblock("silu_mul"))
+    _, ji = sch.split(j, [None, LANES])
+    sch.vectorize(ji)
+    return sch.mod["main"]
+
+
+def exp_expr(x):
+    """exp(x) as a PrimExpr, the polynomial of `exp_lane` (x <= EXP_HIGH; 0 below EXP_LOW)."""
+    from tvm import tirx
+
+    def c(v):
+        return tirx.const(v, "float32")
+
+    fx = tirx.floor(x * c(LOG2E) + c(0.5))
+    r = x - fx * c(LN2_HI) - fx * c(LN2_LO)
+    p = c(EXP_POLY[0])
+    for coef in EXP_POLY[1:]:
+        p = p * r + c(coef)
+    p = p * r * r + r + c(1)
+    n = tirx.Cast("int32", tirx.max(fx, c(-126))) + tirx.const(127, "int32")
+    scale = tirx.reinterpret("float32", tirx.shift_left(n, tirx.const(23, "int32")))
+    return tirx.Select(x < c(EXP_LOW), c(0), p * scale)
+
+
+def rope_table(half: int, scale: float):
+    """PrimFunc cs[T, 2, half] = (cos, sin)(pos[t] * inv_freq[i]) * scale: the angles of a
+    call's tokens, computed once per function and read by all its `rope` calls (two per
+    layer), not once per element of each (a scalar cos and sin: 1 ms of a T=8 verify)."""
+    from tvm import te, tirx
+
+    t_len = tirx.Var("T", "int64")
+    pos = te.placeholder((t_len,), "int64", name="pos")
+    inv_freq = te.placeholder((half,), "float32", name="inv_freq")
+
+    def f(t, c, i):
+        angle = pos[t].astype("float32") * inv_freq[i]
+        return tirx.if_then_else(c == 0, tirx.cos(angle) * scale, tirx.sin(angle) * scale)
+
+    cs = te.compute((t_len, 2, half), f, name="rope_table")
+    return te.create_prim_func([pos, inv_freq, cs])
 
 
 def mask(kind: str, window: int):
@@ -174,6 +250,69 @@ EXP_POLY = (
     5.0000001201e-1,
 )
 EXP_LOW = -87.0  # exp below this (masked slots' -inf among them) is 0 here
+EXP_HIGH = 88.0  # exp(88) = 1.65e38 still fits a float32
+
+
+def sum16_lanes():
+    """T.macro `sum16(acc)`: halving adds over a 16-lane buffer, after which acc[0] + acc[1] is
+    the sum of its lanes (a tree, not 16 adds in a chain)."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def f(acc):
+        for i in T.vectorized(8):
+            acc[i] = acc[i] + acc[i + 8]
+        for i in T.vectorized(4):
+            acc[i] = acc[i] + acc[i + 4]
+        for i in T.vectorized(2):
+            acc[i] = acc[i] + acc[i + 2]
+
+    return f
+
+
+def exp_lane():
+    """T.macro `exp_lane(xs, fx, r, ev, i)`: ev[i] = exp(xs[i]) by the polynomial above (0
+    where xs[i] < EXP_LOW, -inf among them; xs[i] must be <= EXP_HIGH); fx, r are scratch.
+    Called inside a `T.vectorized` loop over i, it is 16 lanes of branch-free arithmetic
+    (T.Select: T.if_then_else there is scalarized lane by lane)."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def f(xs, fx, r, ev, i):
+        fx[i] = T.floor(xs[i] * T.float32(LOG2E) + T.float32(0.5))  # n
+        r[i] = xs[i] - fx[i] * T.float32(LN2_HI) - fx[i] * T.float32(LN2_LO)
+        ev[i] = (
+            (
+                (
+                    (
+                        (
+                            ((T.float32(EXP_POLY[0]) * r[i] + T.float32(EXP_POLY[1])) * r[i])
+                            + T.float32(EXP_POLY[2])
+                        )
+                        * r[i]
+                        + T.float32(EXP_POLY[3])
+                    )
+                    * r[i]
+                    + T.float32(EXP_POLY[4])
+                )
+                * r[i]
+                + T.float32(EXP_POLY[5])
+            )
+            * r[i]
+            * r[i]
+            + r[i]
+            + T.float32(1)
+        )
+        ev[i] = T.Select(
+            xs[i] < T.float32(EXP_LOW),
+            T.float32(0),
+            ev[i]
+            * T.reinterpret(
+                "float32", T.shift_left(T.Cast("int32", T.max(fx[i], T.float32(-126))) + 127, 23)
+            ),
+        )
+
+    return f
 
 
 def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int):
@@ -186,6 +325,7 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int):
     g, scale, lanes = heads // kv_heads, d**-0.5, LANES
     chunks = d // lanes
     neg = T.float32(float("-inf"))
+    exp, sum16 = exp_lane(), sum16_lanes()
 
     @T.prim_func(private=True)
     def attention_kernel(
@@ -214,7 +354,7 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int):
             # heap workspace per task
             acc = T.alloc_buffer((lanes,), "float32")
             o = T.alloc_buffer((d,), "float32")
-            o2 = T.alloc_buffer((d,), "float32")  # odd slots' sum: two FMA chains
+            acc2 = T.alloc_buffer((lanes,), "float32")  # odd chunks' products: two chains
             red = T.alloc_buffer((2,), "float32")  # running max, then sum
             qh = T.alloc_buffer((d,), "float32")  # this head's query
             xs = T.alloc_buffer((lanes,), "float32")  # exp's argument, n, reduced argument
@@ -226,32 +366,43 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int):
             kvh = h // g
             for i in T.vectorized(d):
                 qh[i] = q[t, h * d + i]
-            for s in range(l_len + t_len):  # scores; the max after, not a chain through here
+            for s in range(l_len):  # scores over the cache; the max after
                 p[h, t, s] = neg
                 if m[t, s] != T.uint8(0):
                     for i in T.vectorized(lanes):
                         acc[i] = T.float32(0)
-                    if s < l_len:
-                        for c in range(chunks):
-                            for i in T.vectorized(lanes):
-                                acc[i] = (
-                                    acc[i]
-                                    + qh[c * lanes + i] * cache[2 * layer, kvh, s, c * lanes + i]
-                                )
-                    else:
-                        for c in range(chunks):
-                            for i in T.vectorized(lanes):
-                                acc[i] = (
-                                    acc[i]
-                                    + qh[c * lanes + i] * k[s - l_len, kvh * d + c * lanes + i]
-                                )
-                    for i in T.vectorized(8):  # a tree of halving adds, not 16 in a chain
-                        acc[i] = acc[i] + acc[i + 8]
-                    for i in T.vectorized(4):
-                        acc[i] = acc[i] + acc[i + 4]
-                    for i in T.vectorized(2):
-                        acc[i] = acc[i] + acc[i + 2]
+                        acc2[i] = T.float32(0)
+                    for c in range(chunks // 2):  # even chunks into acc, odd into acc2
+                        for i in T.vectorized(lanes):
+                            acc[i] = (
+                                acc[i]
+                                + qh[2 * c * lanes + i]
+                                * cache[2 * layer, kvh, s, 2 * c * lanes + i]
+                            )
+                            acc2[i] = (
+                                acc2[i]
+                                + qh[(2 * c + 1) * lanes + i]
+                                * cache[2 * layer, kvh, s, (2 * c + 1) * lanes + i]
+                            )
+                    for c in range(chunks // 2 * 2, chunks):
+                        for i in T.vectorized(lanes):
+                            acc[i] = (
+                                acc[i] + qh[c * lanes + i] * cache[2 * layer, kvh, s, c * lanes + i]
+                            )
+                    for i in T.vectorized(lanes):
+                        acc[i] = acc[i] + acc2[i]
+                    sum16(acc)
                     p[h, t, s] = (acc[0] + acc[1]) * T.float32(scale)
+            for j in range(t_len):  # scores over this call's new rows
+                p[h, t, l_len + j] = neg
+                if m[t, l_len + j] != T.uint8(0):
+                    for i in T.vectorized(lanes):
+                        acc[i] = T.float32(0)
+                    for c in range(chunks):
+                        for i in T.vectorized(lanes):
+                            acc[i] = acc[i] + qh[c * lanes + i] * k[j, kvh * d + c * lanes + i]
+                    sum16(acc)
+                    p[h, t, l_len + j] = (acc[0] + acc[1]) * T.float32(scale)
             for i in T.vectorized(lanes):  # the max, 16 slots at a time
                 acc[i] = neg
             for so in range((l_len + t_len) // lanes):
@@ -271,70 +422,23 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int):
             for so in range((l_len + t_len) // lanes):
                 for i in T.vectorized(lanes):
                     xs[i] = p[h, t, so * lanes + i] - red[0]  # <= 0, or -inf where masked
-                    fx[i] = T.floor(xs[i] * T.float32(LOG2E) + T.float32(0.5))  # n
-                    r[i] = xs[i] - fx[i] * T.float32(LN2_HI) - fx[i] * T.float32(LN2_LO)
-                    ev[i] = (
-                        (
-                            (
-                                (
-                                    (
-                                        (T.float32(EXP_POLY[0]) * r[i] + T.float32(EXP_POLY[1]))
-                                        * r[i]
-                                        + T.float32(EXP_POLY[2])
-                                    )
-                                    * r[i]
-                                    + T.float32(EXP_POLY[3])
-                                )
-                                * r[i]
-                                + T.float32(EXP_POLY[4])
-                            )
-                            * r[i]
-                            + T.float32(EXP_POLY[5])
-                        )
-                        * r[i]
-                        * r[i]
-                        + r[i]
-                        + T.float32(1)
-                    )
-                    ev[i] = T.Select(
-                        xs[i] < T.float32(EXP_LOW),
-                        T.float32(0),
-                        ev[i]
-                        * T.reinterpret(
-                            "float32",
-                            T.shift_left(T.Cast("int32", T.max(fx[i], T.float32(-126))) + 127, 23),
-                        ),
-                    )
+                    exp(xs, fx, r, ev, i)
                     p[h, t, so * lanes + i] = ev[i]
                     acc[i] = acc[i] + ev[i]
             for s in range((l_len + t_len) // lanes * lanes, l_len + t_len):
                 p[h, t, s] = T.exp(p[h, t, s] - red[0])
                 acc[0] = acc[0] + p[h, t, s]
-            for i in T.vectorized(8):
-                acc[i] = acc[i] + acc[i + 8]
-            for i in T.vectorized(4):
-                acc[i] = acc[i] + acc[i + 4]
-            for i in T.vectorized(2):
-                acc[i] = acc[i] + acc[i + 2]
+            sum16(acc)
             red[1] = acc[0] + acc[1]
             for i in T.vectorized(d):
                 o[i] = T.float32(0)
-                o2[i] = T.float32(0)
-            for s2 in range(l_len // 2):  # even slots into o, odd into o2
-                if p[h, t, 2 * s2] != T.float32(0):
-                    for i in T.vectorized(d):
-                        o[i] = o[i] + p[h, t, 2 * s2] * cache[2 * layer + 1, kvh, 2 * s2, i]
-                if p[h, t, 2 * s2 + 1] != T.float32(0):
-                    for i in T.vectorized(d):
-                        o2[i] = (
-                            o2[i] + p[h, t, 2 * s2 + 1] * cache[2 * layer + 1, kvh, 2 * s2 + 1, i]
-                        )
-            for s in range(l_len // 2 * 2, l_len):
+            # one set of accumulators: a second set for odd slots was spilled to the stack by
+            # LLVM (a load-FMA-store chain per slot), 16% slower at T=8. Masked slots (p = 0)
+            # are skipped, so a stale row there never reaches the output (0 * NaN)
+            for s in range(l_len):
                 if p[h, t, s] != T.float32(0):
                     for i in T.vectorized(d):
                         o[i] = o[i] + p[h, t, s] * cache[2 * layer + 1, kvh, s, i]
-            for i in T.vectorized(d):
-                o[i] = o[i] + o2[i]
             for j in range(t_len):
                 if p[h, t, l_len + j] != T.float32(0):
                     for i in T.vectorized(d):
@@ -677,6 +781,7 @@ def logits_stats(vocab: int, chunk: int):
         )
     chunks, vecs = vocab // chunk, chunk // lanes
     neg = T.float32(float("-inf"))
+    exp, sum16 = exp_lane(), sum16_lanes()
 
     @T.prim_func(private=True)
     def logits_stats_kernel(var_x: T.handle, var_cmax: T.handle, var_lse: T.handle):
@@ -719,51 +824,9 @@ def logits_stats(vocab: int, chunk: int):
                     for j in range(vecs):
                         for i in T.vectorized(lanes):
                             xs[i] = x[t, c * chunk + j * lanes + i] - red[0]
-                            fx[i] = T.floor(xs[i] * T.float32(LOG2E) + T.float32(0.5))
-                            r[i] = xs[i] - fx[i] * T.float32(LN2_HI) - fx[i] * T.float32(LN2_LO)
-                            ev[i] = (
-                                (
-                                    (
-                                        (
-                                            (
-                                                (
-                                                    T.float32(EXP_POLY[0]) * r[i]
-                                                    + T.float32(EXP_POLY[1])
-                                                )
-                                                * r[i]
-                                                + T.float32(EXP_POLY[2])
-                                            )
-                                            * r[i]
-                                            + T.float32(EXP_POLY[3])
-                                        )
-                                        * r[i]
-                                        + T.float32(EXP_POLY[4])
-                                    )
-                                    * r[i]
-                                    + T.float32(EXP_POLY[5])
-                                )
-                                * r[i]
-                                * r[i]
-                                + r[i]
-                                + T.float32(1)
-                            )
-                            sv[i] = sv[i] + T.Select(
-                                xs[i] < T.float32(EXP_LOW),
-                                T.float32(0),
-                                ev[i]
-                                * T.reinterpret(
-                                    "float32",
-                                    T.shift_left(
-                                        T.Cast("int32", T.max(fx[i], T.float32(-126))) + 127, 23
-                                    ),
-                                ),
-                            )
-            for i in T.vectorized(8):
-                sv[i] = sv[i] + sv[i + 8]
-            for i in T.vectorized(4):
-                sv[i] = sv[i] + sv[i + 4]
-            for i in T.vectorized(2):
-                sv[i] = sv[i] + sv[i + 2]
+                            exp(xs, fx, r, ev, i)
+                            sv[i] = sv[i] + ev[i]
+            sum16(sv)
             red[2] = sv[0] + sv[1]
             lse[t] = red[0] + T.log(red[2])
 

@@ -153,3 +153,64 @@ def test_logits_stats_equal_torch(rows):
     assert torch.equal(torch.from_numpy(args[1].numpy()), x.view(rows, -1, chunk).amax(-1))
     want = torch.logsumexp(x.double(), -1).float()
     torch.testing.assert_close(torch.from_numpy(args[2].numpy()), want, rtol=1e-6, atol=1e-5)
+
+
+def _compile(func):
+    import tvm
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    return tvm.compile(
+        tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target
+    )["main"]
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_silu_mul_equals_torch(rows):
+    """silu_mul: silu(gate) * up read in place from a [T, 2I] gate/up output, to fp32 rounding
+    (float64 reference), over the whole range: large |gate| where exp(-gate) under- or
+    overflows (silu -> gate, silu -> -0), and 0."""
+    import torch
+    import tvm
+
+    from arc.targets import tvm_kernels
+
+    inner = 48
+    fn = _compile(tvm_kernels.silu_mul(2 * inner + 16, 16, 16 + inner, inner))
+    x = torch.randn(rows, 2 * inner + 16, generator=torch.Generator().manual_seed(rows)) * 4
+    x[0, 16:22] = torch.tensor([0.0, 95.0, -95.0, 88.5, -88.5, 1e-30])
+    out = tvm.runtime.tensor(np.zeros((rows, inner), "float32"))
+    fn(tvm.runtime.from_dlpack(x.clone()), out)
+    gate, up = x[:, 16 : 16 + inner].double(), x[:, 16 + inner : 16 + 2 * inner].double()
+    want = (torch.nn.functional.silu(gate) * up).float()
+    torch.testing.assert_close(torch.from_numpy(out.numpy()), want, rtol=2e-6, atol=1e-30)
+
+
+def test_rope_from_table_equals_lowering():
+    """rope_table + rope (q read in place at a column offset of a QKV output) against
+    arc.lowering's RoPE math in torch, to fp32 rounding."""
+    import torch
+    import tvm
+
+    from arc.targets import tvm_kernels
+
+    heads, d, width, start, scale, rows = 3, 64, 3 * 64 + 64 + 32, 32, 1.0, 5
+    table = _compile(tvm_kernels.rope_table(d // 2, scale))
+    rope = _compile(tvm_kernels.rope(heads, d, width, start))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, width, generator=gen)
+    pos = torch.tensor([0, 7, 100, 1023, 5000])
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    cs = tvm.runtime.tensor(np.zeros((rows, 2, d // 2), "float32"))
+    table(tvm.runtime.from_dlpack(pos), tvm.runtime.from_dlpack(inv_freq), cs)
+    out = tvm.runtime.tensor(np.zeros((rows, heads * d), "float32"))
+    rope(tvm.runtime.from_dlpack(x.clone()), cs, out)
+    angle = pos[:, None].float() * inv_freq[None, :]  # [T, D/2]
+    cos, sin = angle.cos(), angle.sin()
+    q = x[:, start : start + heads * d].view(rows, heads, d)
+    lo, hi = q[..., : d // 2], q[..., d // 2 :]
+    want = torch.cat(
+        [lo * cos[:, None] - hi * sin[:, None], hi * cos[:, None] + lo * sin[:, None]], -1
+    )
+    torch.testing.assert_close(
+        torch.from_numpy(out.numpy()).view(rows, heads, d), want, rtol=1e-6, atol=1e-5
+    )
