@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from arc import targets
-from arc.errors import ArcError
+from arc.errors import ArcError, UnsupportedError
 
 # CPU: TVM's hand-scheduled GEMV decodes SmolLM2 fastest, then torch AOT, then ONNX Runtime
 # (which runs kept 4-bit blocks as fp32); see README "Targets". CUDA: torch (eager) first.
@@ -69,15 +69,22 @@ def by_timing(
     """
     import torch
 
-    names, timed, built = candidates(device), {}, {}
+    names, timed, built, refused = candidates(device), {}, {}, {}
     threads = torch.get_num_threads()
     for name in names:
         out = workdir / name
-        built[name] = build(name, out)
+        try:
+            built[name] = build(name, out)
+        except UnsupportedError as e:  # this candidate cannot lower the module: not timed
+            refused[name] = str(e)
+            continue
         steps = load(name, built[name][0], out)
         timed[name] = round(_decode_ms(steps), 3)
         del steps  # free the candidate's sessions and caches before the next one
         torch.set_num_threads(threads)  # a target's load may have changed it (tvm: 1)
+    if not timed:
+        why = "; ".join(f"{k}: {v}" for k, v in refused.items())
+        raise UnsupportedError(f"--target auto: no installed target takes this pipeline ({why})")
     best = min(timed, key=timed.get)
     ms = ", ".join(f"{k} {v:.1f}" for k, v in timed.items())
     record = {
@@ -86,6 +93,8 @@ def by_timing(
         "decode_ms": timed,
         "why": f"fastest decode step on this {device} (ms per step: {ms})",
     }
+    if refused:
+        record["refused"] = refused
     return best, record, built[best]
 
 

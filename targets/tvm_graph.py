@@ -468,8 +468,12 @@ def _attention(e: _Emit, n: Node, q, kv: dict, pos, last):
     mask = _mask(e, n, pos, last, kv["write"])
     k, v = e.written[kv["layer"]]
     length = e.b.dims["L"]
-    key = ("attention", heads, kv_heads, d, decl.layers, decl.max_seq_len + 1)
-    make = lambda: kernels.attention(heads, kv_heads, d, decl.layers, decl.max_seq_len + 1)  # noqa: E731
+    # T > 1 (verify, prefill): a task per token and GQA group, which shares its K/V row loads
+    grouped = not _one_token(e.graph) and heads > kv_heads
+    key = ("attention", heads, kv_heads, d, decl.layers, decl.max_seq_len + 1, grouped)
+    make = functools.partial(
+        kernels.attention, heads, kv_heads, d, decl.layers, decl.max_seq_len + 1, grouped
+    )
     layer = relax.prim_value(kv["layer"], "int64")
     shapes = [[e.t, heads * d], [heads, e.t, length + e.t]]
     return e.call(key, make, [q, k, v, e.cache, mask, layer], shapes)

@@ -315,17 +315,41 @@ def exp_lane():
     return f
 
 
-def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int):
+def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int, grouped: bool = False):
     """PrimFunc out[T, H*D] = softmax(q k^T / sqrt(D), masked) v over the cache's first L slots
-    of layer `layer` then the T new rows; `p` [H, T, L+T] is scratch for the probabilities."""
+    of layer `layer` then the T new rows; `p` [H, T, L+T] is scratch for the probabilities.
+
+    A parallel task is one token and one head, or with `grouped` one token and the H/KV query
+    heads that share a KV head (GQA): each K and V row is then loaded once for all of them,
+    and P.V keeps H/KV sets of accumulators busy. Grouped is for T > 1 (a verify, a prefill),
+    where tokens give the threads enough tasks; a decode step keeps a task per head."""
     from tvm.script import tirx as T
 
     if d % LANES:
         raise UnsupportedError(f"target tvm: head_dim {d} is not a multiple of {LANES}")
     g, scale, lanes = heads // kv_heads, d**-0.5, LANES
+    hg = g if grouped else 1  # query heads per task
     chunks = d // lanes
     neg = T.float32(float("-inf"))
     exp, sum16 = exp_lane(), sum16_lanes()
+
+    @T.macro
+    def dot(acc, acc2, qh, hh, row):  # acc[0] + acc[1] = qh[hh] . row(c * lanes + i)
+        for i in T.vectorized(lanes):
+            acc[i] = T.float32(0)
+            acc2[i] = T.float32(0)
+        for c in range(chunks // 2):  # even chunks into acc, odd into acc2: two FMA chains
+            for i in T.vectorized(lanes):
+                acc[i] = acc[i] + qh[hh * d + 2 * c * lanes + i] * row(2 * c * lanes + i)
+                acc2[i] = acc2[i] + qh[hh * d + (2 * c + 1) * lanes + i] * row(
+                    (2 * c + 1) * lanes + i
+                )
+        for c in range(chunks // 2 * 2, chunks):
+            for i in T.vectorized(lanes):
+                acc[i] = acc[i] + qh[hh * d + c * lanes + i] * row(c * lanes + i)
+        for i in T.vectorized(lanes):
+            acc[i] = acc[i] + acc2[i]
+        sum16(acc)
 
     @T.prim_func(private=True)
     def attention_kernel(
@@ -349,102 +373,89 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int):
         out = T.match_buffer(var_out, (t_len, heads * d), "float32")
         p = T.match_buffer(var_p, (heads, t_len, c_len), "float32")
         l_len = c_len - t_len
-        for ht in T.parallel(heads * t_len):
+        for ht in T.parallel(heads // hg * t_len):
             # scratch in scope "global" under 1 KB: stack allocas (see panel_gemv), not a
             # heap workspace per task
             acc = T.alloc_buffer((lanes,), "float32")
-            o = T.alloc_buffer((d,), "float32")
             acc2 = T.alloc_buffer((lanes,), "float32")  # odd chunks' products: two chains
-            red = T.alloc_buffer((2,), "float32")  # running max, then sum
-            qh = T.alloc_buffer((d,), "float32")  # this head's query
+            o = T.alloc_buffer((hg * d,), "float32")
+            red = T.alloc_buffer((1 + hg,), "float32")  # a running max, then each head's sum
+            qh = T.alloc_buffer((hg * d,), "float32")  # the task's queries
             xs = T.alloc_buffer((lanes,), "float32")  # exp's argument, n, reduced argument
             fx = T.alloc_buffer((lanes,), "float32")
             r = T.alloc_buffer((lanes,), "float32")
             ev = T.alloc_buffer((lanes,), "float32")
-            h = ht // t_len
+            h0 = ht // t_len * hg
             t = ht % t_len
-            kvh = h // g
-            for i in T.vectorized(d):
-                qh[i] = q[t, h * d + i]
+            kvh = h0 // g
+            for hh in T.unroll(hg):
+                for i in T.vectorized(d):
+                    qh[hh * d + i] = q[t, (h0 + hh) * d + i]
             for s in range(l_len):  # scores over the cache; the max after
-                p[h, t, s] = neg
+                for hh in T.unroll(hg):
+                    p[h0 + hh, t, s] = neg
                 if m[t, s] != T.uint8(0):
-                    for i in T.vectorized(lanes):
-                        acc[i] = T.float32(0)
-                        acc2[i] = T.float32(0)
-                    for c in range(chunks // 2):  # even chunks into acc, odd into acc2
-                        for i in T.vectorized(lanes):
-                            acc[i] = (
-                                acc[i]
-                                + qh[2 * c * lanes + i]
-                                * cache[2 * layer, kvh, s, 2 * c * lanes + i]
-                            )
-                            acc2[i] = (
-                                acc2[i]
-                                + qh[(2 * c + 1) * lanes + i]
-                                * cache[2 * layer, kvh, s, (2 * c + 1) * lanes + i]
-                            )
-                    for c in range(chunks // 2 * 2, chunks):
-                        for i in T.vectorized(lanes):
-                            acc[i] = (
-                                acc[i] + qh[c * lanes + i] * cache[2 * layer, kvh, s, c * lanes + i]
-                            )
-                    for i in T.vectorized(lanes):
-                        acc[i] = acc[i] + acc2[i]
-                    sum16(acc)
-                    p[h, t, s] = (acc[0] + acc[1]) * T.float32(scale)
+                    for hh in T.unroll(hg):
+                        dot(acc, acc2, qh, hh, lambda e: cache[2 * layer, kvh, s, e])  # noqa: B023
+                        p[h0 + hh, t, s] = (acc[0] + acc[1]) * T.float32(scale)
             for j in range(t_len):  # scores over this call's new rows
-                p[h, t, l_len + j] = neg
+                for hh in T.unroll(hg):
+                    p[h0 + hh, t, l_len + j] = neg
                 if m[t, l_len + j] != T.uint8(0):
+                    for hh in T.unroll(hg):
+                        dot(acc, acc2, qh, hh, lambda e: k[j, kvh * d + e])  # noqa: B023
+                        p[h0 + hh, t, l_len + j] = (acc[0] + acc[1]) * T.float32(scale)
+            for hh in T.unroll(hg):
+                h = h0 + hh
+                for i in T.vectorized(lanes):  # the max, 16 slots at a time
+                    acc[i] = neg
+                for so in range((l_len + t_len) // lanes):
                     for i in T.vectorized(lanes):
-                        acc[i] = T.float32(0)
-                    for c in range(chunks):
-                        for i in T.vectorized(lanes):
-                            acc[i] = acc[i] + qh[c * lanes + i] * k[j, kvh * d + c * lanes + i]
-                    sum16(acc)
-                    p[h, t, l_len + j] = (acc[0] + acc[1]) * T.float32(scale)
-            for i in T.vectorized(lanes):  # the max, 16 slots at a time
-                acc[i] = neg
-            for so in range((l_len + t_len) // lanes):
-                for i in T.vectorized(lanes):
-                    acc[i] = T.max(acc[i], p[h, t, so * lanes + i])
-            for s in range((l_len + t_len) // lanes * lanes, l_len + t_len):
-                acc[0] = T.max(acc[0], p[h, t, s])
-            for i in T.vectorized(8):
-                acc[i] = T.max(acc[i], acc[i + 8])
-            for i in T.vectorized(4):
-                acc[i] = T.max(acc[i], acc[i + 4])
-            for i in T.vectorized(2):
-                acc[i] = T.max(acc[i], acc[i + 2])
-            red[0] = T.max(acc[0], acc[1])
-            for i in T.vectorized(lanes):  # exp, 16 slots at a time; the sum in 16 lanes
-                acc[i] = T.float32(0)
-            for so in range((l_len + t_len) // lanes):
-                for i in T.vectorized(lanes):
-                    xs[i] = p[h, t, so * lanes + i] - red[0]  # <= 0, or -inf where masked
-                    exp(xs, fx, r, ev, i)
-                    p[h, t, so * lanes + i] = ev[i]
-                    acc[i] = acc[i] + ev[i]
-            for s in range((l_len + t_len) // lanes * lanes, l_len + t_len):
-                p[h, t, s] = T.exp(p[h, t, s] - red[0])
-                acc[0] = acc[0] + p[h, t, s]
-            sum16(acc)
-            red[1] = acc[0] + acc[1]
-            for i in T.vectorized(d):
+                        acc[i] = T.max(acc[i], p[h, t, so * lanes + i])
+                for s in range((l_len + t_len) // lanes * lanes, l_len + t_len):
+                    acc[0] = T.max(acc[0], p[h, t, s])
+                for i in T.vectorized(8):
+                    acc[i] = T.max(acc[i], acc[i + 8])
+                for i in T.vectorized(4):
+                    acc[i] = T.max(acc[i], acc[i + 4])
+                for i in T.vectorized(2):
+                    acc[i] = T.max(acc[i], acc[i + 2])
+                red[0] = T.max(acc[0], acc[1])
+                for i in T.vectorized(lanes):  # exp, 16 slots at a time; the sum in 16 lanes
+                    acc[i] = T.float32(0)
+                for so in range((l_len + t_len) // lanes):
+                    for i in T.vectorized(lanes):
+                        xs[i] = p[h, t, so * lanes + i] - red[0]  # <= 0, or -inf where masked
+                        exp(xs, fx, r, ev, i)
+                        p[h, t, so * lanes + i] = ev[i]
+                        acc[i] = acc[i] + ev[i]
+                for s in range((l_len + t_len) // lanes * lanes, l_len + t_len):
+                    p[h, t, s] = T.exp(p[h, t, s] - red[0])
+                    acc[0] = acc[0] + p[h, t, s]
+                sum16(acc)
+                red[1 + hh] = acc[0] + acc[1]
+            for i in T.vectorized(hg * d):
                 o[i] = T.float32(0)
-            # one set of accumulators: a second set for odd slots was spilled to the stack by
-            # LLVM (a load-FMA-store chain per slot), 16% slower at T=8. Masked slots (p = 0)
+            # one set of accumulators per head: a second set for odd slots was spilled to the
+            # stack by LLVM (a load-FMA-store chain per slot), 16% slower at T=8. Masked slots
             # are skipped, so a stale row there never reaches the output (0 * NaN)
             for s in range(l_len):
-                if p[h, t, s] != T.float32(0):
-                    for i in T.vectorized(d):
-                        o[i] = o[i] + p[h, t, s] * cache[2 * layer + 1, kvh, s, i]
+                if m[t, s] != T.uint8(0):
+                    for hh in T.unroll(hg):
+                        for i in T.vectorized(d):
+                            o[hh * d + i] = (
+                                o[hh * d + i] + p[h0 + hh, t, s] * cache[2 * layer + 1, kvh, s, i]
+                            )
             for j in range(t_len):
-                if p[h, t, l_len + j] != T.float32(0):
-                    for i in T.vectorized(d):
-                        o[i] = o[i] + p[h, t, l_len + j] * v[j, kvh * d + i]
-            for i in T.vectorized(d):
-                out[t, h * d + i] = o[i] / red[1]
+                if m[t, l_len + j] != T.uint8(0):
+                    for hh in T.unroll(hg):
+                        for i in T.vectorized(d):
+                            o[hh * d + i] = (
+                                o[hh * d + i] + p[h0 + hh, t, l_len + j] * v[j, kvh * d + i]
+                            )
+            for hh in T.unroll(hg):
+                for i in T.vectorized(d):
+                    out[t, (h0 + hh) * d + i] = o[hh * d + i] / red[1 + hh]
 
     return attention_kernel
 

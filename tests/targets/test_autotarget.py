@@ -78,3 +78,42 @@ def test_torch_mode_goes_to_torch_only():
     opts = {"mode": "eager", "cpu": "native"}
     assert autotarget.options_for("torch", opts) == opts
     assert autotarget.options_for("onnx", opts) == {"cpu": "native"}
+
+
+def test_timed_choice_passes_over_a_refusing_candidate(monkeypatch, tmp_path):
+    """A candidate whose build refuses the module (UnsupportedError) is not timed, and the
+    record says why; when every candidate refuses, that is the error."""
+    from arc.errors import UnsupportedError
+
+    monkeypatch.setattr(autotarget, "candidates", lambda device: ["picky", "plain"])
+
+    def build(name, out):
+        if name == "picky":
+            raise UnsupportedError("target picky cannot lower merged KV layers")
+        return {"who": name}, {}
+
+    name, record, _ = autotarget.by_timing("cpu", build, lambda n, i, o: FakeSteps(1.0), tmp_path)
+    assert name == "plain" and list(record["decode_ms"]) == ["plain"]
+    assert record["refused"] == {"picky": "target picky cannot lower merged KV layers"}
+    monkeypatch.setattr(autotarget, "candidates", lambda device: ["picky"])
+    with pytest.raises(UnsupportedError, match="no installed target takes this pipeline"):
+        autotarget.by_timing("cpu", build, lambda n, i, o: FakeSteps(1.0), tmp_path)
+
+
+@pytest.mark.extra
+def test_auto_builds_the_next_target_when_tvm_refuses_the_pipeline(tmp_path):
+    """--target auto prefers tvm on CPU; a pipeline tvm cannot lower (MiniCache's merged KV)
+    is built for torch instead, and the manifest's auto record names what tvm said."""
+    pytest.importorskip("tvm", reason="needs the [tvm] extra to be the preferred target")
+    from arc.compiler import CompileOptions, compile_model
+    from arc.engine import read_manifest
+
+    out = tmp_path / "x.arc"
+    opts = CompileOptions(
+        target="auto", spec="kv-fusion{share=1,merge=slerp}", target_options={"mode": "eager"}
+    )
+    summary = compile_model("tiny-llama", out, opts)
+    assert summary["target"] == "torch"
+    auto = read_manifest(out)["target"]["auto"]
+    assert auto["rule"] == "preference" and "tvm" in auto["refused"]
+    assert "merged KV" in auto["refused"]["tvm"] and "passed over tvm" in auto["why"]

@@ -82,18 +82,21 @@ def test_to_panels_moves_rows_innermost():
     assert p[2, 1, 3, 5] == codes[2 * PANEL + 5, 1, 3]
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("tokens, length", [(1, 37), (3, 16), (5, 0)])
-def test_attention_equals_numpy(tokens, length):
+def test_attention_equals_numpy(tokens, length, grouped):
     """The attention kernel (cache slots then the call's new rows, a u8 mask, GQA, the
     vectorized exp) against a float64 softmax: masked slots and masked new rows get no
-    weight, and a stale value (NaN) in a masked cache slot never reaches the output."""
+    weight, and a stale value (NaN) in a masked cache slot never reaches the output; a task
+    per head, or per KV head's group of query heads."""
     import tvm
 
     from arc.targets import tvm_kernels
 
     heads, kv_heads, d, layers, seq = 4, 2, 32, 2, 48
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
-    f = tvm_kernels.attention(heads, kv_heads, d, layers, seq).with_attr("global_symbol", "main")
+    f = tvm_kernels.attention(heads, kv_heads, d, layers, seq, grouped)
+    f = f.with_attr("global_symbol", "main")
     fn = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
     rng = np.random.default_rng(tokens)
     q = rng.standard_normal((tokens, heads * d)).astype("float32") * 3
