@@ -253,19 +253,22 @@ EXP_LOW = -87.0  # exp below this (masked slots' -inf among them) is 0 here
 EXP_HIGH = 88.0  # exp(88) = 1.65e38 still fits a float32
 
 
-def sum16_lanes():
-    """T.macro `sum16(acc)`: halving adds over a 16-lane buffer, after which acc[0] + acc[1] is
-    the sum of its lanes (a tree, not 16 adds in a chain)."""
+def sum16_lanes(op=None):
+    """T.macro `sum16(acc)`: halving steps over a 16-lane buffer, after which
+    op(acc[0], acc[1]) folds all its lanes (a tree, not 16 steps in a chain); `op` is + by
+    default, T.max for a maximum."""
     from tvm.script import tirx as T
+
+    op = op or (lambda a, b: a + b)
 
     @T.macro
     def f(acc):
         for i in T.vectorized(8):
-            acc[i] = acc[i] + acc[i + 8]
+            acc[i] = op(acc[i], acc[i + 8])
         for i in T.vectorized(4):
-            acc[i] = acc[i] + acc[i + 4]
+            acc[i] = op(acc[i], acc[i + 4])
         for i in T.vectorized(2):
-            acc[i] = acc[i] + acc[i + 2]
+            acc[i] = op(acc[i], acc[i + 2])
 
     return f
 
@@ -331,7 +334,7 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int, grouped:
     hg = g if grouped else 1  # query heads per task
     chunks = d // lanes
     neg = T.float32(float("-inf"))
-    exp, sum16 = exp_lane(), sum16_lanes()
+    exp, sum16, max16 = exp_lane(), sum16_lanes(), sum16_lanes(T.max)
 
     @T.macro
     def dot(acc, acc2, qh, hh, row):  # acc[0] + acc[1] = qh[hh] . row(c * lanes + i)
@@ -414,12 +417,7 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int, grouped:
                         acc[i] = T.max(acc[i], p[h, t, so * lanes + i])
                 for s in range((l_len + t_len) // lanes * lanes, l_len + t_len):
                     acc[0] = T.max(acc[0], p[h, t, s])
-                for i in T.vectorized(8):
-                    acc[i] = T.max(acc[i], acc[i + 8])
-                for i in T.vectorized(4):
-                    acc[i] = T.max(acc[i], acc[i + 4])
-                for i in T.vectorized(2):
-                    acc[i] = T.max(acc[i], acc[i + 2])
+                max16(acc)
                 red[0] = T.max(acc[0], acc[1])
                 for i in T.vectorized(lanes):  # exp, 16 slots at a time; the sum in 16 lanes
                     acc[i] = T.float32(0)
@@ -792,7 +790,7 @@ def logits_stats(vocab: int, chunk: int):
         )
     chunks, vecs = vocab // chunk, chunk // lanes
     neg = T.float32(float("-inf"))
-    exp, sum16 = exp_lane(), sum16_lanes()
+    exp, sum16, max16 = exp_lane(), sum16_lanes(), sum16_lanes(T.max)
 
     @T.prim_func(private=True)
     def logits_stats_kernel(var_x: T.handle, var_cmax: T.handle, var_lse: T.handle):
@@ -818,12 +816,7 @@ def logits_stats(vocab: int, chunk: int):
                 for j in range(1, vecs):
                     for i in T.vectorized(lanes):
                         acc[i] = T.max(acc[i], x[t, c * chunk + j * lanes + i])
-                for i in T.vectorized(8):
-                    acc[i] = T.max(acc[i], acc[i + 8])
-                for i in T.vectorized(4):
-                    acc[i] = T.max(acc[i], acc[i + 4])
-                for i in T.vectorized(2):
-                    acc[i] = T.max(acc[i], acc[i + 2])
+                max16(acc)
                 red[1] = T.max(acc[0], acc[1])
                 cmax[t, c] = red[1]
                 if red[1] > red[0]:  # a new running max: rescale the sum so far
