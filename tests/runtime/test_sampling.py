@@ -80,3 +80,18 @@ def test_invalid_settings_are_refused(params, flag):
 def test_extreme_valid_seed_is_accepted():
     for seed in (0, SEED_MAX):
         Sampler(SamplingParams(temperature=1.0, seed=seed))(torch.zeros(5))
+
+
+def test_greedy_is_torch_argmax_with_ties_and_nan():
+    """Greedy picks torch.argmax's token (the first maximal index; NaN counts as the max),
+    though it computes it with max(dim)."""
+    gen = torch.Generator().manual_seed(0)
+    sampler = Sampler(SamplingParams())
+    for i in range(300):
+        x = torch.randint(-3, 3, (int(torch.randint(2, 400, (1,), generator=gen)),), generator=gen)
+        x = x.float()
+        if i % 5 == 0:
+            x[int(torch.randint(0, len(x), (1,), generator=gen))] = float("nan")
+        if i % 13 == 0:
+            x[:] = float("-inf")
+        assert sampler(x) == int(torch.argmax(x))
