@@ -52,6 +52,30 @@ def by_preference(device: str) -> tuple[str, dict[str, Any]]:
     return names[0], {"rule": "preference", "candidates": names, "why": why}
 
 
+def first_accepting(chosen: dict[str, Any], run: Callable[[str], Any]) -> tuple[str, dict, Any]:
+    """(name, record, run's result) of the first of `chosen`'s candidates, in preference order,
+    for which `run(name)` (the passes and the target's check_module) raises no
+    UnsupportedError: tvm refuses some lossy passes, say; auto then builds torch and the
+    record says why."""
+    refused: dict[str, str] = {}
+    for name in chosen["candidates"]:
+        try:
+            result = run(name)
+        except UnsupportedError as e:
+            refused[name] = str(e)
+            continue
+        if refused:
+            why = "; ".join(f"{k}: {v}" for k, v in refused.items())
+            chosen = {**chosen, "refused": refused, "why": f"{chosen['why']}; passed over {why}"}
+        return name, chosen, result
+    raise _refusal(refused)
+
+
+def _refusal(refused: dict[str, str]) -> UnsupportedError:
+    why = "; ".join(f"{k}: {v}" for k, v in refused.items())
+    return UnsupportedError(f"--target auto: no installed target takes this pipeline ({why})")
+
+
 def options_for(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The compile's target options as candidate `name` takes them (--torch-mode is torch's)."""
     return dict(options) if name == "torch" else {k: v for k, v in options.items() if k != "mode"}
@@ -83,8 +107,7 @@ def by_timing(
         del steps  # free the candidate's sessions and caches before the next one
         torch.set_num_threads(threads)  # a target's load may have changed it (tvm: 1)
     if not timed:
-        why = "; ".join(f"{k}: {v}" for k, v in refused.items())
-        raise UnsupportedError(f"--target auto: no installed target takes this pipeline ({why})")
+        raise _refusal(refused)
     best = min(timed, key=timed.get)
     ms = ", ".join(f"{k} {v:.1f}" for k, v in timed.items())
     record = {

@@ -16,7 +16,7 @@ from typing import Any
 
 from arc import autotarget, targets
 from arc.engine import WEIGHTS, write_engine
-from arc.errors import ArcError, UnsupportedError
+from arc.errors import ArcError
 from arc.ir import DecodePlan, module_to_json
 from arc.lowering import materialize
 from arc.pipeline import Instrument, PassContext, PassManager, format_spec, record_dicts
@@ -90,14 +90,20 @@ def compile_model(
     stage("passes")
     pm = PassManager(opts.spec, instruments=opts.instruments)
 
-    def run_passes(name: str):
+    def run_passes(name: str, check: bool = False):
         ctx = PassContext(device, name, weights=loaded.weights, tokenizer=loaded.tokenizer)
-        return pm.run(traced, ctx)
+        module, records = pm.run(traced, ctx)
+        if check:
+            targets.get(name).check_module(module)
+        return module, records
 
     if chosen is None or opts.time_targets:
         module, records = run_passes(target.NAME)
     else:  # the first preferred target that takes this pipeline's module
-        target, chosen, module, records = _first_taker(chosen, run_passes)
+        name, chosen, (module, records) = autotarget.first_accepting(
+            chosen, lambda n: run_passes(n, check=True)
+        )
+        target = targets.get(name)
     with tempfile.TemporaryDirectory(prefix="arc-build-") as tmp:
         work = Path(tmp)
         weights = materialize(module, loaded.weights, loaded.blocks)
@@ -161,30 +167,6 @@ def compile_model(
         "build_s": manifest["build_s"],
         "size_bytes": out.stat().st_size,
     }
-
-
-def _first_taker(chosen: dict[str, Any], run_passes: Callable):
-    """--target auto without timing: (target, record, module, records) of the first candidate
-    in preference order whose passes and check_module accept the pipeline (tvm refuses some
-    lossy passes, say: auto then builds torch and the record says why)."""
-    refused: dict[str, str] = {}
-    for name in chosen["candidates"]:
-        target = targets.get(name)
-        try:
-            module, records = run_passes(name)
-            target.check_module(module)
-        except UnsupportedError as e:
-            refused[name] = str(e)
-            continue
-        if refused:
-            why = "; ".join(f"{k}: {v}" for k, v in refused.items())
-            chosen = {**chosen, "refused": refused, "why": f"{chosen['why']}; passed over {why}"}
-        return target, chosen, module, records
-    raise UnsupportedError(
-        "--target auto: no installed target takes this pipeline ("
-        + "; ".join(f"{k}: {v}" for k, v in refused.items())
-        + ")"
-    )
 
 
 def _options(name: str, opts: CompileOptions) -> dict[str, Any]:

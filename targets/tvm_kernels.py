@@ -274,46 +274,15 @@ def sum16_lanes(op=None):
 
 
 def exp_lane():
-    """T.macro `exp_lane(xs, fx, r, ev, i)`: ev[i] = exp(xs[i]) by the polynomial above (0
-    where xs[i] < EXP_LOW, -inf among them; xs[i] must be <= EXP_HIGH); fx, r are scratch.
-    Called inside a `T.vectorized` loop over i, it is 16 lanes of branch-free arithmetic
-    (T.Select: T.if_then_else there is scalarized lane by lane)."""
+    """T.macro `exp_lane(xs, ev, i)`: ev[i] = exp(xs[i]) by `exp_expr` (0 where xs[i] <
+    EXP_LOW, -inf among them; xs[i] must be <= EXP_HIGH). Called inside a `T.vectorized` loop
+    over i, it is 16 lanes of branch-free arithmetic (T.Select: T.if_then_else there is
+    scalarized lane by lane)."""
     from tvm.script import tirx as T
 
     @T.macro
-    def f(xs, fx, r, ev, i):
-        fx[i] = T.floor(xs[i] * T.float32(LOG2E) + T.float32(0.5))  # n
-        r[i] = xs[i] - fx[i] * T.float32(LN2_HI) - fx[i] * T.float32(LN2_LO)
-        ev[i] = (
-            (
-                (
-                    (
-                        (
-                            ((T.float32(EXP_POLY[0]) * r[i] + T.float32(EXP_POLY[1])) * r[i])
-                            + T.float32(EXP_POLY[2])
-                        )
-                        * r[i]
-                        + T.float32(EXP_POLY[3])
-                    )
-                    * r[i]
-                    + T.float32(EXP_POLY[4])
-                )
-                * r[i]
-                + T.float32(EXP_POLY[5])
-            )
-            * r[i]
-            * r[i]
-            + r[i]
-            + T.float32(1)
-        )
-        ev[i] = T.Select(
-            xs[i] < T.float32(EXP_LOW),
-            T.float32(0),
-            ev[i]
-            * T.reinterpret(
-                "float32", T.shift_left(T.Cast("int32", T.max(fx[i], T.float32(-126))) + 127, 23)
-            ),
-        )
+    def f(xs, ev, i):
+        ev[i] = exp_expr(xs[i])
 
     return f
 
@@ -384,9 +353,7 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int, grouped:
             o = T.alloc_buffer((hg * d,), "float32")
             red = T.alloc_buffer((1 + hg,), "float32")  # a running max, then each head's sum
             qh = T.alloc_buffer((hg * d,), "float32")  # the task's queries
-            xs = T.alloc_buffer((lanes,), "float32")  # exp's argument, n, reduced argument
-            fx = T.alloc_buffer((lanes,), "float32")
-            r = T.alloc_buffer((lanes,), "float32")
+            xs = T.alloc_buffer((lanes,), "float32")  # exp's argument, then its value
             ev = T.alloc_buffer((lanes,), "float32")
             h0 = ht // t_len * hg
             t = ht % t_len
@@ -424,7 +391,7 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int, grouped:
                 for so in range((l_len + t_len) // lanes):
                     for i in T.vectorized(lanes):
                         xs[i] = p[h, t, so * lanes + i] - red[0]  # <= 0, or -inf where masked
-                        exp(xs, fx, r, ev, i)
+                        exp(xs, ev, i)
                         p[h, t, so * lanes + i] = ev[i]
                         acc[i] = acc[i] + ev[i]
                 for s in range((l_len + t_len) // lanes * lanes, l_len + t_len):
@@ -804,8 +771,6 @@ def logits_stats(vocab: int, chunk: int):
             sv = T.alloc_buffer((lanes,), "float32")  # the row's sum of exp, 16 lanes
             red = T.alloc_buffer((3,), "float32")  # running max M, this chunk's max, sum
             xs = T.alloc_buffer((lanes,), "float32")
-            fx = T.alloc_buffer((lanes,), "float32")
-            r = T.alloc_buffer((lanes,), "float32")
             ev = T.alloc_buffer((lanes,), "float32")
             red[0] = neg
             for i in T.vectorized(lanes):
@@ -828,7 +793,7 @@ def logits_stats(vocab: int, chunk: int):
                     for j in range(vecs):
                         for i in T.vectorized(lanes):
                             xs[i] = x[t, c * chunk + j * lanes + i] - red[0]
-                            exp(xs, fx, r, ev, i)
+                            exp(xs, ev, i)
                             sv[i] = sv[i] + ev[i]
             sum16(sv)
             red[2] = sv[0] + sv[1]
