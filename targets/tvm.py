@@ -53,6 +53,10 @@ EXTRA = "tvm"
 LIBRARY = "model.so"
 ALIGN = 64  # bytes: TVM's kernels assume their buffers are aligned to this
 LAYOUT = "panel16-h"  # how projection weights reach the kernels (tvm_kernels.panel_specs)
+STATS_OUT = 3  # logits_stats outputs: chunk maxima, logsumexp, argmax
+# the library writes each call's K/V rows into the cache (tvm_kernels.kv_rows); engines built
+# before return them for arc/runtime/rows.py to write, and still load
+KV_ROWS = "in-place"
 # --cpu level -> llvm mcpu (native: the host CPU's name, as LLVM knows it)
 MCPU = {"x86-64-v3": "x86-64-v3", "x86-64-v4": "x86-64-v4"}
 
@@ -79,8 +83,8 @@ def check_module(module: Module) -> None:
 
 
 def _relax_module(module: Module) -> tuple[Any, dict[str, str], list[str]]:
-    """(Relax IRModule, IR function -> Relax function, tensors of the params tuple); a
-    speculative module's also has `logits_stats` (`_stats_chunk`)."""
+    """(Relax IRModule, IR function -> Relax function, tensors of the params tuple), and
+    `logits_stats` where the vocabulary splits into chunks (`_stats_chunk`)."""
     from arc.targets.tvm_graph import Builder, graph_key
 
     builder, functions, seen = Builder(module), {}, {}
@@ -105,14 +109,14 @@ def _vocab(module: Module) -> int:
 
 
 def _stats_chunk(module: Module) -> int:
-    """The chunk of arc/runtime/topk.py when the runtime will ask for the logits' statistics
-    (a verify function exists, and the vocabulary splits into chunks), else 0."""
+    """The chunk of arc/runtime/topk.py when the library gets `logits_stats` (the
+    vocabulary splits into chunks), else 0. Every engine gets it: greedy decoding takes each
+    step's argmax from it, and a speculative one Token Recycling's successors."""
     from arc.runtime.topk import CHUNK
     from arc.targets.tvm_kernels import LANES
 
     vocab = _vocab(module)
-    verify = any(name.startswith("verify_") for name in module.functions)
-    return CHUNK if verify and vocab and vocab % CHUNK == 0 and CHUNK % LANES == 0 else 0
+    return CHUNK if vocab and vocab % CHUNK == 0 and CHUNK % LANES == 0 else 0
 
 
 def _target(cpu: str) -> tuple[Any, dict[str, Any]]:
@@ -154,11 +158,12 @@ def build(
         "params": names,
         "weights_run_as": blocks + ["f32"],  # block formats read as stored, the rest fp32
         "layout": LAYOUT,
+        "kv_rows": KV_ROWS,
         "weights_stored_as": formats_used,
         **cpu_info,
     }
     if _stats_chunk(module):
-        info["stats"] = {"function": STATS, "chunk": _stats_chunk(module)}
+        info["stats"] = {"function": STATS, "chunk": _stats_chunk(module), "outputs": STATS_OUT}
     return info, {LIBRARY: path}
 
 
@@ -223,11 +228,12 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
         fn = info["functions"].get(name)
         if fn is None:
             raise EngineError(f"engine records no TVM function for {name}")
-        calls[name] = _Call(vm[fn], params)
+        calls[name] = _Call(vm[fn], params, in_place=info.get("kv_rows") == KV_ROWS)
     steps = row_steps(calls, module.kv, device)
     steps._keep_alive = (vm, params, aligned)  # the library reads these buffers
     stats = info.get("stats")  # absent from engines built before it
-    if isinstance(stats, dict) and stats.get("function") == STATS:
+    # (engines built before the argmax output have two outputs: the runtime does without)
+    if isinstance(stats, dict) and stats.get("function") == STATS and _outputs(stats):
         try:
             steps.logit_stats = _Stats(vm[STATS], int(stats["chunk"]))
         except (AttributeError, TypeError, ValueError) as e:
@@ -283,8 +289,8 @@ class _Call:
     """One Relax function in the rows convention: inputs and cache by DLPack (no copy of the
     cache), weights as the one tuple made at load; outputs back to torch without a copy."""
 
-    def __init__(self, fn, params):
-        self.fn, self.params = fn, params
+    def __init__(self, fn, params, in_place: bool = True):
+        self.fn, self.params, self.in_place = fn, params, in_place
         self.cache: tuple[int, Any] | None = None
 
     def _cache(self, cache: torch.Tensor):
@@ -295,7 +301,10 @@ class _Call:
             self.cache = (key, tvm.runtime.from_dlpack(cache))
         return self.cache[1]
 
-    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, None): the library writes the call's K/V rows into the cache itself
+        (tvm_kernels.kv_rows), so there are no rows for arc/runtime/rows.py to write; an
+        engine built before that returns (logits, rows)."""
         import tvm
 
         *feeds, cache = args
@@ -307,12 +316,19 @@ class _Call:
             for t in feeds
         ]
         out = self.fn(*[tvm.runtime.from_dlpack(t) for t in conv], self._cache(cache), self.params)
-        return torch.from_dlpack(out[0]), torch.from_dlpack(out[1])
+        if not self.in_place:
+            return torch.from_dlpack(out[0]), torch.from_dlpack(out[1])
+        return torch.from_dlpack(out[0]), None  # out[1]: the cache, written in place
+
+
+def _outputs(stats: dict) -> bool:
+    return stats.get("outputs") == STATS_OUT
 
 
 class _Stats:
-    """`logits [n, V] -> (chunk maxima [n, V/chunk], logsumexp [n])` by the library's
-    logits_stats kernel (arc/runtime/topk.py takes them in place of its torch passes)."""
+    """`logits [n, V] -> (chunk maxima [n, V/chunk], logsumexp [n], argmax i64[n] or -1)` by
+    the library's logits_stats kernel (arc/runtime/topk.py takes them in place of torch
+    passes over the logits)."""
 
     def __init__(self, fn, chunk: int):
         self.fn, self.chunk = fn, chunk
@@ -322,4 +338,4 @@ class _Stats:
 
         x = logits.contiguous()
         out = self.fn(tvm.runtime.from_dlpack(x))
-        return torch.from_dlpack(out[0]), torch.from_dlpack(out[1])
+        return tuple(torch.from_dlpack(out[i]) for i in range(STATS_OUT))

@@ -12,10 +12,13 @@ Function signature (T: new tokens, L: slots read; both symbolic, so one function
 verify_B and any prompt chunk):
     prefill/decode(tokens i64[1, T], pos i64[T], slots i64[L], cache, params)
     verify(tokens i64[1, T], pos i64[T], write i64[T], visible u8[T, L], cache, params)
-with cache f32[2N, KV, S, D] (read only) and `params` a tuple of the engine's weight tensors
+with cache f32[2N, KV, S, D] and `params` a tuple of the engine's weight tensors
 in the order of `param_specs` (a block-format weight's codes, d, m as stored; every other
 weight fp32), bound once at load, never baked into the library; returns
-(logits f32[1, 1|T, vocab], rows f32[2N, KV, T, D]). Decode (one token) keeps T = 1 static.
+(logits f32[1, 1|T, vocab], cache): the call's K/V rows are written into the cache in place
+after its last attention has read it (`kv_rows`, arc/runtime/rows.py's reads), and the
+cache is returned as the alias that orders those writes. Decode (one token) keeps T = 1
+static.
 """
 
 from __future__ import annotations
@@ -191,8 +194,9 @@ class Builder:
             self.bb.emit_func_output(gv)
 
     def add_stats(self, vocab: int, chunk: int) -> None:
-        """Relax function `logits_stats(logits [T, V]) -> (cmax [T, V/chunk], lse [T])`
-        (tvm_kernels.logits_stats), which the runtime calls on a verify's logits."""
+        """Relax function `logits_stats(logits [T, V]) -> (cmax [T, V/chunk], lse [T],
+        best i64[T])` (tvm_kernels.logits_stats), which the runtime calls on every step's
+        logits (greedy argmax, Token Recycling's successors)."""
         from tvm import relax
 
         t_len = self.dims["T"]
@@ -203,6 +207,7 @@ class Builder:
         types = [
             relax.TensorType([t_len, vocab // chunk], "float32"),
             relax.TensorType([t_len], "float32"),
+            relax.TensorType([t_len], "int64"),
         ]
         # no dataflow block: RewriteDataflowReshape inspects every call_tir in one, and takes
         # only kernels with blocks (this one is TIR without blocks)
@@ -223,6 +228,7 @@ class _Emit:
         self.index = {w: i for i, w in enumerate(b.params)}
         self.weights: dict[str, Any] = {}
         self.written: dict[int, tuple[Any, Any]] = {}  # layer -> (k, v) as [T, KV*D]
+        self.slots: dict[int, Any] = {}  # layer -> the slots its rows go to, i64 [T]
         self.masks: dict[Any, Any] = {}
         self.tables: dict[Any, Any] = {}  # (inv_freq, scale, pos) -> RoPE's cos/sin table
         self.t = 1 if _one_token(graph) else b.dims["T"]
@@ -265,27 +271,30 @@ class _Emit:
             env[n.id] = EMIT[n.op](self, n, *args)
         out = self.value(env[self.graph.outputs[0]])
         logits = self.emit(relax.op.expand_dims(out, 0))  # [1, T|1, V]
-        return relax.Tuple([logits, self.rows()])
+        return relax.Tuple([logits, self.write_rows()])
 
-    def rows(self):
-        """rows [2N, KV, T, D]: every layer's new K then V."""
+    def write_rows(self):
+        """Every layer's new K and V rows into the cache, in place, after every attention has
+        read it (the calls chain through the cache, so none is dropped or reordered); returns
+        the cache (an alias of the input). A layer-skip function (draft, decode_skip<k>)
+        writes only the layers it runs: the skipped layers' slots are not read before the full
+        model rewrites them."""
         from tvm import relax
 
-        kv, parts = self.kv, []
+        kv, cache = self.kv, self.cache
+        seq = kv.max_seq_len + 1
+        key = ("kv_rows", kv.kv_heads, kv.head_dim, kv.layers, seq)
+        make = functools.partial(kernels.kv_rows, kv.kv_heads, kv.head_dim, kv.layers, seq)
+        gv = self.b.kernel(key, make)
         for layer in range(kv.layers):
-            if layer not in self.written and _fewer_layers(self.graph):
-                # layer-skip's draft or depth variant runs fewer layers: the skipped layers'
-                # rows are zeros, at slots no step reads before the full model rewrites them
-                zeros = relax.op.zeros([1, kv.kv_heads, self.t, kv.head_dim], "float32")
-                parts += [self.emit(zeros)] * 2
-                continue
             if layer not in self.written:
+                if _fewer_layers(self.graph):
+                    continue
                 raise UnsupportedError(f"target tvm: layer {layer} writes no KV")
-            for x in self.written[layer]:
-                xh = relax.op.reshape(x, [self.t, kv.kv_heads, kv.head_dim])  # [T, KV, D]
-                xh = relax.op.permute_dims(xh, [1, 0, 2])  # [KV, T, D]
-                parts.append(self.emit(relax.op.expand_dims(xh, 0)))  # [1, KV, T, D]
-        return self.emit(relax.op.concat(parts, axis=0))  # [2N, KV, T, D]
+            (k, v), write = self.written[layer], self.slots[layer]
+            args = [cache, k, v, write, relax.prim_value(layer, "int64")]
+            cache = self.emit(relax.call_tir_inplace(gv, args, 0, cache.ty))
+        return cache
 
     def call(self, key: tuple, make, args: list, shapes: list, dtype: str = "float32"):
         """call_tir of kernel `key` with outputs of `shapes`; returns the first output."""
@@ -442,6 +451,7 @@ def _rope(e: _Emit, n: Node, x, pos):
 
 def _kv_write(e: _Emit, n: Node, k, v, write) -> dict[str, Any]:
     e.written[n.attrs["layer"]] = (k, v)
+    e.slots[n.attrs["layer"]] = write
     return {"layer": n.attrs["layer"], "write": write}
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 from arc.errors import ArcError
 from arc.runtime import adaptive
 from arc.runtime.sampling import Sampler, SamplingParams
 from arc.runtime.steps import Steps
+from arc.runtime.topk import argmax_rows
 
 
 @dataclass
@@ -96,7 +98,8 @@ class Generator:
         speculative: bool | None = None,
     ) -> GenerationResult:
         """Generate after `prompt_ids`; `speculative=False` forces the plain loop."""
-        sample = Sampler(sampling)
+        stats = getattr(self.steps, "logit_stats", None)  # a target's argmax kernel (tvm)
+        sample = Sampler(sampling, partial(argmax_rows, stats=stats) if stats else None)
         t0 = time.perf_counter()
         logits, skipped = self._prefill_choosing(prompt_ids)
         out = [sample(logits)]

@@ -1,5 +1,5 @@
 """KV rows returned, not written: the calling convention of targets whose compiled graphs do
-not update a buffer in place (ONNX Runtime, TVM).
+not update a buffer in place (ONNX Runtime), and of TVM, whose library writes them in place.
 
 Such an artifact's function takes its IR inputs followed by the whole cache, read-only,
 
@@ -9,6 +9,8 @@ Such an artifact's function takes its IR inputs followed by the whole cache, rea
 and returns `(logits, rows)`, where `rows: f32[2 * layers, kv_heads, T, head_dim]` are the K and
 V of this call's T new tokens. The runtime then writes the rows into the cache at the slots
 the call wrote (`pos` for prefill and decode, `write` for a tree verify), one `index_copy_`.
+A target that writes them into the cache itself, after its last attention has read it
+(tvm: tvm_kernels.kv_rows), returns `(logits, None)`; the reads below are the same.
 Nothing stacked comes back: the cache crosses the call boundary by pointer (zero copy), and
 only T rows per layer are returned (STACK-NOTES measured 12 of 92 ms per step lost to
 returning whole caches).
@@ -38,8 +40,8 @@ from arc.errors import ArcError
 from arc.ir import KVDecl
 from arc.runtime.steps import Steps
 
-# (IR inputs..., cache) -> (logits, rows)
-RowFn = Callable[..., tuple[Tensor, Tensor]]
+# (IR inputs..., cache) -> (logits, rows), or (logits, None) where it wrote them in place
+RowFn = Callable[..., tuple[Tensor, Tensor | None]]
 
 
 LAYOUTS = ("heads", "slots")
@@ -85,14 +87,16 @@ def row_steps(
 
             def verify(tokens: Tensor, pos: Tensor, write: Tensor, visible: Tensor) -> Tensor:
                 logits, rows = fn(tokens, pos, write, visible, cache.tensor)
-                cache.write(write, rows)
+                if rows is not None:
+                    cache.write(write, rows)
                 return logits
 
             return verify
 
         def step(tokens: Tensor, pos: Tensor, slots: Tensor) -> Tensor:
             logits, rows = fn(tokens, pos, slots, cache.tensor)
-            cache.write(pos, rows)
+            if rows is not None:
+                cache.write(pos, rows)
             return logits
 
         return step

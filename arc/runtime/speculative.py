@@ -200,7 +200,9 @@ class SpeculativeLoop:
         if not teach:
             out = sample(logits)
         elif sample.params.greedy:  # the argmax and the drafter's successors from shared passes
-            best, top = argmax_and_successors(logits[None], TOPK)
+            best, top = argmax_and_successors(
+                logits[None], TOPK, getattr(self.steps, "logit_stats", None)
+            )
             out = best[0]
             self.drafter.observe(Tree(token), top)
         else:

@@ -95,3 +95,19 @@ def test_greedy_is_torch_argmax_with_ties_and_nan():
         if i % 13 == 0:
             x[:] = float("-inf")
         assert sampler(x) == int(torch.argmax(x))
+
+
+def test_greedy_asks_the_targets_argmax_when_given():
+    """A target's argmax (Generator passes tvm's logits_stats kernel through
+    arc/runtime/topk.argmax_rows) decides greedy steps; sampling does not use it."""
+    rows = []
+
+    def argmax(x):
+        rows.append(tuple(x.shape))
+        return [7]
+
+    logits = torch.zeros(32)
+    assert Sampler(SamplingParams(), argmax)(logits) == 7 and rows == [(1, 32)]
+    logits[3] = 50.0
+    assert Sampler(SamplingParams(temperature=1.0, seed=0), argmax)(logits) == 3
+    assert rows == [(1, 32)]

@@ -57,10 +57,31 @@ def test_target_stats_give_the_same_tokens_and_probabilities():
     x[3, 10] = x[3, 5000] = x[3].max() + 2  # a tie: the first index wins
 
     def stats(t):
-        return t.view(t.shape[0], -1, CHUNK).amax(-1), torch.logsumexp(t, -1)
+        return t.view(t.shape[0], -1, CHUNK).amax(-1), torch.logsumexp(t, -1), t.argmax(-1)
 
     best, (tok, p) = argmax_and_successors(x, 4)
     best2, (tok2, p2) = argmax_and_successors(x, 4, stats)
     assert best == best2 == x.argmax(-1).tolist()
     assert torch.equal(tok, tok2)
     torch.testing.assert_close(p, p2)
+
+
+def test_a_row_the_target_kernel_leaves_goes_to_torch():
+    """The kernel's argmax is -1 for a row with a nan, +inf or only -inf: argmax_rows and
+    argmax_and_successors then take torch's answer (a nan is torch's maximum), not -1."""
+    import torch
+
+    from arc.runtime.topk import CHUNK, argmax_and_successors, argmax_rows
+
+    x = torch.randn(3, 8 * CHUNK)
+    x[1, 700] = float("nan")
+
+    def stats(t):
+        cmax = t.view(t.shape[0], -1, CHUNK).amax(-1)
+        best = torch.where(torch.isnan(t).any(-1), -1, t.argmax(-1))
+        return cmax, torch.logsumexp(t, -1), best
+
+    assert argmax_rows(x, stats) == x.argmax(-1).tolist() == argmax_rows(x)
+    assert argmax_rows(x, stats)[1] == 700
+    assert argmax_rows(x[:1], stats) == [int(x[0].argmax())]
+    assert argmax_and_successors(x, 4, stats)[0] == x.argmax(-1).tolist()

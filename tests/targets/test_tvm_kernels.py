@@ -133,29 +133,60 @@ def test_attention_equals_numpy(tokens, length, grouped):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_logits_stats_equal_torch(rows):
-    """logits_stats: each 128-logit chunk's max exactly, and each row's logsumexp to fp32
-    rounding, with the running max rising mid-row (the online rescale) and -inf logits."""
+def _stats(x, chunk):
+    """(cmax, lse, best) of logits_stats over x [rows, vocab], compiled for this CPU."""
     import torch
     import tvm
 
     from arc.targets import tvm_kernels
 
-    vocab, chunk = 64 * 128, 128
-    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
-    f = tvm_kernels.logits_stats(vocab, chunk).with_attr("global_symbol", "main")
-    fn = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
-    x = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows)) * 5
-    x[:, 40 * chunk + 3] += 30  # a later chunk takes over the running max
-    x[0, :chunk] = float("-inf")  # a whole chunk masked out
+    rows, vocab = x.shape
+    fn = _compile(tvm_kernels.logits_stats(vocab, chunk))
     args = [tvm.runtime.from_dlpack(x.clone())]
     args += [tvm.runtime.tensor(np.zeros((rows, vocab // chunk), "float32"))]
     args += [tvm.runtime.tensor(np.zeros((rows,), "float32"))]
+    args += [tvm.runtime.tensor(np.zeros((rows,), "int64"))]
     fn(*args)
-    assert torch.equal(torch.from_numpy(args[1].numpy()), x.view(rows, -1, chunk).amax(-1))
+    return [torch.from_numpy(a.numpy()) for a in args[1:]]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_logits_stats_equal_torch(rows):
+    """logits_stats: each 128-logit chunk's max and each row's argmax exactly, each row's
+    logsumexp to fp32 rounding, with the max in a later chunk, a masked chunk, and ties."""
+    import torch
+
+    vocab, chunk = 71 * 128, 128  # 71 chunks: 4 vectors of 16 and a tail of 7
+    x = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows)) * 5
+    x[:, 40 * chunk + 3] += 30  # a later chunk holds the max
+    x[0, :chunk] = float("-inf")  # a whole chunk masked out
+    x[-1, 66 * chunk + 9] = x[-1, 40 * chunk + 3]  # a tie in a later chunk: the first wins
+    x[-1, 40 * chunk + 70] = x[-1, 40 * chunk + 3]  # a tie later in the same chunk
+    cmax, lse, best = _stats(x, chunk)
+    assert torch.equal(cmax, x.view(rows, -1, chunk).amax(-1))
     want = torch.logsumexp(x.double(), -1).float()
-    torch.testing.assert_close(torch.from_numpy(args[2].numpy()), want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(lse, want, rtol=1e-6, atol=1e-5)
+    assert best.tolist() == x.argmax(-1).tolist()
+
+
+def test_logits_stats_leave_nan_inf_and_empty_rows_to_torch():
+    """A row with a nan (even in an otherwise -inf chunk), a +inf, or only -inf gets best -1
+    (the runtime asks torch.argmax, which takes a nan as the maximum); -inf logits in an
+    otherwise finite row do not."""
+    import torch
+
+    vocab, chunk = 32 * 64, 64
+    x = torch.randn(5, vocab, generator=torch.Generator().manual_seed(0))
+    x[0, 300] = float("nan")
+    x[1, :chunk] = float("-inf")
+    x[1, 5] = float("nan")  # a nan in a chunk whose max is -inf
+    x[2, 1000] = float("inf")
+    x[3] = float("-inf")
+    x[4, 7 * chunk : 9 * chunk] = float("-inf")  # finite row with masked chunks
+    cmax, lse, best = _stats(x, chunk)
+    assert best.tolist()[:4] == [-1, -1, -1, -1]
+    assert best[4] == x[4].argmax() and torch.isfinite(lse[4])
+    assert lse[3] == float("-inf") and torch.isnan(lse[:3]).all()
 
 
 def _compile(func):
@@ -217,3 +248,27 @@ def test_rope_from_table_equals_lowering():
     torch.testing.assert_close(
         torch.from_numpy(out.numpy()).view(rows, heads, d), want, rtol=1e-6, atol=1e-5
     )
+
+
+def test_kv_rows_write_k_and_v_in_place_and_nothing_outside_the_cache():
+    """kv_rows: layer l's K rows to cache[2l, h, write[t]] and V to 2l + 1, head by head from
+    [T, KV*D]; a slot outside the cache (negative or past S-1) writes nothing; other layers and
+    slots keep their values."""
+    import torch
+    import tvm
+
+    from arc.targets import tvm_kernels
+
+    layers, kv_heads, seq, d, t = 3, 2, 10, 16, 4
+    fn = _compile(tvm_kernels.kv_rows(kv_heads, d, layers, seq))
+    cache = torch.randn(2 * layers, kv_heads, seq, d)
+    before = cache.clone()
+    k = torch.randn(t, kv_heads * d)
+    v = torch.randn(t, kv_heads * d)
+    write = torch.tensor([7, -1, 2, seq])  # two slots outside the cache
+    fn(*[tvm.runtime.from_dlpack(x) for x in (cache, k, v, write)], 1)
+    want = before.clone()
+    for row, slot in ((0, 7), (2, 2)):
+        want[2, :, slot] = k[row].view(kv_heads, d)
+        want[3, :, slot] = v[row].view(kv_heads, d)
+    assert torch.equal(cache, want)
