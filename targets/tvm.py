@@ -53,7 +53,7 @@ EXTRA = "tvm"
 LIBRARY = "model.so"
 ALIGN = 64  # bytes: TVM's kernels assume their buffers are aligned to this
 LAYOUT = "panel16-h"  # how projection weights reach the kernels (tvm_kernels.panel_specs)
-STATS_OUT = 3  # logits_stats outputs: chunk maxima, logsumexp, argmax
+STATS_OUT = ["best", "tokens", "probs"]  # logits_stats outputs (tvm_kernels.logits_stats)
 # the library writes each call's K/V rows into the cache (tvm_kernels.kv_rows); engines built
 # before return them for arc/runtime/rows.py to write, and still load
 KV_ROWS = "in-place"
@@ -85,6 +85,7 @@ def check_module(module: Module) -> None:
 def _relax_module(module: Module) -> tuple[Any, dict[str, str], list[str]]:
     """(Relax IRModule, IR function -> Relax function, tensors of the params tuple), and
     `logits_stats` where the vocabulary splits into chunks (`_stats_chunk`)."""
+    from arc.runtime.topk import TOPK
     from arc.targets.tvm_graph import Builder, graph_key
 
     builder, functions, seen = Builder(module), {}, {}
@@ -96,7 +97,7 @@ def _relax_module(module: Module) -> tuple[Any, dict[str, str], list[str]]:
         functions[name] = seen[key]
     chunk = _stats_chunk(module)
     if chunk:
-        builder.add_stats(_vocab(module), chunk)
+        builder.add_stats(_vocab(module), chunk, TOPK)
     return builder.get(), functions, list(builder.params)
 
 
@@ -112,11 +113,12 @@ def _stats_chunk(module: Module) -> int:
     """The chunk of arc/runtime/topk.py when the library gets `logits_stats` (the
     vocabulary splits into chunks), else 0. Every engine gets it: greedy decoding takes each
     step's argmax from it, and a speculative one Token Recycling's successors."""
-    from arc.runtime.topk import CHUNK
+    from arc.runtime.topk import CHUNK, TOPK
     from arc.targets.tvm_kernels import LANES
 
     vocab = _vocab(module)
-    return CHUNK if vocab and vocab % CHUNK == 0 and CHUNK % LANES == 0 else 0
+    ok = vocab and vocab % CHUNK == 0 and CHUNK % LANES == 0 and vocab // CHUNK >= 2 * TOPK
+    return CHUNK if ok else 0
 
 
 def _target(cpu: str) -> tuple[Any, dict[str, Any]]:
@@ -163,7 +165,10 @@ def build(
         **cpu_info,
     }
     if _stats_chunk(module):
-        info["stats"] = {"function": STATS, "chunk": _stats_chunk(module), "outputs": STATS_OUT}
+        from arc.runtime.topk import TOPK
+
+        chunk = _stats_chunk(module)
+        info["stats"] = {"function": STATS, "chunk": chunk, "k": TOPK, "outputs": STATS_OUT}
     return info, {LIBRARY: path}
 
 
@@ -232,10 +237,10 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
     steps = row_steps(calls, module.kv, device)
     steps._keep_alive = (vm, params, aligned)  # the library reads these buffers
     stats = info.get("stats")  # absent from engines built before it
-    # (engines built before the argmax output have two outputs: the runtime does without)
+    # (an engine built before its outputs were these: the runtime does without)
     if isinstance(stats, dict) and stats.get("function") == STATS and _outputs(stats):
         try:
-            steps.logit_stats = _Stats(vm[STATS], int(stats["chunk"]))
+            steps.logit_stats = _Stats(vm[STATS], int(stats["k"]))
         except (AttributeError, TypeError, ValueError) as e:
             raise EngineError(f"engine's TVM library has no usable {STATS} ({e})") from None
     return steps
@@ -322,20 +327,21 @@ class _Call:
 
 
 def _outputs(stats: dict) -> bool:
-    return stats.get("outputs") == STATS_OUT
+    from arc.runtime.topk import TOPK
+
+    return stats.get("outputs") == STATS_OUT and stats.get("k") == TOPK
 
 
 class _Stats:
-    """`logits [n, V] -> (chunk maxima [n, V/chunk], logsumexp [n], argmax i64[n] or -1)` by
-    the library's logits_stats kernel (arc/runtime/topk.py takes them in place of torch
-    passes over the logits)."""
+    """`logits [n, V] -> (argmax i64[n] or -1, top-k tokens i64[n, k], their probabilities
+    [n, k])` by the library's logits_stats kernel, which arc/runtime/topk.py takes in place of
+    torch passes over the logits."""
 
-    def __init__(self, fn, chunk: int):
-        self.fn, self.chunk = fn, chunk
+    def __init__(self, fn, k: int):
+        self.fn, self.k = fn, k
 
-    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         import tvm
 
-        x = logits.contiguous()
-        out = self.fn(tvm.runtime.from_dlpack(x))
-        return tuple(torch.from_dlpack(out[i]) for i in range(STATS_OUT))
+        out = self.fn(tvm.runtime.from_dlpack(logits.contiguous()))
+        return torch.from_dlpack(out[0]), torch.from_dlpack(out[1]), torch.from_dlpack(out[2])

@@ -193,21 +193,21 @@ class Builder:
                 gv = self.bb.emit_output(out)
             self.bb.emit_func_output(gv)
 
-    def add_stats(self, vocab: int, chunk: int) -> None:
-        """Relax function `logits_stats(logits [T, V]) -> (cmax [T, V/chunk], lse [T],
-        best i64[T])` (tvm_kernels.logits_stats), which the runtime calls on every step's
+    def add_stats(self, vocab: int, chunk: int, k: int) -> None:
+        """Relax function `logits_stats(logits [T, V]) -> (best i64[T], tokens i64[T, k],
+        probs [T, k])` (tvm_kernels.logits_stats), which the runtime calls on every step's
         logits (greedy argmax, Token Recycling's successors)."""
         from tvm import relax
 
         t_len = self.dims["T"]
         logits = relax.Var("logits", relax.TensorType([t_len, vocab], "float32"))
         attrs = {"tir_var_upper_bound": {"T": self.module.kv.max_seq_len}}
-        make = lambda: kernels.logits_stats(vocab, chunk)  # noqa: E731
-        gv = self.kernel(("logits_stats", vocab, chunk), make)
+        make = lambda: kernels.logits_stats(vocab, chunk, k)  # noqa: E731
+        gv = self.kernel(("logits_stats", vocab, chunk, k), make)
         types = [
-            relax.TensorType([t_len, vocab // chunk], "float32"),
-            relax.TensorType([t_len], "float32"),
             relax.TensorType([t_len], "int64"),
+            relax.TensorType([t_len, k], "int64"),
+            relax.TensorType([t_len, k], "float32"),
         ]
         # no dataflow block: RewriteDataflowReshape inspects every call_tir in one, and takes
         # only kernels with blocks (this one is TIR without blocks)

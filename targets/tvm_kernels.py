@@ -771,34 +771,40 @@ def panel_embed(kind: str, vocab: int, hidden: int, group: int, scale: str = "fl
     return te.create_prim_func([tokens, *comps, out])
 
 
-def logits_stats(vocab: int, chunk: int):
-    """PrimFunc (cmax [T, V/chunk], lse [T], best [T] i64) of logits [T, V]: each chunk's max,
-    each row's logsumexp, and each row's argmax (the first maximal index, torch.argmax's),
-    for arc/runtime/topk.py and greedy sampling in place of torch passes over the logits.
+def logits_stats(vocab: int, chunk: int, k: int):
+    """PrimFunc (best i64[T], tokens i64[T, k], probs [T, k]) of logits [T, V]: each row's
+    argmax (the first maximal index, torch.argmax's), its k most probable tokens in
+    decreasing order and their softmax probabilities: what greedy sampling and Token
+    Recycling take from a step's logits (arc/runtime/topk.py), in one call.
 
         for part in parallel(parts):              # contiguous shares of the chunks
           for t in range(T), c in part:
             cmax[t, c] = max(x[t, chunk c])       # 16 lanes at a time
             csum[t, c] = sum(exp(x[t, chunk c] - cmax[t, c]))   # 0 for an all -inf chunk,
                                                   # nan if it holds a nan or +inf
-        for t in parallel(T):                     # merge (Milakov & Gimelshein 2018)
-          M = max_c cmax[t, c]
-          lse[t] = M + log(sum_c csum[t, c] * exp(cmax[t, c] - M))   # -inf: all -inf
-          best[t] = first index of M in the first chunk c with cmax[t, c] = M,
-                    or -1 unless lse[t] is finite (a nan, +inf, or all -inf: the caller
-                    asks torch, whose argmax takes a nan as the maximum)
+        for t in parallel(T):
+          M = max_c cmax[t, c]                    # merge (Milakov & Gimelshein 2018)
+          lse = M + log(sum_c csum[t, c] * exp(cmax[t, c] - M))
+          best[t] = first index of M in the first chunk c with cmax[t, c] = M
+          the k chunks of largest max, then the k largest logits among their k * chunk
+          (every top-k logit lies in one of them: arc/runtime/topk.py), probs = exp(v - lse)
 
-    Parallel over shares of the vocabulary, not rows: a step's logits were just written by
-    the LM head's threads, each its contiguous share of the vocabulary, and TVM hands each
-    thread a contiguous share of the parts, so each reads from its own core's cache. Right
-    after a decode step (2 threads), torch's argmax over the 196 KB of logits took 110 us
-    (24 us warm), the row-parallel kernel this replaces 84 us, this one 41 us."""
+    best[t] is -1 unless lse is finite (a nan, +inf, or all -inf row), and the caller then
+    asks torch, whose argmax takes a nan as the maximum; ties among the top k go to the lower
+    chunk, then the lower index.
+
+    Parallel over shares of the vocabulary, not rows: a decode step's logits were written by
+    the LM head's threads, each its contiguous share, then evicted from L2 as it streamed 30
+    MB of weights; two threads read them back in half the time. After a step, in situ, the
+    torch passes this replaces took ~330 us (argmax and top-4 with probabilities; ~12 torch
+    calls, each slowed several fold by caches the step evicted), torch's argmax alone 110."""
     from tvm.script import tirx as T
 
     lanes = LANES
-    if chunk % lanes or vocab % chunk:
+    if chunk % lanes or vocab % chunk or vocab // chunk < k:
         raise UnsupportedError(
-            f"target tvm: logits_stats needs {chunk} | {vocab}, {lanes} | {chunk}"
+            f"target tvm: logits_stats needs {chunk} | {vocab}, {lanes} | {chunk}, "
+            f"{k} <= {vocab} / {chunk}"
         )
     chunks, vecs, cvecs = vocab // chunk, chunk // lanes, vocab // chunk // lanes
     per = -(-chunks // STAT_PARTS)  # chunks per part
@@ -807,16 +813,33 @@ def logits_stats(vocab: int, chunk: int):
     nan = T.float32(float("nan"))
     exp, sum16, max16 = exp_lane(), sum16_lanes(), sum16_lanes(T.max)
 
+    @T.macro
+    def insert(topv, topi, value, index):
+        """Into topv/topi (k entries, decreasing): `value` if it beats the last, bubbled up
+        past smaller entries (a tie stays below: the earlier index wins)."""
+        if value > topv[k - 1]:
+            topv[k - 1] = value
+            topi[k - 1] = index
+            for jj in range(k - 1):
+                if topv[k - 1 - jj] > topv[k - 2 - jj]:
+                    sv = topv[k - 2 - jj]
+                    si = topi[k - 2 - jj]
+                    topv[k - 2 - jj] = topv[k - 1 - jj]
+                    topi[k - 2 - jj] = topi[k - 1 - jj]
+                    topv[k - 1 - jj] = sv
+                    topi[k - 1 - jj] = si
+
     @T.prim_func(private=True)
     def logits_stats_kernel(
-        var_x: T.handle, var_cmax: T.handle, var_lse: T.handle, var_best: T.handle
+        var_x: T.handle, var_best: T.handle, var_tokens: T.handle, var_probs: T.handle
     ):
         T.func_attr({"tirx.noalias": True})
         t_len = T.int64()
         x = T.match_buffer(var_x, (t_len, vocab), "float32")
-        cmax = T.match_buffer(var_cmax, (t_len, chunks), "float32")
-        lse = T.match_buffer(var_lse, (t_len,), "float32")
         best = T.match_buffer(var_best, (t_len,), "int64")
+        tokens = T.match_buffer(var_tokens, (t_len, k), "int64")
+        probs = T.match_buffer(var_probs, (t_len, k), "float32")
+        cmax = T.alloc_buffer((t_len, chunks), "float32")
         csum = T.alloc_buffer((t_len, chunks), "float32")
         for part in T.parallel(parts):
             acc = T.alloc_buffer((lanes,), "float32")
@@ -853,8 +876,12 @@ def logits_stats(vocab: int, chunk: int):
             mv = T.alloc_buffer((lanes,), "float32")
             xs = T.alloc_buffer((lanes,), "float32")
             ev = T.alloc_buffer((lanes,), "float32")
-            red = T.alloc_buffer((2,), "float32")  # the row's max M, its sum of exp
+            red = T.alloc_buffer((3,), "float32")  # the row's max M, its sum of exp, lse
             at = T.alloc_buffer((2,), "int64")  # the first chunk holding M, M's index in it
+            cv = T.alloc_buffer((k,), "float32")  # the k largest chunk maxima
+            ci = T.alloc_buffer((k,), "int64")  # their chunks
+            tv = T.alloc_buffer((k,), "float32")  # the k largest logits
+            ti = T.alloc_buffer((k,), "int64")  # their tokens
             for i in T.vectorized(lanes):
                 mv[i] = neg
             for j in range(cvecs):
@@ -877,9 +904,12 @@ def logits_stats(vocab: int, chunk: int):
                 red[1] = mv[0] + mv[1]
                 for c in range(cvecs * lanes, chunks):
                     red[1] = red[1] + csum[t, c] * T.exp(cmax[t, c] - red[0])
-            lse[t] = red[0] + T.log(red[1])  # log(0) = -inf for an all -inf row
+            red[2] = red[0] + T.log(red[1])  # log(0) = -inf for an all -inf row
             best[t] = T.int64(-1)
-            if lse[t] > neg and lse[t] < inf:  # false for nan
+            for j in range(k):
+                tokens[t, j] = T.int64(0)
+                probs[t, j] = T.float32(0)
+            if red[2] > neg and red[2] < inf:  # false for nan
                 at[0] = T.int64(chunks)
                 for c in range(chunks):
                     if at[0] == chunks and cmax[t, c] == red[0]:
@@ -889,5 +919,24 @@ def logits_stats(vocab: int, chunk: int):
                     if at[1] == chunk and x[t, at[0] * chunk + i] == red[0]:
                         at[1] = T.int64(i)
                 best[t] = at[0] * chunk + at[1]
+                for j in range(k):
+                    cv[j] = neg
+                    ci[j] = T.int64(j)  # distinct chunks even where fewer than k are finite
+                    tv[j] = neg
+                    ti[j] = T.int64(0)
+                for c in range(chunks):
+                    insert(cv, ci, cmax[t, c], T.int64(c))
+                for j in range(k):  # the chosen chunks by index: ties go to the lower index
+                    at[0] = T.int64(chunks)
+                    for jj in range(k):
+                        if ci[jj] < at[0] and (j == 0 or ci[jj] > at[1]):
+                            at[0] = ci[jj]
+                    at[1] = at[0]
+                    if at[0] < chunks:  # fewer than k distinct chunks: none left
+                        for i in range(chunk):
+                            insert(tv, ti, x[t, at[0] * chunk + i], at[0] * chunk + i)
+                for j in range(k):
+                    tokens[t, j] = ti[j]
+                    probs[t, j] = T.exp(tv[j] - red[2])
 
     return logits_stats_kernel

@@ -36,10 +36,9 @@ from arc.runtime.drafters import Drafter
 from arc.runtime.relaxed import accept_relaxed_greedy, accept_relaxed_sampled
 from arc.runtime.sampling import Sampler, _filtered
 from arc.runtime.steps import Steps
-from arc.runtime.topk import argmax_and_successors, top_successors
+from arc.runtime.topk import TOPK, argmax_and_successors, top_successors
 from arc.runtime.tree import Tree, best_first, build
 
-TOPK = 4  # successors kept per verified node for Token Recycling
 PROBE_EVERY, MAX_PROBE_EVERY = 8, 64  # plain steps with a draft at hand before a probe
 PRIOR_COST = 0.15  # untimed, unmeasured sizes: a decode step's time x (1 + PRIOR_COST * (B - 1))
 CALIB_DECAY, CALIB_PRIOR = 0.9, 0.5  # calibration: weight of older verifies, prior tokens

@@ -133,60 +133,73 @@ def test_attention_equals_numpy(tokens, length, grouped):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def _stats(x, chunk):
-    """(cmax, lse, best) of logits_stats over x [rows, vocab], compiled for this CPU."""
+def _stats(x, chunk, k=4):
+    """(best, tokens, probs) of logits_stats over x [rows, vocab], compiled for this CPU."""
     import torch
     import tvm
 
     from arc.targets import tvm_kernels
 
     rows, vocab = x.shape
-    fn = _compile(tvm_kernels.logits_stats(vocab, chunk))
+    fn = _compile(tvm_kernels.logits_stats(vocab, chunk, k))
     args = [tvm.runtime.from_dlpack(x.clone())]
-    args += [tvm.runtime.tensor(np.zeros((rows, vocab // chunk), "float32"))]
-    args += [tvm.runtime.tensor(np.zeros((rows,), "float32"))]
     args += [tvm.runtime.tensor(np.zeros((rows,), "int64"))]
+    args += [tvm.runtime.tensor(np.zeros((rows, k), "int64"))]
+    args += [tvm.runtime.tensor(np.zeros((rows, k), "float32"))]
     fn(*args)
     return [torch.from_numpy(a.numpy()) for a in args[1:]]
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_logits_stats_equal_torch(rows):
-    """logits_stats: each 128-logit chunk's max and each row's argmax exactly, each row's
-    logsumexp to fp32 rounding, with the max in a later chunk, a masked chunk, and ties."""
+    """logits_stats: each row's argmax exactly (torch.argmax's first maximal index), its top 4
+    tokens as torch.topk's, and their softmax probabilities to fp32 rounding; with the max in
+    a later chunk, a masked chunk, ties, and a runner-up in a chunk of its own."""
     import torch
 
     vocab, chunk = 71 * 128, 128  # 71 chunks: 4 vectors of 16 and a tail of 7
     x = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows)) * 5
     x[:, 40 * chunk + 3] += 30  # a later chunk holds the max
+    x[:, 40 * chunk + 90] += 28  # the runner-up in the same chunk
+    x[:, 69 * chunk + 1] += 29  # and one in a chunk near the end (the tail)
     x[0, :chunk] = float("-inf")  # a whole chunk masked out
-    x[-1, 66 * chunk + 9] = x[-1, 40 * chunk + 3]  # a tie in a later chunk: the first wins
-    x[-1, 40 * chunk + 70] = x[-1, 40 * chunk + 3]  # a tie later in the same chunk
-    cmax, lse, best = _stats(x, chunk)
-    assert torch.equal(cmax, x.view(rows, -1, chunk).amax(-1))
-    want = torch.logsumexp(x.double(), -1).float()
-    torch.testing.assert_close(lse, want, rtol=1e-6, atol=1e-5)
+    best, tokens, probs = _stats(x, chunk)
     assert best.tolist() == x.argmax(-1).tolist()
+    top = torch.topk(x.double(), 4, dim=-1)
+    assert torch.equal(tokens, top.indices)
+    want = torch.exp(top.values - torch.logsumexp(x.double(), -1, keepdim=True)).float()
+    torch.testing.assert_close(probs, want, rtol=1e-5, atol=1e-7)
+    y = x[-1:].clone()
+    y[0, 66 * chunk + 9] = y[0, 40 * chunk + 3]  # a tie in a later chunk: the first wins
+    y[0, 40 * chunk + 70] = y[0, 40 * chunk + 3]  # a tie later in the same chunk
+    best, tokens, _ = _stats(y, chunk)
+    assert best.tolist() == [40 * chunk + 3] == y.argmax(-1).tolist()
+    assert tokens[0, :3].tolist() == [40 * chunk + 3, 40 * chunk + 70, 66 * chunk + 9]
 
 
 def test_logits_stats_leave_nan_inf_and_empty_rows_to_torch():
     """A row with a nan (even in an otherwise -inf chunk), a +inf, or only -inf gets best -1
     (the runtime asks torch.argmax, which takes a nan as the maximum); -inf logits in an
-    otherwise finite row do not."""
+    otherwise finite row do not, and a row with fewer finite chunks than k still gets its
+    finite tokens first and probability 0 for the rest."""
     import torch
 
     vocab, chunk = 32 * 64, 64
-    x = torch.randn(5, vocab, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(6, vocab, generator=torch.Generator().manual_seed(0))
     x[0, 300] = float("nan")
     x[1, :chunk] = float("-inf")
     x[1, 5] = float("nan")  # a nan in a chunk whose max is -inf
     x[2, 1000] = float("inf")
     x[3] = float("-inf")
     x[4, 7 * chunk : 9 * chunk] = float("-inf")  # finite row with masked chunks
-    cmax, lse, best = _stats(x, chunk)
+    x[5] = float("-inf")
+    x[5, 3 * chunk + 4], x[5, 3 * chunk + 9] = 2.0, 1.0  # one finite chunk, two tokens
+    best, tokens, probs = _stats(x, chunk)
     assert best.tolist()[:4] == [-1, -1, -1, -1]
-    assert best[4] == x[4].argmax() and torch.isfinite(lse[4])
-    assert lse[3] == float("-inf") and torch.isnan(lse[:3]).all()
+    assert best[4] == x[4].argmax() and tokens[4].tolist() == x[4].topk(4).indices.tolist()
+    assert tokens[5, :2].tolist() == [3 * chunk + 4, 3 * chunk + 9]
+    want = torch.tensor([0.7311, 0.2689, 0.0, 0.0])  # softmax of (2, 1)
+    torch.testing.assert_close(probs[5], want, atol=1e-4, rtol=0)
 
 
 def _compile(func):

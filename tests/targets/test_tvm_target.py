@@ -139,7 +139,7 @@ def test_logits_stats_kernel_serves_the_speculative_top_k(engines, tmp_path, mon
     path = tmp_path / "stats.arc"
     opts = CompileOptions(target="tvm", spec=preset_spec("O2"), max_seq_len=256)
     compile_model(REF, path, opts)
-    want = {"function": "logits_stats", "chunk": 32, "outputs": 3}
+    want = {"function": "logits_stats", "chunk": 32, "k": 4, "outputs": ["best", "tokens", "probs"]}
     assert read_manifest(path)["target"]["stats"] == want
     eng = load_engine(path)
     stats, calls = eng.generator.steps.logit_stats, []
@@ -148,6 +148,7 @@ def test_logits_stats_kernel_serves_the_speculative_top_k(engines, tmp_path, mon
         calls.append(x.shape[0])
         return stats(x)
 
+    counted.k = stats.k  # the top-k it computes
     eng.generator.steps.logit_stats = counted
     for prompt in PROMPTS:
         got = eng.generator.generate(eng.prompt_ids(prompt), max_new_tokens=N, ignore_eos=True)

@@ -81,9 +81,10 @@ class Jacobi:
             return  # a plain step between proposals: the refinement below counts its token
         self._pending = False
         tokens, probs = topk
+        first, p_first = tokens[:, 0].tolist(), probs[:, 0].tolist()  # two calls, not 2 per node
         node = 0
         for i in range(len(self.guess) + 1):
-            self._seen.append((int(tokens[node, 0]), float(probs[node, 0])))
+            self._seen.append((first[node], p_first[node]))
             child = tree.child(node, self.guess[i][0]) if i < len(self.guess) else None
             if child is None:
                 break

@@ -27,21 +27,16 @@ class Recycle:
     name = "recycle"
 
     def __init__(self, vocab: int, static: bool = False):
-        self.next = torch.full((vocab, K), -1, dtype=torch.long)  # [V, K] successor tokens
-        self.prob = torch.zeros(vocab, K)  # [V, K] their probabilities when last seen
-        self.static = static
-        self._cache: dict[int, list[tuple[int, float]]] = {}
+        # token -> its K likeliest successors when last seen, (token, probability) by rank; a
+        # dict, not [V, K] tensors: recording a node is then two small .tolist() calls, not
+        # indexed writes (each torch call right after a step runs on caches it evicted)
+        self.table: dict[int, list[tuple[int, float]]] = {}
+        self.vocab, self.static = vocab, static
 
     def successors(self, token: int) -> list[tuple[int, float]]:
-        got = self._cache.get(token)
-        if got is None:
-            toks, probs = self.next[token].tolist(), self.prob[token].tolist()
-            got = [
-                (t, RANK_PRIOR[r] if self.static else p)
-                for r, (t, p) in enumerate(zip(toks, probs, strict=True))
-                if t >= 0
-            ]
-            self._cache[token] = got
+        got = self.table.get(token, [])
+        if self.static:
+            return [(t, RANK_PRIOR[r]) for r, (t, _) in enumerate(got)]
         return got
 
     def propose(self, history: list[int], depth: int, budget: int) -> dict:
@@ -60,11 +55,9 @@ class Recycle:
 
     def record(self, tokens: list[int], top_tokens: torch.Tensor, top_probs: torch.Tensor):
         """The model's top-K successors [n, K] (and probabilities) after each of `tokens`."""
-        idx = torch.tensor(tokens, dtype=torch.long)
-        self.next[idx] = top_tokens
-        self.prob[idx] = top_probs
-        for t in tokens:
-            self._cache.pop(t, None)
+        rows = zip(tokens, top_tokens[:, :K].tolist(), top_probs[:, :K].tolist(), strict=True)
+        for token, toks, probs in rows:
+            self.table[token] = [(t, p) for t, p in zip(toks, probs, strict=True) if t >= 0]
 
     def observe(self, tree: Tree, topk) -> None:
         tokens, probs = topk
