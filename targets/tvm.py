@@ -98,6 +98,8 @@ def _relax_module(module: Module) -> tuple[Any, dict[str, str], list[str]]:
     chunk = _stats_chunk(module)
     if chunk:
         builder.add_stats(_vocab(module), chunk, TOPK)
+    if _verifies(module):
+        builder.add_move()
     return builder.get(), functions, list(builder.params)
 
 
@@ -107,6 +109,11 @@ def _vocab(module: Module) -> int:
             if n.op is Op.LM_HEAD:
                 return int(module.weights[n.attrs["w"]].shape[0])
     return 0
+
+
+def _verifies(module: Module) -> bool:
+    """A speculative module: the runtime moves accepted tree rows (`kv_move`)."""
+    return any(name.startswith("verify_") for name in module.functions)
 
 
 def _stats_chunk(module: Module) -> int:
@@ -137,7 +144,7 @@ def build(
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     import tvm
 
-    from arc.targets.tvm_graph import STATS
+    from arc.targets.tvm_graph import MOVE, STATS
 
     if options.get("mode"):
         raise UnsupportedError("--torch-mode applies to the torch target, not tvm")
@@ -169,6 +176,8 @@ def build(
 
         chunk = _stats_chunk(module)
         info["stats"] = {"function": STATS, "chunk": chunk, "k": TOPK, "outputs": STATS_OUT}
+    if _verifies(module):
+        info["move"] = MOVE
     return info, {LIBRARY: path}
 
 
@@ -213,7 +222,7 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
     import tvm
     from tvm import relax
 
-    from arc.targets.tvm_graph import STATS, param_specs
+    from arc.targets.tvm_graph import MOVE, STATS, param_specs
 
     names = list(param_specs(module, _blocks(module)))
     if info["params"] != names:
@@ -234,7 +243,13 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
         if fn is None:
             raise EngineError(f"engine records no TVM function for {name}")
         calls[name] = _Call(vm[fn], params, in_place=info.get("kv_rows") == KV_ROWS)
-    steps = row_steps(calls, module.kv, device)
+    move = None
+    if info.get("move") == MOVE:  # absent from engines built before it: torch moves rows
+        try:
+            move = _Move(vm[MOVE])
+        except (AttributeError, TypeError, ValueError) as e:
+            raise EngineError(f"engine's TVM library has no usable {MOVE} ({e})") from None
+    steps = row_steps(calls, module.kv, device, move=move)
     steps._keep_alive = (vm, params, aligned)  # the library reads these buffers
     stats = info.get("stats")  # absent from engines built before it
     # (an engine built before its outputs were these: the runtime does without)
@@ -324,6 +339,22 @@ class _Call:
         if not self.in_place:
             return torch.from_dlpack(out[0]), torch.from_dlpack(out[1])
         return torch.from_dlpack(out[0]), None  # out[1]: the cache, written in place
+
+
+class _Move:
+    """`(cache, src, dst)`: the library's kv_move, the accepted rows copied in place."""
+
+    def __init__(self, fn):
+        self.fn, self.cache = fn, None
+
+    def __call__(self, cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        import tvm
+
+        key = (cache.data_ptr(), tuple(cache.shape))
+        if self.cache is None or self.cache[0] != key:
+            self.cache = (key, tvm.runtime.from_dlpack(cache))
+        src, dst = (t.to(torch.long).contiguous() for t in (src, dst))
+        self.fn(self.cache[1], tvm.runtime.from_dlpack(src), tvm.runtime.from_dlpack(dst))
 
 
 def _outputs(stats: dict) -> bool:

@@ -43,7 +43,8 @@ OPAQUE = 8  # relay/relax OpPatternKind kOpaque
 INPUT_DTYPES = {"i64": "int64", "bool": "uint8"}  # bool tensors cross as u8 (see tvm.py)
 
 
-STATS = "logits_stats"  # the Relax function of the logits' chunk maxima and logsumexp
+STATS = "logits_stats"  # the Relax function of the logits' argmax and top-k
+MOVE = "kv_move"  # the Relax function copying accepted tree nodes' K/V rows into place
 
 
 def graph_key(graph: Graph) -> tuple:
@@ -213,6 +214,26 @@ class Builder:
         # only kernels with blocks (this one is TIR without blocks)
         with self.bb.function(STATS, [logits], attrs=attrs):
             self.bb.emit_func_output(self.bb.emit(relax.call_tir(gv, [logits], types)))
+
+    def add_move(self) -> None:
+        """Relax function `kv_move(cache, src i64[P], dst i64[P]) -> cache`: the K/V rows of
+        slots src copied to slots dst in place (tvm_kernels.kv_move), which the runtime calls
+        after a verify whose accepted path is not already in place."""
+        from tvm import relax
+
+        kv = self.module.kv
+        seq = kv.max_seq_len + 1
+        n = self.dims["T"]
+        cache_ty = relax.TensorType([2 * kv.layers, kv.kv_heads, seq, kv.head_dim], "float32")
+        cache = relax.Var("cache", cache_ty)
+        src = relax.Var("src", relax.TensorType([n], "int64"))
+        dst = relax.Var("dst", relax.TensorType([n], "int64"))
+        make = functools.partial(kernels.kv_move, kv.kv_heads, kv.head_dim, kv.layers, seq)
+        gv = self.kernel(("kv_move", kv.kv_heads, kv.head_dim, kv.layers, seq), make)
+        attrs = {"tir_var_upper_bound": {"T": kv.max_seq_len}}
+        with self.bb.function(MOVE, [cache, src, dst], attrs=attrs):
+            out = self.bb.emit(relax.call_tir_inplace(gv, [cache, src, dst], 0, cache_ty))
+            self.bb.emit_func_output(out)
 
     def get(self):
         return self.bb.get()

@@ -74,12 +74,18 @@ class RowCache:
 
 
 def row_steps(
-    calls: dict[str, RowFn], decl: KVDecl, device: str = "cpu", layout: str = "heads"
+    calls: dict[str, RowFn],
+    decl: KVDecl,
+    device: str = "cpu",
+    layout: str = "heads",
+    move: Callable[[Tensor, Tensor, Tensor], None] | None = None,
 ) -> Steps:
     """Steps over rows-convention functions: each call reads the cache and writes back its rows.
 
     prefill/decode: `fn(tokens, pos, slots, cache)`, rows go to `pos`;
-    verify_B: `fn(tokens, pos, write, visible, cache)`, rows go to `write`."""
+    verify_B: `fn(tokens, pos, write, visible, cache)`, rows go to `write`.
+    `move(cache, src, dst)`: the target's own copy of accepted rows into place (tvm), else
+    torch's (RowCache.move)."""
     cache = RowCache(decl, device, layout)
 
     def bind(name: str, fn: RowFn):
@@ -106,5 +112,5 @@ def row_steps(
         max_seq_len=decl.max_seq_len,
         device=device,
         reset=cache.reset,
-        move=cache.move,
+        move=cache.move if move is None else lambda src, dst: move(cache.tensor, src, dst),
     )

@@ -285,3 +285,22 @@ def test_kv_rows_write_k_and_v_in_place_and_nothing_outside_the_cache():
         want[2, :, slot] = k[row].view(kv_heads, d)
         want[3, :, slot] = v[row].view(kv_heads, d)
     assert torch.equal(cache, want)
+
+
+def test_kv_move_copies_accepted_rows_in_every_layer_and_skips_outside_slots():
+    """kv_move: slots src[p] -> dst[p] for every cache row (each layer's K and V) and head, as
+    torch's index_select + index_copy_ (RowCache.move) does for an accepted path; a pair with
+    a slot outside the cache is skipped."""
+    import torch
+    import tvm
+
+    from arc.targets import tvm_kernels
+
+    layers, kv_heads, seq, d = 2, 3, 12, 16
+    fn = _compile(tvm_kernels.kv_move(kv_heads, d, layers, seq))
+    cache = torch.randn(2 * layers, kv_heads, seq, d)
+    want = cache.clone()
+    src, dst = torch.tensor([5, 8, 9, 40]), torch.tensor([4, 5, 6, 7])  # a path 5, 8, 9
+    want.index_copy_(2, dst[:3], want.index_select(2, src[:3]))
+    fn(*[tvm.runtime.from_dlpack(x) for x in (cache, src, dst)])
+    assert torch.equal(cache, want)
