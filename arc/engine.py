@@ -33,7 +33,9 @@ from arc.cache import cache_dir
 from arc.errors import EngineError
 
 FORMAT = "arc-engine"
-FORMAT_VERSION = 2  # 2: CPU ISA record, payload allowlist, speculative plans (verify_B)
+# 2: CPU ISA record, payload allowlist, speculative plans (verify_B); 3: tvm libraries write and
+# move K/V rows in the cache themselves and their logits_stats returns argmax and top-k
+FORMAT_VERSION = 3
 MANIFEST, MANIFEST_SHA = "manifest.json", "manifest.sha256"
 WEIGHTS = "weights.safetensors"
 ARTIFACTS, TOKENIZER = "artifacts", "tokenizer"

@@ -54,9 +54,6 @@ LIBRARY = "model.so"
 ALIGN = 64  # bytes: TVM's kernels assume their buffers are aligned to this
 LAYOUT = "panel16-h"  # how projection weights reach the kernels (tvm_kernels.panel_specs)
 STATS_OUT = ["best", "tokens", "probs"]  # logits_stats outputs (tvm_kernels.logits_stats)
-# the library writes each call's K/V rows into the cache (tvm_kernels.kv_rows); engines built
-# before return them for arc/runtime/rows.py to write, and still load
-KV_ROWS = "in-place"
 # --cpu level -> llvm mcpu (native: the host CPU's name, as LLVM knows it)
 MCPU = {"x86-64-v3": "x86-64-v3", "x86-64-v4": "x86-64-v4"}
 
@@ -167,7 +164,6 @@ def build(
         "params": names,
         "weights_run_as": blocks + ["f32"],  # block formats read as stored, the rest fp32
         "layout": LAYOUT,
-        "kv_rows": KV_ROWS,
         "weights_stored_as": formats_used,
         **cpu_info,
     }
@@ -242,23 +238,28 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
         fn = info["functions"].get(name)
         if fn is None:
             raise EngineError(f"engine records no TVM function for {name}")
-        calls[name] = _Call(vm[fn], params, in_place=info.get("kv_rows") == KV_ROWS)
-    move = None
-    if info.get("move") == MOVE:  # absent from engines built before it: torch moves rows
-        try:
-            move = _Move(vm[MOVE])
-        except (AttributeError, TypeError, ValueError) as e:
-            raise EngineError(f"engine's TVM library has no usable {MOVE} ({e})") from None
+        calls[name] = _Call(vm[fn], params)
+    move = _Move(_library_fn(vm, MOVE)) if info.get("move") == MOVE else None
     steps = row_steps(calls, module.kv, device, move=move)
     steps._keep_alive = (vm, params, aligned)  # the library reads these buffers
-    stats = info.get("stats")  # absent from engines built before it
-    # (an engine built before its outputs were these: the runtime does without)
-    if isinstance(stats, dict) and stats.get("function") == STATS and _outputs(stats):
-        try:
-            steps.logit_stats = _Stats(vm[STATS], int(stats["k"]))
-        except (AttributeError, TypeError, ValueError) as e:
-            raise EngineError(f"engine's TVM library has no usable {STATS} ({e})") from None
+    stats = info.get("stats")  # absent where the vocabulary does not split into chunks
+    if stats is not None:
+        from arc.runtime.topk import TOPK
+
+        if not isinstance(stats, dict) or stats.get("outputs") != STATS_OUT:
+            raise EngineError(f"engine records an unknown {STATS}; rebuild it")
+        if stats.get("k") != TOPK:
+            raise EngineError(f"engine's {STATS} keeps top-{stats.get('k')}, not {TOPK}")
+        steps.logit_stats = _Stats(_library_fn(vm, STATS), TOPK)
     return steps
+
+
+def _library_fn(vm, name: str):
+    """The library's Relax function `name`, or one line saying it has none."""
+    try:
+        return vm[name]
+    except (AttributeError, TypeError, ValueError) as e:
+        raise EngineError(f"engine's TVM library has no usable {name} ({e})") from None
 
 
 def _blocks(module: Module) -> dict[str, tuple[str, int]]:
@@ -305,26 +306,33 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % ALIGN == 0 else t.clone()
 
 
-class _Call:
-    """One Relax function in the rows convention: inputs and cache by DLPack (no copy of the
-    cache), weights as the one tuple made at load; outputs back to torch without a copy."""
+class _CacheView:
+    """The cache tensor as a TVM tensor by DLPack (no copy), made again only when the runtime
+    hands another tensor."""
 
-    def __init__(self, fn, params, in_place: bool = True):
-        self.fn, self.params, self.in_place = fn, params, in_place
-        self.cache: tuple[int, Any] | None = None
+    def __init__(self):
+        self.view: tuple[tuple, Any] | None = None
 
     def _cache(self, cache: torch.Tensor):
         import tvm
 
         key = (cache.data_ptr(), tuple(cache.shape))
-        if self.cache is None or self.cache[0] != key:
-            self.cache = (key, tvm.runtime.from_dlpack(cache))
-        return self.cache[1]
+        if self.view is None or self.view[0] != key:
+            self.view = (key, tvm.runtime.from_dlpack(cache))
+        return self.view[1]
 
-    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+
+class _Call(_CacheView):
+    """One Relax function in the rows convention: inputs and cache by DLPack (no copy of the
+    cache), weights as the one tuple made at load; outputs back to torch without a copy."""
+
+    def __init__(self, fn, params):
+        super().__init__()
+        self.fn, self.params = fn, params
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, None]:
         """(logits, None): the library writes the call's K/V rows into the cache itself
-        (tvm_kernels.kv_rows), so there are no rows for arc/runtime/rows.py to write; an
-        engine built before that returns (logits, rows)."""
+        (tvm_kernels.kv_rows), so there are no rows for arc/runtime/rows.py to write."""
         import tvm
 
         *feeds, cache = args
@@ -336,31 +344,21 @@ class _Call:
             for t in feeds
         ]
         out = self.fn(*[tvm.runtime.from_dlpack(t) for t in conv], self._cache(cache), self.params)
-        if not self.in_place:
-            return torch.from_dlpack(out[0]), torch.from_dlpack(out[1])
         return torch.from_dlpack(out[0]), None  # out[1]: the cache, written in place
 
 
-class _Move:
+class _Move(_CacheView):
     """`(cache, src, dst)`: the library's kv_move, the accepted rows copied in place."""
 
     def __init__(self, fn):
-        self.fn, self.cache = fn, None
+        super().__init__()
+        self.fn = fn
 
     def __call__(self, cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         import tvm
 
-        key = (cache.data_ptr(), tuple(cache.shape))
-        if self.cache is None or self.cache[0] != key:
-            self.cache = (key, tvm.runtime.from_dlpack(cache))
         src, dst = (t.to(torch.long).contiguous() for t in (src, dst))
-        self.fn(self.cache[1], tvm.runtime.from_dlpack(src), tvm.runtime.from_dlpack(dst))
-
-
-def _outputs(stats: dict) -> bool:
-    from arc.runtime.topk import TOPK
-
-    return stats.get("outputs") == STATS_OUT and stats.get("k") == TOPK
+        self.fn(self._cache(cache), tvm.runtime.from_dlpack(src), tvm.runtime.from_dlpack(dst))
 
 
 class _Stats:

@@ -78,11 +78,11 @@ def test_hand_edited_manifest_is_refused(engine, tmp_path):
 
 def test_engine_of_an_older_format_is_refused(engine, tmp_path):
     def edit(m):
-        m["format_version"] = 1  # before CPU records and speculative plans
+        m["format_version"] = 2  # before tvm wrote and moved K/V rows in place
         return m
 
     bad = _rewrite(engine, tmp_path / "old.arc", edit_manifest=edit, fix_digest=True)
-    assert_clean_error(_run(bad), "engine format 1 but this arc reads 2; rebuild it")
+    assert_clean_error(_run(bad), "engine format 2 but this arc reads 3; rebuild it")
 
 
 def test_engine_for_other_torch_is_refused(engine, tmp_path):

@@ -31,7 +31,7 @@ class Recycle:
         # dict, not [V, K] tensors: recording a node is then two small .tolist() calls, not
         # indexed writes (each torch call right after a step runs on caches it evicted)
         self.table: dict[int, list[tuple[int, float]]] = {}
-        self.vocab, self.static = vocab, static
+        self.static = static
 
     def successors(self, token: int) -> list[tuple[int, float]]:
         got = self.table.get(token, [])
