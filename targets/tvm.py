@@ -79,13 +79,13 @@ def check_module(module: Module) -> None:
                 )
 
 
-def _relax_module(module: Module) -> tuple[Any, dict[str, str], list[str]]:
+def _relax_module(module: Module, amx: bool = False) -> tuple[Any, dict[str, str], list[str]]:
     """(Relax IRModule, IR function -> Relax function, tensors of the params tuple), and
     `logits_stats` where the vocabulary splits into chunks (`_stats_chunk`)."""
     from arc.runtime.topk import TOPK
     from arc.targets.tvm_graph import Builder, graph_key
 
-    builder, functions, seen = Builder(module), {}, {}
+    builder, functions, seen = Builder(module, amx), {}, {}
     for name, graph in module.functions.items():
         key = graph_key(graph)
         if key not in seen:
@@ -126,14 +126,21 @@ def _stats_chunk(module: Module) -> int:
 
 
 def _target(cpu: str) -> tuple[Any, dict[str, Any]]:
-    """The llvm target for `--cpu cpu` and what the manifest records of it."""
+    """The llvm target for `--cpu cpu` and what the manifest records of it. A native build
+    on a CPU with AMX (tvm_amx.FLAGS) runs multi-token projections on AMX tiles, unless
+    ARC_TVM_AMX=0 (to compare the two)."""
     import tvm
+
+    from arc.targets import tvm_amx
 
     march, flags = arc_cpu.build_target(cpu)
     mcpu = MCPU.get(march) or tvm.target.codegen.llvm_get_system_cpu()
-    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": os.cpu_count() or 1})
-    record = {"cpu": cpu, "march": mcpu, "cpu_flags": sorted(flags)}
-    return target, record | {"cpu_name": arc_cpu.host_name()}
+    spec = {"kind": "llvm", "mcpu": mcpu, "num-cores": os.cpu_count() or 1}
+    amx = march == "native" and tvm_amx.usable(flags) and os.environ.get("ARC_TVM_AMX") != "0"
+    if amx:  # LLVM's name for this CPU (a VM's) may not say it has AMX
+        spec["mattr"] = tvm_amx.MATTR
+    record = {"cpu": cpu, "march": mcpu, "cpu_flags": sorted(flags), "amx": amx}
+    return tvm.target.Target(spec), record | {"cpu_name": arc_cpu.host_name()}
 
 
 def build(
@@ -149,7 +156,7 @@ def build(
         raise UnsupportedError(f"target tvm builds for cpu only, not {device}")
     check_module(module)
     target, cpu_info = _target(options.get("cpu") or "native")
-    mod, functions, names = _relax_module(module)
+    mod, functions, names = _relax_module(module, cpu_info["amx"])
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / LIBRARY
     executable = tvm.compile(mod, target=target)
@@ -205,6 +212,8 @@ def check_engine(info: dict[str, Any]) -> None:
     flags = info.get("cpu_flags")
     if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
         raise EngineError("engine does not record the CPU extensions its code needs; rebuild it")
+    if not isinstance(info.get("amx", False), bool):
+        raise EngineError("engine's manifest has a bad 'amx' entry; rebuild it")
     missing = arc_cpu.missing_flags(flags)
     if missing:
         built = f"mcpu={info.get('march')} on {info.get('cpu_name', 'another CPU')}"
@@ -223,6 +232,12 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
     names = list(param_specs(module, _blocks(module)))
     if info["params"] != names:
         raise EngineError("engine's TVM library takes other weights than its module has")
+    if info.get("amx"):
+        from arc.targets import tvm_amx
+
+        why = tvm_amx.request()
+        if why:
+            raise EngineError(f"engine's library uses AMX, which this process may not: {why}")
     # TVM's thread pool reads this when it starts (its default here is one thread)
     os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
     # torch only glues here (cache row writes, masks, sampling): its OpenMP workers would

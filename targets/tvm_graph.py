@@ -147,10 +147,11 @@ def _fewer_layers(graph: Graph) -> bool:
 class Builder:
     """One Relax IRModule for a Module's functions; kernels are shared between them."""
 
-    def __init__(self, module: Module):
+    def __init__(self, module: Module, amx: bool = False):
         from tvm import relax, tirx
 
         self.module = module
+        self.amx = amx  # multi-token block projections on AMX tiles (targets/tvm_amx.py)
         self.blocks = block_weights(module)
         self.panels = panel_weights(module, self.blocks)
         self.params = param_specs(module, self.blocks)
@@ -341,8 +342,10 @@ def _linear(e: _Emit, n: Node, x):
     if w in e.b.panels:  # any T: the kernel picks its token tiling at run time
         kind, group, scale = e.b.panels[w]
         args = [x, *e.comps(w)] if kind != "f32" else [x, e.w(w)]
-        make = lambda: kernels.panel_gemv(kind, out, k, group, scale)  # noqa: E731
-        y = e.call(("pgemv", kind, out, k, group, scale), make, args, [[rows, out]])
+        amx = e.b.amx
+        make = lambda: kernels.panel_gemv(kind, out, k, group, scale, amx)  # noqa: E731
+        key = ("pgemv", kind, out, k, group, scale) + (("amx",) if amx else ())
+        y = e.call(key, make, args, [[rows, out]])
     elif w in e.b.blocks:
         kind, group = e.b.blocks[w]
         key = ("qgemv", kind, out, k, group) + (("t1",) if one else ())

@@ -605,7 +605,7 @@ def to_panels(t):
     return x.movedim(1, -1).contiguous()
 
 
-def panel_gemv(kind: str, n: int, k: int, group: int, scale: str = "float32"):
+def panel_gemv(kind: str, n: int, k: int, group: int, scale: str = "float32", amx: bool = False):
     """PrimFunc y[T, N] = x[T, K] @ w[N, K].T over a panel-layout weight (`panel_specs`), for
     any T (decode, a verify tree, a prefill chunk).
 
@@ -634,10 +634,15 @@ def panel_gemv(kind: str, n: int, k: int, group: int, scale: str = "float32"):
     row and token) this keeps weights in registers, reuses each for TB tokens, and writes P
     outputs with one store: the packed layout llama.cpp's repacked CPU kernels (Q4_0_8x8) and
     MLC's weight layouts use.
+
+    `amx` (a kind in tvm_amx.KINDS, a CPU with AMX): T >= tvm_amx.MIN_TOKENS runs on AMX
+    tiles instead (targets/tvm_amx.py), the same layout and an fp32-exact product.
     """
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as I
+
+    from arc.targets import tvm_amx
 
     g = group if kind != "f32" else PANEL
     nb, npan = k // g, n // PANEL
@@ -740,28 +745,46 @@ def panel_gemv(kind: str, n: int, k: int, group: int, scale: str = "float32"):
                             I.buffer_store(part, part[i] + part[i + width], [i])
                         width //= 2
                     I.buffer_store(sx, part[0], [tb_])
-            with I.parallel(0, npan) as p:
-                chains = max(tb * c for _, tb, c in TILES)
-                # scratch under 1 KB in scope "global" is a stack alloca, which LLVM keeps in
-                # registers; TVM heap-allocates "local" (TVMBackendAllocWorkspace) per
-                # parallel task, and every accumulator update then goes through memory
-                tokens = max(tb for _, tb, _ in TILES)
-                acc = I.alloc_buffer((tokens * PANEL,), "float32")  # 8 x 16 floats: 512 B
-                blk = I.alloc_buffer((chains * PANEL,), "float32")  # the block's partial sums
-                wv = I.alloc_buffer((PANEL,), "float32")
+            amx = amx and kind in tvm_amx.KINDS and tvm_amx.group_size(npan) > 0
+            if amx:  # the activations' bf16 parts, once per call (T >= 2)
+                tiles_t = tirx.floordiv(t_len + tvm_amx.TOKENS - 1, tvm_amx.TOKENS)
+                xs = I.alloc_buffer((tiles_t * 3 * tvm_amx.TOKENS * k,), "uint16")  # tvm_amx
+                with I.If(t_len >= tvm_amx.MIN_TOKENS):
+                    with I.Then():
+                        tvm_amx.split_activations(x, xs, t_len, k)
 
-                def plan(idx: int):
-                    bound, tb, c = TILES[idx]
-                    if bound is None:
-                        tiles(p, acc, blk, wv, sx, tb, c)
-                        return
-                    with I.If(t_len <= bound):
-                        with I.Then():
+            def avx512():
+                with I.parallel(0, npan) as p:
+                    chains = max(tb * c for _, tb, c in TILES)
+                    # scratch under 1 KB in scope "global" is a stack alloca, which LLVM keeps
+                    # in registers; TVM heap-allocates "local" (TVMBackendAllocWorkspace) per
+                    # parallel task, and every accumulator update then goes through memory
+                    tokens = max(tb for _, tb, _ in TILES)
+                    acc = I.alloc_buffer((tokens * PANEL,), "float32")  # 8 x 16 floats: 512 B
+                    blk = I.alloc_buffer((chains * PANEL,), "float32")  # a block's partial sums
+                    wv = I.alloc_buffer((PANEL,), "float32")
+
+                    def plan(idx: int):
+                        bound, tb, c = TILES[idx]
+                        if bound is None:
                             tiles(p, acc, blk, wv, sx, tb, c)
-                        with I.Else():
-                            plan(idx + 1)
+                            return
+                        with I.If(t_len <= bound):
+                            with I.Then():
+                                tiles(p, acc, blk, wv, sx, tb, c)
+                            with I.Else():
+                                plan(idx + 1)
 
-                plan(0)
+                    plan(0)
+
+            if amx:
+                with I.If(t_len < tvm_amx.MIN_TOKENS):
+                    with I.Then():
+                        avx512()
+                    with I.Else():
+                        tvm_amx.panel_groups(k, g, npan, t_len, comps, sx, xs, y, prefetch)
+            else:
+                avx512()
     return ib.get()
 
 
