@@ -124,6 +124,12 @@ def split_activations(x, xs, t_len, k: int) -> None:
                 I.buffer_store(xs, bits16(value), [tirx.Ramp(row * 32 + half * lanes, 1, lanes)])
 
 
+def applies(kind: str, group: int, npan: int) -> bool:
+    """Whether a [16 * npan, K] weight of block format `kind` with `group`-column blocks has
+    an AMX kernel: 4-bit, one block per 32-column tile, panels that group evenly."""
+    return kind in KINDS and group == 32 and group_size(npan) > 0
+
+
 def group_size(npan: int) -> int:
     """Panels a parallel task runs together (they share each block's A tiles); even, so
     that the pipeline's register sets alternate with the panel; 0: none fits."""
@@ -163,7 +169,8 @@ def _stride(nbytes: int):
 
 
 def panel_groups(k: int, group: int, npan: int, t_len, comps, sx, xs, y, prefetch) -> None:
-    """The AMX path of panel_gemv (T >= 2): y[T, N] for an affine4 panel-layout weight.
+    """The AMX path of panel_gemv (T >= MIN_TOKENS): y[T, N] for an affine4 panel-layout
+    weight with 32-column blocks (`applies`).
 
     for each group of G panels, in parallel:
       for each token tile (16 tokens; 3 x 16 stacked A rows):
@@ -172,7 +179,7 @@ def panel_groups(k: int, group: int, npan: int, t_len, comps, sx, xs, y, prefetc
           for each panel j of the group:        # pipelined, two register sets:
             build W tile (j+1, b)               #   vector units, in registers
             C = A . W(j, b)                     #   the AMX unit
-            acc[j] += d * (C_hi + C_mid + C_lo) + m * sum(x)   # for panel j-1
+            acc[j] += d * (C_hi + C_mid + C_lo) + m * sum(x)   # for panel j-2
     """
     from tvm import tirx
     from tvm.script.ir_builder import tirx as I
@@ -324,11 +331,11 @@ def panel_groups(k: int, group: int, npan: int, t_len, comps, sx, xs, y, prefetc
 
         with I.serial(0, tirx.floordiv(t_len + TOKENS - 1, TOKENS)) as t0:
             tt = tirx.min(tirx.const(TOKENS, "int64"), t_len - t0 * TOKENS)
-            with I.If(tt <= 5):
+            with I.If(3 * tt <= 16):  # 3 parts of tt tokens: 1, 2 or 3 A tiles of 16 rows
                 with I.Then():
                     variant(1, t0, tt)
                 with I.Else():
-                    with I.If(tt <= 10):
+                    with I.If(3 * tt <= 32):
                         with I.Then():
                             variant(2, t0, tt)
                         with I.Else():

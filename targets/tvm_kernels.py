@@ -745,7 +745,7 @@ def panel_gemv(kind: str, n: int, k: int, group: int, scale: str = "float32", am
                             I.buffer_store(part, part[i] + part[i + width], [i])
                         width //= 2
                     I.buffer_store(sx, part[0], [tb_])
-            amx = amx and kind in tvm_amx.KINDS and tvm_amx.group_size(npan) > 0
+            amx = amx and tvm_amx.applies(kind, group, npan)
             if amx:  # the activations' bf16 parts, once per call (T >= 2)
                 tiles_t = tirx.floordiv(t_len + tvm_amx.TOKENS - 1, tvm_amx.TOKENS)
                 xs = I.alloc_buffer((tiles_t * 3 * tvm_amx.TOKENS * k,), "uint16")  # tvm_amx

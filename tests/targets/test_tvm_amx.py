@@ -101,6 +101,13 @@ def test_below_min_tokens_the_avx512_loop_runs(kernels):
         assert np.array_equal(got, want)
 
 
+def test_applies_to_4bit_blocks_of_32_columns_only():
+    assert tvm_amx.applies("affine4", 32, 36)
+    assert not tvm_amx.applies("affine4", 64, 36)  # arc's int4 with another group: AVX-512
+    assert not tvm_amx.applies("sym8", 32, 36)  # Q8_0 (the LM head): AVX-512
+    assert not tvm_amx.applies("affine4", 32, 3)  # panels that do not group evenly
+
+
 def test_group_size_is_even_or_none():
     assert [tvm_amx.group_size(p) for p in (36, 60, 192, 3072, 4, 2, 3, 1)] == [
         6,
