@@ -26,7 +26,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = HERE / "prompts.json"
+sys.path.insert(0, str(HERE))
 
+import engine_cache  # noqa: E402
 
 # ---------------------------------------------------------------- workers (one process each)
 
@@ -94,11 +96,12 @@ def _spawn(args: list[str]) -> list[dict]:
 
 
 def _compile(model: str, spec: str, target: str, out: Path) -> None:
-    if out.exists():
+    if engine_cache.fresh(out):  # built by today's code
         return
     t = time.perf_counter()
     cmd = [sys.executable, "-m", "arc.cli", "compile", model, "--passes", spec, "--target", target]
     subprocess.run([*cmd, "--max-seq-len", "1024", "-o", str(out)], check=True)
+    engine_cache.mark(out)
     print(f"compiled {out.name} ({spec or 'no passes'}) in {time.perf_counter() - t:.0f} s")
 
 

@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import engine_cache  # noqa: E402
+
 SYSTEMS = {  # row -> arc compile flags
     "torch-eager": ["--target", "torch", "--torch-mode", "eager"],
     "torch-eager-f32": [
@@ -74,7 +78,7 @@ def measure(engine: str, new_tokens: int, threads: int) -> dict:
 def compile_engine(name: str, model: str, out: Path) -> dict:
     from arc.engine import read_manifest
 
-    if not out.exists():
+    if not engine_cache.fresh(out):  # absent, or built by other code
         cmd = [sys.executable, "-m", "arc.cli", "compile", model, *SYSTEMS[name], "-O1"]
         done = subprocess.run(
             [*cmd, "--max-seq-len", "1024", "-o", str(out), "--json"],
@@ -83,6 +87,7 @@ def compile_engine(name: str, model: str, out: Path) -> dict:
         )
         if done.returncode:
             return {"error": done.stderr.strip().splitlines()[-1][:200]}
+        engine_cache.mark(out)
     m = read_manifest(out)
     return {"build_s": m["build_s"], "compile_s": m["compile_s"], "mb": out.stat().st_size / 1e6}
 

@@ -1,0 +1,44 @@
+"""Benchmark engines reused across runs only while the code that built them is unchanged.
+
+The benchmark scripts keep their engines in benchmarks/.engines, by name. A name says which
+model and passes, not which code: an engine built before a kernel or pass changed was reused
+and measured as if it were today's (it happened: a session's speed runs timed engines of the
+previous format). `fresh(path)` is true only when the engine exists and the digest of arc's
+sources (arc/, passes/, targets/) written beside it when it was built equals today's; `mark`
+writes that digest after a build. Deleting .engines rebuilds everything, as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("arc", "passes", "targets")
+
+
+@cache
+def source_digest() -> str:
+    """sha256 over the repository's compiler sources (.py), by path and content."""
+    h = hashlib.sha256()
+    for top in SOURCES:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            h.update(str(path.relative_to(ROOT)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _stamp(engine: Path) -> Path:
+    return engine.with_name(engine.name + ".src")
+
+
+def fresh(engine: Path) -> bool:
+    """The engine exists and was built by the current sources."""
+    stamp = _stamp(engine)
+    return engine.exists() and stamp.exists() and stamp.read_text().strip() == source_digest()
+
+
+def mark(engine: Path) -> None:
+    """Record that `engine` was just built by the current sources."""
+    _stamp(engine).write_text(source_digest() + "\n")
