@@ -4,29 +4,18 @@ The benchmark scripts keep their engines in benchmarks/.engines, by name. A name
 model and passes, not which code: an engine built before a kernel or pass changed was reused
 and measured as if it were today's (it happened: a session's speed runs timed engines of the
 previous format). `fresh(path)` is true only when the engine exists and the digest of arc's
-sources (arc/, passes/, targets/) written beside it when it was built equals today's; `mark`
-writes that digest after a build. Deleting .engines rebuilds everything, as before.
+sources (arc.profile.source_digest: arc/, passes/, targets/, models/) written beside it when
+it was built equals today's; `mark` writes that digest after a build. Deleting .engines
+rebuilds everything, as before.
 """
 
 from __future__ import annotations
 
-import hashlib
-from functools import cache
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("arc", "passes", "targets")
+from arc.profile import SOURCES, source_digest  # arc profile's prefix cache keys on it too
 
-
-@cache
-def source_digest() -> str:
-    """sha256 over the repository's compiler sources (.py), by path and content."""
-    h = hashlib.sha256()
-    for top in SOURCES:
-        for path in sorted((ROOT / top).rglob("*.py")):
-            h.update(str(path.relative_to(ROOT)).encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()
+__all__ = ["SOURCES", "fresh", "mark", "source_digest"]
 
 
 def _stamp(engine: Path) -> Path:

@@ -33,5 +33,5 @@ def test_engine_is_fresh_only_when_marked_by_the_same_sources(tmp_path, monkeypa
 def test_digest_covers_the_compiler_sources():
     cache = _module()
     digest = cache.source_digest()
-    assert len(digest) == 64 and set(cache.SOURCES) == {"arc", "passes", "targets"}
+    assert len(digest) == 64 and {"arc", "passes", "targets"} <= set(cache.SOURCES)
     assert all((ROOT / top).is_dir() for top in cache.SOURCES)
