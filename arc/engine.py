@@ -34,8 +34,11 @@ from arc.errors import EngineError
 
 FORMAT = "arc-engine"
 # 2: CPU ISA record, payload allowlist, speculative plans (verify_B); 3: tvm libraries write and
-# move K/V rows in the cache themselves and their logits_stats returns argmax and top-k
-FORMAT_VERSION = 3
+# move K/V rows in the cache themselves and their logits_stats returns argmax and top-k; 4: a
+# tvm library may run AMX tiles (manifest `amx`), which the loader must first ask Linux for:
+# an arc that reads only format 3 would die of SIGILL on one, so it must refuse it instead
+FORMAT_VERSION = 4
+READS = (3, 4)  # format 3 engines hold nothing this arc cannot run
 MANIFEST, MANIFEST_SHA = "manifest.json", "manifest.sha256"
 WEIGHTS = "weights.safetensors"
 ARTIFACTS, TOKENIZER = "artifacts", "tokenizer"
@@ -207,10 +210,10 @@ def _manifest(zf: zipfile.ZipFile, path: Path) -> dict[str, Any]:
         raise EngineError(f"{path}: manifest.json is not a JSON object")
     if manifest.get("format") != FORMAT:
         raise EngineError(f"{path}: not an arc engine (format {_short(manifest.get('format'))})")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READS:
         raise EngineError(
             f"{path}: engine format {_short(manifest.get('format_version'))} but this arc reads "
-            f"{FORMAT_VERSION}; rebuild it with arc {__version__}"
+            f"{READS[0]}-{READS[-1]}; rebuild it with arc {__version__}"
         )
     validate(manifest, path)
     _check_names(zf, manifest["files"], path)

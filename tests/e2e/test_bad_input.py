@@ -82,7 +82,32 @@ def test_engine_of_an_older_format_is_refused(engine, tmp_path):
         return m
 
     bad = _rewrite(engine, tmp_path / "old.arc", edit_manifest=edit, fix_digest=True)
-    assert_clean_error(_run(bad), "engine format 2 but this arc reads 3; rebuild it")
+    assert_clean_error(_run(bad), "engine format 2 but this arc reads 3-4; rebuild it")
+
+
+def test_engine_of_format_3_still_runs(engine, tmp_path):
+    """Format 4 only added the tvm AMX record; an engine written as format 3 runs as before."""
+
+    def edit(m):
+        assert m["format_version"] == 4
+        m["format_version"] = 3
+        return m
+
+    old = _rewrite(engine, tmp_path / "three.arc", edit_manifest=edit, fix_digest=True)
+    args = ("--prompt", "The capital of France is", "--max-new-tokens", "4")
+    assert (
+        arc_json("run", str(old), *args)["token_ids"]
+        == arc_json("run", str(engine), *args)["token_ids"]
+    )
+
+
+def test_engine_of_a_newer_format_is_refused(engine, tmp_path):
+    def edit(m):
+        m["format_version"] = 5
+        return m
+
+    new = _rewrite(engine, tmp_path / "new.arc", edit_manifest=edit, fix_digest=True)
+    assert_clean_error(_run(new), "engine format 5 but this arc reads 3-4; rebuild it")
 
 
 def test_engine_for_other_torch_is_refused(engine, tmp_path):
