@@ -746,12 +746,6 @@ def panel_gemv(kind: str, n: int, k: int, group: int, scale: str = "float32", am
                         width //= 2
                     I.buffer_store(sx, part[0], [tb_])
             amx = amx and tvm_amx.applies(kind, group, npan)
-            if amx:  # the activations' bf16 parts, once per call (T >= 2)
-                tiles_t = tirx.floordiv(t_len + tvm_amx.TOKENS - 1, tvm_amx.TOKENS)
-                xs = I.alloc_buffer((tiles_t * 3 * tvm_amx.TOKENS * k,), "uint16")  # tvm_amx
-                with I.If(t_len >= tvm_amx.MIN_TOKENS):
-                    with I.Then():
-                        tvm_amx.split_activations(x, xs, t_len, k)
 
             def avx512():
                 with I.parallel(0, npan) as p:
@@ -781,7 +775,10 @@ def panel_gemv(kind: str, n: int, k: int, group: int, scale: str = "float32", am
                 with I.If(t_len < tvm_amx.MIN_TOKENS):
                     with I.Then():
                         avx512()
-                    with I.Else():
+                    with I.Else():  # the activations' bf16 parts, allocated here only
+                        tiles_t = tirx.floordiv(t_len + tvm_amx.TOKENS - 1, tvm_amx.TOKENS)
+                        xs = I.alloc_buffer((tiles_t * 3 * tvm_amx.TOKENS * k,), "uint16")
+                        tvm_amx.split_activations(x, xs, t_len, k)
                         tvm_amx.panel_groups(k, g, npan, t_len, comps, sx, xs, y, prefetch)
             else:
                 avx512()
