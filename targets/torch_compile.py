@@ -7,7 +7,8 @@ Modes (`--torch-mode`):
          bound at load as user-managed constants, so prefill and decode share one copy of the
          weights and one KV cache, which the compiled code updates in place.
   jit    no artifact; torch.compile at load (in-process use; first call compiles).
-  eager  no artifact; the lowered modules run as they are (the reference, and for debugging).
+  eager  no artifact; the lowered modules run as they are (the reference, and for debugging;
+         on CUDA, the default there, the steps are replayed from CUDA graphs).
 The AOT package is tied to the torch version and, on CUDA, to the GPU arch: both are recorded
 and checked before the package is loaded.
 
@@ -188,6 +189,9 @@ def _aot_compile(
         shapes = {"feeds": dims}  # forward(*feeds)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation noise
+        # Inductor's advice to enable TF32 on CUDA: fp32 stays fp32 (lossless), and a warning
+        # line would break the one-line error contract when the compile then fails
+        warnings.filterwarnings("ignore", message=".*TensorFloat32 tensor cores")
         ep = export(fn, sample, dynamic_shapes=shapes)
         torch._inductor.aoti_compile_and_package(
             ep,
@@ -286,20 +290,20 @@ def _kernels(info: dict[str, Any]) -> dict[str, bool]:
 def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device: str) -> Steps:
     fns, kv = lower(module, weights, device, **_kernels({"device": device, **info}))
     mode = info.get("mode", "aot")
+    ways = dict.fromkeys(fns, "package")
     if mode == "aot" and device == "cuda":
         from arc.targets import aoti_probe
 
-        for name in fns:
-            aoti_probe.check_loads(root / f"{name}.pt2")
+        ways = {name: aoti_probe.check_loads(root / f"{name}.pt2") for name in fns}
     if mode == "aot" and info.get("bind") == "inputs":
-        calls = _load_aot_inputs(fns, root, info.get("inputs"))
+        calls = _load_aot_inputs(fns, root, info.get("inputs"), ways)
     elif mode == "aot":
         calls = _load_aot(fns, root)
     elif mode == "jit":
         calls = {k: torch.compile(fn, dynamic=True) for k, fn in fns.items()}
     else:
         calls = dict(fns)
-    if device == "cuda" and mode == "aot":
+    if device == "cuda" and mode in ("aot", "eager"):
         from arc.runtime.cuda_graph import graphed
 
         calls = {k: graphed(fn) if k != "prefill" else fn for k, fn in calls.items()}
@@ -315,9 +319,12 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
     )
 
 
-def _load_aot_inputs(fns: dict, root: Path, names: Any) -> dict:
+def _load_aot_inputs(fns: dict, root: Path, names: Any, ways: dict[str, str]) -> dict:
     """Load each package built with bind=inputs: our weight and KV tensors are appended to
-    every call's inputs, in the order the manifest records (and the package was built with)."""
+    every call's inputs, in the order the manifest records (and the package was built with).
+    `ways[name]` is how to open it (targets/aoti_probe.py)."""
+    from arc.targets.aoti_probe import open_package
+
     if not isinstance(names, dict):
         raise EngineError("engine does not record its packages' inputs; rebuild it")
     calls = {}
@@ -328,7 +335,10 @@ def _load_aot_inputs(fns: dict, root: Path, names: Any) -> dict:
         tensors = [ours[k] for k in names[name]]
         if not all(t.is_contiguous() for t in tensors):
             raise EngineError(f"{name}.pt2: weights must be contiguous")
-        run = _load_package(root / f"{name}.pt2").loader.boxed_run
+        if ways[name] == "package":
+            run = _load_package(root / f"{name}.pt2").loader.boxed_run
+        else:
+            run = open_package(root / f"{name}.pt2", ways[name])
 
         def call(*feeds, run=run, tensors=tensors):
             return run([*feeds, *tensors])[0]

@@ -1,8 +1,12 @@
-"""CUDA engines (need an NVIDIA GPU; skipped without one): an AOTInductor engine built with
-`--device cuda --torch-mode aot` runs in a fresh process, replays its decode step from a CUDA
-graph, and gives Hugging Face's fp32 greedy ids on the GPU; another GPU arch is refused with
-one line. Where torch's loader cannot load CUDA packages at all (targets/aoti_probe.py), the
-compile must fail with that one line and write nothing, and the rest is skipped.
+"""CUDA engines (need an NVIDIA GPU; skipped without one).
+
+- The default engine (eager kernels) replays its decode steps from CUDA graphs and gives
+  Hugging Face's fp32 greedy ids on the GPU.
+- An AOTInductor engine built with `--device cuda --torch-mode aot` runs in a fresh process,
+  replays its decode step from a CUDA graph, and gives Hugging Face's fp32 greedy ids; another
+  GPU arch is refused with one line. Where torch cannot load CUDA packages at all
+  (targets/aoti_probe.py), the compile must fail with that one line and write nothing, and the
+  AOT tests are skipped.
 
 `ARC_GPU_MODELS` (comma list, default tiny-llama) picks the models; the device check adds
 smollm2-135m."""
@@ -52,14 +56,37 @@ def test_cuda_aot_engine_equals_hugging_face(ref, cuda_engines, hf_model):
     target = manifest_of(path)["target"]
     assert target["mode"] == "aot" and target["bind"] == "inputs" and target["static_slots"]
     assert target["gpu_arch"].startswith("sm_")
-    r = arc_json("run", str(path), "--prompt", PROMPT, "--max-new-tokens", str(N), "--ignore-eos")
-    model = hf_model(ref).to("cuda")
-    try:
-        ref_ids = hf_greedy(_OnDevice(model), r["prompt_ids"], N, None)
-    finally:
-        hf_model(ref).to("cpu")
+    r, ref_ids = _run_and_hf(path, ref, hf_model)
     assert r["token_ids"] == ref_ids
     assert r["cuda_graph_replays"] >= N - 2, r  # decode steps replayed, not launched
+
+
+def _run_and_hf(path, ref, hf_model, env=None) -> tuple[dict, list[int]]:
+    """`arc run --json` of the engine at `path`, and Hugging Face's greedy ids on the GPU."""
+    r = arc_json("run", str(path), "--prompt", PROMPT, "--max-new-tokens", str(N), "--ignore-eos",
+                 env=env)  # fmt: skip
+    model = hf_model(ref).to("cuda")
+    try:
+        return r, hf_greedy(_OnDevice(model), r["prompt_ids"], N, None)
+    finally:
+        hf_model(ref).to("cpu")
+
+
+def test_cuda_eager_engine_replays_graphs_and_equals_hugging_face(hf_model, tmp_path):
+    """The default CUDA engine (eager kernels) replays its decode steps from CUDA graphs, and
+    its greedy ids equal Hugging Face's on the GPU; with ARC_CUDA_GRAPHS=0 it launches them."""
+    ref = MODELS[0]
+    path = tmp_path / "eager.arc"
+    done = arc("compile", ref, "--device", "cuda", "--passes", PASSES, "--max-seq-len", "512",
+               "-o", str(path))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert manifest_of(path)["target"]["mode"] == "eager"
+    r, ref_ids = _run_and_hf(path, ref, hf_model)
+    assert r["token_ids"] == ref_ids
+    assert r["cuda_graph_replays"] >= N // 2, r  # one eager run and a capture per L bucket
+    assert not r.get("cuda_graph_failures"), r
+    plain, _ = _run_and_hf(path, ref, hf_model, env={"ARC_CUDA_GRAPHS": "0"})
+    assert plain["token_ids"] == ref_ids and "cuda_graph_replays" not in plain
 
 
 def test_other_gpu_arch_is_refused(cuda_engines, tmp_path):

@@ -97,7 +97,19 @@ def test_aot_weights_as_inputs_matches_eager(traced, tmp_path):
     torch.testing.assert_close(
         _steps_logits(aot, TOKENS, 9), _steps_logits(eager, TOKENS, 9), rtol=1e-5, atol=1e-5
     )
-    aoti_probe.check_loads(tmp_path / "decode.pt2", cached=False)  # loads in a child: no error
+    assert aoti_probe.check_loads(tmp_path / "decode.pt2", cached=False) == "package"
+    # the other way to open a package (extracted .so, torch's runner directly): same logits
+    fns2, kv2 = lower(module, loaded.weights, "cpu", **torch_compile._kernels(info))
+    ways = dict.fromkeys(fns2, "runner")
+    runner = Steps(
+        torch_compile._load_aot_inputs(fns2, tmp_path, info["inputs"], ways),
+        max_seq_len=module.kv.max_seq_len,
+        reset=kv2.reset,
+        bucket=module.kv.max_seq_len,
+    )
+    torch.testing.assert_close(
+        _steps_logits(runner, TOKENS, 9), _steps_logits(eager, TOKENS, 9), rtol=1e-5, atol=1e-5
+    )
     bad = tmp_path / "bad.pt2"
     bad.write_bytes(b"not a package")
     with pytest.raises(EngineError, match="cannot load AOTInductor .* exit 1"):
@@ -105,3 +117,21 @@ def test_aot_weights_as_inputs_matches_eager(traced, tmp_path):
     info["inputs"]["decode"] = info["inputs"]["decode"][::-1]  # a package built otherwise
     with pytest.raises(EngineError, match="recorded inputs differ"):
         torch_compile.load(module, loaded.weights, tmp_path, info, "cpu")
+
+
+def test_aoti_runner_way_refuses_bad_members(tmp_path):
+    """The runner way extracts a package's model members into arc's cache: a member name that
+    could reach outside the folder is refused with one line, and nothing is left behind."""
+    import zipfile
+
+    from arc.targets import aoti_probe
+
+    for i, bad_name in enumerate(["..", ".hidden.so"]):
+        bad = tmp_path / f"bad{i}.pt2"
+        with zipfile.ZipFile(bad, "w") as zf:
+            zf.writestr("m/data/aotinductor/model/a.so", b"x")
+            zf.writestr(f"m/data/aotinductor/model/{bad_name}", b"x")
+        with pytest.raises(EngineError, match="bad member name"):
+            aoti_probe.open_package(bad, "runner")
+    with pytest.raises(EngineError, match="unknown way"):
+        aoti_probe.open_package(bad, "other")
