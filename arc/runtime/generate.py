@@ -59,6 +59,7 @@ class Generator:
         self.depths = adaptive.variants_of(self.meta)  # checked now, not mid-request
         self.speculative = self.plan["kind"] == "speculative" and bool(steps.verify_sizes)
         self._drafter = None  # made on first use; kept across requests (Token Recycling)
+        self._memory = None  # the speculative loop's device timings and calibration
 
     def drafter(self, vocab: int):
         if self._drafter is None:
@@ -111,10 +112,14 @@ class Generator:
         if reason is None:
             spec = self.speculative if speculative is None else speculative and self.speculative
             if spec:
-                from arc.runtime.speculative import SpeculativeLoop
+                from arc.runtime.speculative import SpecMemory, SpeculativeLoop
 
+                self._memory = self._memory or SpecMemory()
                 loop = SpeculativeLoop(
-                    self.steps, self.drafter(int(logits.shape[-1])), self.plan["options"]
+                    self.steps,
+                    self.drafter(int(logits.shape[-1])),
+                    self.plan["options"],
+                    self._memory,
                 )
                 history = list(prompt_ids) + out
                 reason, stats = loop.run(history, len(prompt_ids), sample, stopper)
