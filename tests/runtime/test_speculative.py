@@ -141,10 +141,10 @@ def test_sampled_generation_runs(traced):
 
 
 def test_memory_outlives_a_request(traced):
-    """The Generator keeps the loop's device timings and long-run calibration across requests
-    (SpecMemory): a new request starts from them, its calibration prior is the engine's ratio
-    rather than 1 (drafts' scores at face value), and output stays identical."""
-    from arc.runtime.speculative import CALIB_PRIOR, SpecMemory, SpeculativeLoop
+    """The Generator keeps the loop's device timings across requests (SpecMemory): a new
+    request starts from them, its calibration starts afresh (ratio 1), and output stays
+    identical."""
+    from arc.runtime.speculative import SpeculativeLoop
 
     gen, tok = _gen(traced, "tiny-mistral", "kv-fusion,spec-tree{adaptive=false}")
     ids = tok.encode(REPEAT)
@@ -152,15 +152,11 @@ def test_memory_outlives_a_request(traced):
         plain = gen.generate(ids, speculative=False, max_new_tokens=40, ignore_eos=True)
         a = gen.generate(ids, max_new_tokens=40, ignore_eos=True)
         memory = gen._memory
-        assert memory.cost[1].value is not None and memory.calib.predicted > 0
+        assert memory.cost[1].value is not None
+        assert any(memory.cost[b].value is not None for b in gen.steps.verify_sizes)
         timed = {b: e.value for b, e in memory.cost.items()}
         b = gen.generate(ids, max_new_tokens=40, ignore_eos=True)
     assert a.token_ids == b.token_ids == plain.token_ids
     assert gen._memory is memory and any(memory.cost[k].value != v for k, v in timed.items())
-
-    fresh = SpecMemory()
-    fresh.calib.add(accepted=1.0, predicted=10.0)
-    loop = SpeculativeLoop(gen.steps, gen.drafter(1), gen.plan["options"], fresh)
-    assert loop.calib.ratio == pytest.approx(fresh.calib.ratio)
-    assert fresh.calib.ratio == pytest.approx((1 + CALIB_PRIOR) / (10 + CALIB_PRIOR))
-    assert SpeculativeLoop(gen.steps, gen.drafter(1), gen.plan["options"]).calib.ratio == 1.0
+    loop = SpeculativeLoop(gen.steps, gen.drafter(1), gen.plan["options"], memory)
+    assert loop.cost is memory.cost and loop.calib.ratio == 1.0
