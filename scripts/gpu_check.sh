@@ -5,6 +5,7 @@
 # and the smollm2 GGUF is assembled from .gpu/gguf.part* when present.
 #   bash scripts/gpu_check.sh tests     # the CUDA tests (tiny-llama)
 #   bash scripts/gpu_check.sh bench     # benchmarks/gpu_speed.py on smollm2-135m
+#   bash scripts/gpu_check.sh diag      # why AOTInductor CUDA packages crash (cuda-gdb first)
 # Logs go to $OUT (default /tmp/arc-gpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,9 @@ case "${1:-tests}" in
     REPO=$PWD
     cd /tmp && timeout "${TEST_TIMEOUT:-420}" python3 -m pytest --rootdir "$REPO" -q -x -p no:cacheprovider --import-mode=append -m gpu \
       "$REPO/tests/e2e/test_cuda.py" "$REPO/tests/targets/test_torch_target.py" 2>&1 | tee "$OUT/tests.log"
+    ;;
+  diag)
+    timeout "${DIAG_TIMEOUT:-540}" python3 scripts/gpu_diag_aoti.py
     ;;
   bench)
     shift
