@@ -276,7 +276,9 @@ def _row(spec, added, path, cached, rounds, base_rounds, lossless) -> dict[str, 
     weights = sum(v["bytes"] for v in m.get("weights", {}).values() if isinstance(v, dict))
     kv_bytes = KVDecl(**m["ir"]["kv"]).bytes_per_token()  # K and V per token, int8 scales too
     tok_s = statistics.median(tps)
-    per_forward = statistics.median(m_ / max(f, 1) for m_, f in zip(made, fw, strict=True))
+    # over all rounds (a speculative loop's choices follow measured timings, so rounds differ):
+    # tokens / forwards is then the mean tokens over the mean forwards
+    per_forward = sum(made) / max(sum(fw), 1)
     ours = [p["ids"] for p in rounds[0]["prompts"]]
     ref = [p["ids"] for p in base_rounds[0]["prompts"]]
     agree = _agreement(ref, ours)
@@ -298,8 +300,8 @@ def _row(spec, added, path, cached, rounds, base_rounds, lossless) -> dict[str, 
             "tok_s_rounds": tps,
             "ms_per_token": 1e3 / tok_s,
             "prefill_ms": statistics.median(prefill),
-            "forwards": statistics.median(fw),
-            "tokens": statistics.median(made),
+            "forwards": statistics.mean(fw),
+            "tokens": statistics.mean(made),
             "tokens_per_forward": per_forward,
             "tokens_per_verify": from_verifies / verifies if verifies else None,
         },
