@@ -43,8 +43,9 @@ def check_loads(package: Path, *, cached: bool = True) -> str:
     """The first of WAYS that opens `package` in a child process; EngineError (one line) when
     every way kills or fails its child."""
     marker = _marker(package) if cached else None
-    if marker is not None and marker.exists() and marker.read_text().strip() in WAYS:
-        return marker.read_text().strip()
+    known = marker.read_text().strip() if marker is not None and marker.exists() else None
+    if known in WAYS:
+        return known
     failures = []
     for way in WAYS:
         how = _try(package, way)
@@ -85,7 +86,7 @@ def open_package(package: str | Path, way: str) -> Run:
     """`run(inputs) -> outputs` of an AOTInductor package, opened the `way` given."""
     package = Path(package)
     if way == "package":
-        return torch._inductor.aoti_load_package(str(package)).loader.boxed_run
+        return load_package(package).loader.boxed_run
     if way != "runner":
         raise EngineError(f"unknown way {way!r} to open an AOTInductor package")
     model = _extracted(package)
@@ -98,6 +99,21 @@ def open_package(package: str | Path, way: str) -> Run:
     else:
         runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(sos[0]), 1, device, str(model))
     return runner.run
+
+
+def load_package(path: Path):
+    """aoti_load_package, without torch's warning that the package's vector ISA (AVX2 in an
+    x86-64-v3 build, say) is not this CPU's best: the torch target's check_engine has checked
+    what matters, that this CPU has every extension the code uses."""
+    import logging
+
+    log = logging.getLogger("torch.export.pt2_archive._package")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return torch._inductor.aoti_load_package(str(path))
+    finally:
+        log.setLevel(level)
 
 
 def _extracted(package: Path) -> Path:

@@ -335,10 +335,7 @@ def _load_aot_inputs(fns: dict, root: Path, names: Any, ways: dict[str, str]) ->
         tensors = [ours[k] for k in names[name]]
         if not all(t.is_contiguous() for t in tensors):
             raise EngineError(f"{name}.pt2: weights must be contiguous")
-        if ways[name] == "package":
-            run = _load_package(root / f"{name}.pt2").loader.boxed_run
-        else:
-            run = open_package(root / f"{name}.pt2", ways[name])
+        run = open_package(root / f"{name}.pt2", ways[name])
 
         def call(*feeds, run=run, tensors=tensors):
             return run([*feeds, *tensors])[0]
@@ -353,9 +350,11 @@ def _load_aot(fns: dict, root: Path) -> dict:
     AOTInductor keeps raw pointers to user-managed constants and ignores strides, so every
     bound tensor must be contiguous and must outlive the package (the lowered modules own them).
     """
+    from arc.targets.aoti_probe import load_package
+
     calls = {}
     for name, fn in fns.items():
-        compiled = _load_package(root / f"{name}.pt2")
+        compiled = load_package(root / f"{name}.pt2")
         ours = dict(fn.named_buffers())
         # Inductor may fold small constants (rope.inv_freq) into the code; bind the rest.
         expected = set(compiled.get_constant_fqns())
@@ -368,21 +367,6 @@ def _load_aot(fns: dict, root: Path) -> dict:
         compiled.load_constants(constants, check_full_update=True, user_managed=True)
         calls[name] = _boxed(compiled)
     return calls
-
-
-def _load_package(path: Path):
-    """aoti_load_package, without torch's warning that the package's vector ISA (AVX2 in an
-    x86-64-v3 build, say) is not this CPU's best: check_engine has checked what matters, that
-    this CPU has every extension the code uses."""
-    import logging
-
-    log = logging.getLogger("torch.export.pt2_archive._package")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        return torch._inductor.aoti_load_package(str(path))
-    finally:
-        log.setLevel(level)
 
 
 def _boxed(compiled):

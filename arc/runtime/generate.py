@@ -59,7 +59,7 @@ class Generator:
         self.depths = adaptive.variants_of(self.meta)  # checked now, not mid-request
         self.speculative = self.plan["kind"] == "speculative" and bool(steps.verify_sizes)
         self._drafter = None  # made on first use; kept across requests (Token Recycling)
-        self._memory = None  # the speculative loop's device timings and calibration
+        self._memory = None  # the speculative loop's device timings (SpecMemory)
 
     def drafter(self, vocab: int):
         if self._drafter is None:

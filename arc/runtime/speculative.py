@@ -108,7 +108,7 @@ class SpeculativeLoop:
         self.sizes = [b for b in steps.verify_sizes if b <= int(options["verify_tokens"])]
         self.budget, self.depth = max(self.sizes) - 1, int(options["depth"])
         self.adaptive = bool(options.get("adaptive", True))
-        self.memory = memory = memory or SpecMemory()
+        memory = memory or SpecMemory()
         for b in [1, *self.sizes]:
             memory.cost.setdefault(b, _Ema())
         self.cost = memory.cost  # seconds per step of each size

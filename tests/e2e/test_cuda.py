@@ -61,10 +61,9 @@ def test_cuda_aot_engine_equals_hugging_face(ref, cuda_engines, hf_model):
     assert r["cuda_graph_replays"] >= N - 2, r  # decode steps replayed, not launched
 
 
-def _run_and_hf(path, ref, hf_model, env=None) -> tuple[dict, list[int]]:
+def _run_and_hf(path, ref, hf_model) -> tuple[dict, list[int]]:
     """`arc run --json` of the engine at `path`, and Hugging Face's greedy ids on the GPU."""
-    r = arc_json("run", str(path), "--prompt", PROMPT, "--max-new-tokens", str(N), "--ignore-eos",
-                 env=env)  # fmt: skip
+    r = arc_json("run", str(path), "--prompt", PROMPT, "--max-new-tokens", str(N), "--ignore-eos")
     model = hf_model(ref).to("cuda")
     try:
         return r, hf_greedy(_OnDevice(model), r["prompt_ids"], N, None)
@@ -85,7 +84,8 @@ def test_cuda_eager_engine_replays_graphs_and_equals_hugging_face(hf_model, tmp_
     assert r["token_ids"] == ref_ids
     assert r["cuda_graph_replays"] >= N // 2, r  # one eager run and a capture per L bucket
     assert not r.get("cuda_graph_failures"), r
-    plain, _ = _run_and_hf(path, ref, hf_model, env={"ARC_CUDA_GRAPHS": "0"})
+    plain = arc_json("run", str(path), "--prompt", PROMPT, "--max-new-tokens", str(N),
+                     "--ignore-eos", env={"ARC_CUDA_GRAPHS": "0"})  # fmt: skip
     assert plain["token_ids"] == ref_ids and "cuda_graph_replays" not in plain
 
 
