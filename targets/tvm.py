@@ -44,6 +44,7 @@ from arc.errors import EngineError, UnsupportedError
 from arc.ir import Module
 from arc.lowering import as_f32, materialize
 from arc.ops import Op
+from arc.runtime import hugepages
 from arc.runtime.rows import row_steps
 from arc.runtime.steps import Steps
 
@@ -245,7 +246,8 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
     # verify's samples), so torch runs on the calling thread
     torch.set_num_threads(1)
     tensors = _param_tensors(module, weights)
-    aligned = [_aligned(tensors[name]) for name in names]
+    # one mapping on huge pages, each weight ALIGN-byte aligned (arc/runtime/hugepages.py)
+    aligned = hugepages.arena([tensors[name] for name in names], ALIGN)
     params = tvm.runtime.convert([tvm.runtime.from_dlpack(t) for t in aligned])
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(root / LIBRARY)), tvm.cpu())
     calls = {}
@@ -313,12 +315,6 @@ def _fp16(name: str, t: torch.Tensor) -> torch.Tensor:
     if not torch.equal(h.to(t.dtype), t):
         raise EngineError(f"engine's weight {name[:80]}: its scales are not the GGUF's fp16 values")
     return h
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """`t`, or a copy of it when its data is not ALIGN-byte aligned (a view into a file)."""
-    t = t.contiguous()
-    return t if t.data_ptr() % ALIGN == 0 else t.clone()
 
 
 class _CacheView:

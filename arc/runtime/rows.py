@@ -38,6 +38,7 @@ from torch import Tensor
 
 from arc.errors import ArcError
 from arc.ir import KVDecl
+from arc.runtime import hugepages
 from arc.runtime.steps import Steps
 
 # (IR inputs..., cache) -> (logits, rows), or (logits, None) where it wrote them in place
@@ -59,7 +60,9 @@ class RowCache:
             raise ArcError(f"a rows-convention cache holds f32 KV, not {decl.dtype}")
         s, kv, d = decl.max_seq_len + 1, decl.kv_heads, decl.head_dim
         shape = (2 * decl.layers, kv, s, d) if layout == "heads" else (2 * decl.layers, s, kv * d)
-        self.tensor = torch.zeros(shape, device=device)
+        # on CPU, huge pages: a step reads every layer's K/V prefix (arc/runtime/hugepages.py)
+        cpu = device == "cpu"
+        self.tensor = hugepages.zeros(shape) if cpu else torch.zeros(shape, device=device)
         self.dim = 2 if layout == "heads" else 1  # the slot dim
 
     def write(self, slots: Tensor, rows: Tensor) -> None:

@@ -1,0 +1,78 @@
+"""Weights and KV caches on huge pages (arc/runtime/hugepages.py): same values, aligned, and
+the mapping really advised for THP where the kernel has it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from arc.runtime import hugepages
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return [
+        torch.randn(3, 5, generator=g),  # 60 bytes: the next one must still be aligned
+        torch.randint(0, 255, (7, 9), dtype=torch.uint8, generator=g),
+        torch.randn(4, dtype=torch.float64, generator=g),
+        torch.randn(16, 16, generator=g).to(torch.float16).t(),  # not contiguous
+        torch.zeros(0),
+    ]
+
+
+@pytest.mark.parametrize("on", ["1", "0"])
+def test_arena_copies_aligned(monkeypatch, on):
+    monkeypatch.setenv("ARC_HUGEPAGES", on)
+    src = _tensors()
+    out = hugepages.arena(src, align=64)
+    for a, b in zip(src, out, strict=True):
+        assert b.dtype == a.dtype and b.shape == a.shape and b.is_contiguous()
+        assert torch.equal(a, b)
+        assert b.numel() == 0 or b.data_ptr() % 64 == 0
+    if on == "1":  # copies, not views of the sources
+        out[0].add_(1)
+        assert not torch.equal(src[0], out[0])
+
+
+def test_zeros(monkeypatch):
+    z = hugepages.zeros((2, 3, 4))
+    assert z.shape == (2, 3, 4) and z.dtype == torch.float32 and not z.any()
+    z.fill_(1.5)  # writable
+    assert float(z.sum()) == 1.5 * 24
+    monkeypatch.setenv("ARC_HUGEPAGES", "0")
+    assert not hugepages.zeros((5,)).any()
+
+
+def _vma_of(addr: int) -> list[str]:
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            if lo <= addr < hi:
+                j = i + 1
+                out = []
+                while j < len(lines) and ":" in lines[j].split()[0]:
+                    out.append(lines[j])
+                    j += 1
+                return out
+    raise AssertionError("no mapping holds the tensor")
+
+
+@pytest.mark.skipif(
+    not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here"
+)
+def test_mapping_is_advised_for_huge_pages():
+    """The kernel marks the weights' mapping THP-eligible: with THP in `madvise` mode only an
+    madvise(MADV_HUGEPAGE) makes it so (torch's own allocations are not)."""
+    big = hugepages.arena([torch.ones(4 << 20, dtype=torch.uint8)])[0]
+    fields = dict(f.split(":", 1) for f in _vma_of(big.data_ptr()))
+    assert fields["THPeligible"].strip() == "1"
+    if "[madvise]" in THP.read_text():
+        plain = torch.ones(4 << 20, dtype=torch.uint8)
+        fields = dict(f.split(":", 1) for f in _vma_of(plain.data_ptr()))
+        assert fields["THPeligible"].strip() == "0"
