@@ -4,6 +4,7 @@ plain decoding of the same GGUF when llama-cpp-python is installed, on a shipped
     python benchmarks/spec_speed.py [--model smollm2-135m] [--new-tokens 128] [--rounds 3]
         [--system NAME=SPEC[@TARGET] ...]  # more pipelines: o2-b3='kv-fusion,spec-tree{budget=3}'
         [--target torch|tvm|onnx]  # the target of every arc system without its own @TARGET
+        [--paired N]  # also: each speculative engine against itself with speculation off
 
 Every system runs in its own process (one worker per system per round; threads and allocators
 of one library never slow another), rounds are interleaved (O1, O2, llama.cpp, O1, ...), each
@@ -11,6 +12,15 @@ worker warms up on one prompt first, and the median over rounds is reported. Gre
 EOS or --new-tokens. Decode tok/s is tokens after the first over the decode time (prefill
 excluded) for every system. "same" says whether a system's ids equal -O1's (lossless check);
 llama.cpp runs the 4-bit GGUF, so its ids differ and only its speed is compared.
+
+`--paired N` adds a paired measurement for the per-prompt criterion (no prompt more than 5%
+below -O1): on a shared machine the same decode function's speed moves by +-5-10% from one
+process to the next, more than the criterion, so separate-process rounds cannot judge it per
+prompt. Here one worker per speculative engine runs every prompt N times with speculation on
+and N times with it off (`generate(speculative=False)`: the engine's own `decode` function,
+the computation -O1 runs), alternating which goes first, and reports per prompt the median
+of the N per-pair ratios. Both arms are the same arc engine in one process (no other library
+loaded), so neither is slowed by the other's allocator or threads.
 """
 
 from __future__ import annotations
@@ -57,6 +67,28 @@ def worker_arc(engine: str, prompts: list[str], n: int, threads: int) -> list[di
                     "verifies": r.verify_passes,
                 }
             )
+    return out
+
+
+def worker_paired(engine: str, prompts: list[str], n: int, threads: int, reps: int) -> list:
+    """Per prompt, `reps` pairs of (speculative tok/s, plain tok/s, same ids)."""
+    import torch
+
+    from arc.runtime.load import load_engine
+
+    torch.set_num_threads(threads)
+    eng = load_engine(engine)
+    gen = eng.generator
+    out: list[list] = [[] for _ in prompts]
+    with torch.inference_mode():
+        gen.generate(eng.prompt_ids("Say hello."), max_new_tokens=16)  # warm-up
+        for r in range(reps):
+            for i, p in enumerate(prompts):
+                ids, got = eng.prompt_ids(p), {}
+                for spec in (True, False) if (r + i) % 2 == 0 else (False, True):
+                    res = gen.generate(ids, max_new_tokens=n, speculative=spec)
+                    got[spec] = ((len(res.token_ids) - 1) / (res.decode_ms / 1e3), res.token_ids)
+                out[i].append((got[True][0], got[False][0], got[True][1] == got[False][1]))
     return out
 
 
@@ -129,6 +161,7 @@ def main(defaults: dict[str, str] | None = None, doc: str = __doc__) -> None:
     ap.add_argument("--target", default="torch", help="target of the arc systems")
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--paired", type=int, default=0, metavar="N", help="paired runs per prompt")
     a = ap.parse_args()
     from arc.presets import preset_spec
 
@@ -163,6 +196,36 @@ def main(defaults: dict[str, str] | None = None, doc: str = __doc__) -> None:
                 _spawn(["--worker-llama", gguf, str(ids_file), *common])
             )
     report(runs, prompts, a)
+    if a.paired:
+        for name, path in list(paths.items())[1:]:
+            rows = _spawn(["--worker-paired", str(path), *common, str(a.paired)])
+            report_paired(name, rows, a)
+
+
+def report_paired(name: str, rows: list, a) -> None:
+    kinds = [p["kind"] for p in json.loads(PROMPTS.read_text())]
+    print(
+        f"\n{name}, paired in one process: speculation on vs off on the same engine, "
+        f"{a.paired} pairs per prompt (median of per-pair ratios; spread = min..max)"
+    )
+    head = f"{'on tok/s':>9} {'off tok/s':>10} {'on/off':>7} {'spread':>12} ids"
+    print(f"{'#':>2} {'kind':<12} {head}")
+    ratios = []
+    for i, (kind, pairs) in enumerate(zip(kinds, rows, strict=True)):
+        r = [on / off for on, off, _ in pairs]
+        on = statistics.median(x[0] for x in pairs)
+        off = statistics.median(x[1] for x in pairs)
+        same = "=" if all(x[2] for x in pairs) else "!"
+        ratios.append(statistics.median(r))
+        print(
+            f"{i:>2} {kind:<12} {on:9.1f} {off:10.1f} {ratios[-1]:6.3f}x "
+            f"{min(r):5.2f}..{max(r):4.2f}x  {same}"
+        )
+    worst = min(range(len(ratios)), key=ratios.__getitem__)
+    print(
+        f"   worst prompt {worst} ({kinds[worst]}): {ratios[worst]:.3f}x; prompts below 0.95x: "
+        f"{sum(x < 0.95 for x in ratios)}/{len(ratios)}"
+    )
 
 
 def _slug(spec: str) -> str:
@@ -232,6 +295,10 @@ if __name__ == "__main__":
         _, _, engine, n, threads = sys.argv
         prompts = [p["prompt"] for p in json.loads(PROMPTS.read_text())]
         print(json.dumps(worker_arc(engine, prompts, int(n), int(threads))))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--worker-paired":
+        _, _, engine, n, threads, reps = sys.argv
+        prompts = [p["prompt"] for p in json.loads(PROMPTS.read_text())]
+        print(json.dumps(worker_paired(engine, prompts, int(n), int(threads), int(reps))))
     elif len(sys.argv) > 1 and sys.argv[1] == "--worker-llama":
         _, _, gguf, ids_file, n, threads = sys.argv
         ids = json.loads(Path(ids_file).read_text())

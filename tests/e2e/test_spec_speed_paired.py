@@ -1,0 +1,51 @@
+"""benchmarks/spec_speed.py --paired: one engine, speculation on and off per prompt in one
+process. The arms must produce the same ids (lossless), and the report must pick out the
+prompts below 0.95x."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _module():
+    sys.path.insert(0, str(BENCH))  # spec_speed imports engine_cache from its folder
+    try:
+        spec = importlib.util.spec_from_file_location("spec_speed", BENCH / "spec_speed.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    return mod
+
+
+def test_paired_worker_runs_both_arms(tiny_engines):
+    mod = _module()
+    engine = next(iter(tiny_engines.values()))
+    prompts = ["Write a function that adds two numbers.", "Hello there, how are you?"]
+    rows = mod.worker_paired(str(engine), prompts, 12, torch.get_num_threads(), 2)
+    assert len(rows) == 2 and all(len(pairs) == 2 for pairs in rows)
+    for pairs in rows:
+        for on, off, same in pairs:
+            assert on > 0 and off > 0
+            assert same  # speculation on and off decode the same greedy ids
+
+
+def test_paired_report_names_the_worst_prompt(capsys):
+    mod = _module()
+    kinds = [p["kind"] for p in __import__("json").loads(mod.PROMPTS.read_text())]
+    rows = [[(100.0, 100.0, True), (102.0, 100.0, True)] for _ in kinds]
+    rows[3] = [(90.0, 100.0, True), (92.0, 100.0, True), (80.0, 100.0, True)]  # median 0.90
+    rows[5] = [(150.0, 100.0, False)]
+    mod.report_paired("arc -O2", rows, SimpleNamespace(paired=2))
+    out = capsys.readouterr().out
+    assert f"worst prompt 3 ({kinds[3]}): 0.900x" in out
+    assert "prompts below 0.95x: 1/" in out
+    line5 = next(line for line in out.splitlines() if line.startswith(" 5 "))
+    assert "1.500x" in line5 and line5.rstrip().endswith("!")
