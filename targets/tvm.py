@@ -247,7 +247,7 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
     torch.set_num_threads(1)
     tensors = _param_tensors(module, weights)
     # one mapping on huge pages, each weight ALIGN-byte aligned (arc/runtime/hugepages.py)
-    aligned = hugepages.arena([tensors[name] for name in names], ALIGN)
+    aligned = hugepages.arena([tensors.pop(name) for name in names], ALIGN)
     params = tvm.runtime.convert([tvm.runtime.from_dlpack(t) for t in aligned])
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(root / LIBRARY)), tvm.cpu())
     calls = {}

@@ -56,10 +56,14 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
 def arena(tensors: list[Tensor], align: int = 64) -> list[Tensor]:
     """Contiguous copies of CPU `tensors`, each `align`-byte aligned, packed into one mapping
     on huge pages; where huge pages are not enabled, each tensor made contiguous, copied only
-    when its data is not aligned (a view into a file)."""
+    when its data is not aligned (a view into a file).
+
+    Consumes `tensors`: each entry is set to None once copied, so a source nobody else holds
+    is freed as the copy goes and loading a model does not need twice its weights' memory
+    (the mapping's pages are only committed as they are written)."""
     if not enabled() or not tensors:
-        tensors = [t.contiguous() for t in tensors]
-        return [t if t.data_ptr() % align == 0 else t.clone() for t in tensors]
+        out = [t.contiguous() for t in tensors]
+        return [t if t.data_ptr() % align == 0 else t.clone() for t in out]
     sizes = [t.numel() * t.element_size() for t in tensors]
     offsets, at = [], 0
     for size in sizes:
@@ -67,8 +71,11 @@ def arena(tensors: list[Tensor], align: int = 64) -> list[Tensor]:
         at += -(-size // align) * align
     buf, start = _mapping(at)
     out = []
-    for t, off, size in zip(tensors, offsets, sizes, strict=True):
+    for i, (off, size) in enumerate(zip(offsets, sizes, strict=True)):
+        t = tensors[i]
         view = buf[start + off : start + off + size].view(t.dtype).view(t.shape)
         view.copy_(t)
         out.append(view)
+        tensors[i] = None
+        del t  # the source is freed here if nobody else holds it
     return out

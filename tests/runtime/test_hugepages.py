@@ -28,7 +28,10 @@ def _tensors():
 def test_arena_copies_aligned(monkeypatch, on):
     monkeypatch.setenv("ARC_HUGEPAGES", on)
     src = _tensors()
-    out = hugepages.arena(src, align=64)
+    given = list(src)
+    out = hugepages.arena(given, align=64)
+    if on == "1":  # the list is consumed: sources are released as they are copied
+        assert given == [None] * len(src)
     for a, b in zip(src, out, strict=True):
         assert b.dtype == a.dtype and b.shape == a.shape and b.is_contiguous()
         assert torch.equal(a, b)
