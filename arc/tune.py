@@ -6,13 +6,14 @@ Right after the target builds the engine, its step functions are loaded and meas
    context CONTEXT, medians of REPS calls; `cost_ratio[B]` = verify time / decode time. The
    runtime starts its per-size cost estimates from these (arc/runtime/speculative.py) instead
    of a guess, and keeps measuring while it decodes.
-2. throughput: the speculative loop itself, with the largest tree capped at each built size in
-   turn (and plain decoding), decodes NEW_TOKENS greedy tokens after each calibration prompt;
-   the cap with the best overall tokens per second becomes the plan's `verify_tokens` (and
-   `budget`). The calibration prompts are made from the end of Python's pydoc_data.topics,
-   the text layer-skip calibrates on (arc eval scores on its start; benchmarks/prompts.json
-   is not used, so the benchmark does not grade the data it was tuned on): one asks to copy a
-   passage, one to explain it, so both drafting regimes weigh in.
+2. throughput: the speculative loop itself, with the largest tree capped at each built
+   power-of-two size and the largest in turn (and plain decoding), decodes NEW_TOKENS greedy
+   tokens after each calibration prompt; the cap with the best overall tokens per second
+   becomes the plan's `verify_tokens` (and `budget`). The calibration prompts are made from
+   the end of Python's pydoc_data.topics, the text layer-skip calibrates on (arc eval scores
+   on its start; benchmarks/prompts.json is not used, so the benchmark does not grade the
+   data it was tuned on): one asks to copy a passage, one to explain it, so both drafting
+   regimes weigh in.
 The record (`tune` in the plan options) keeps every measurement; `arc inspect` shows the plan.
 EAGLE-2 (Li et al. 2024) and Sequoia (Chen et al. 2024) size trees by expected accepted
 tokens against measured verify cost in the same spirit.
@@ -52,7 +53,10 @@ def tune_tree(steps, tokenizer, eos_ids: list[int], options: dict[str, Any]) -> 
             ratio[b] = round(_median_s(lambda inputs=inputs: steps.verify(*inputs)) / base, 3)
         steps.reset()
         rates: dict[int, float] = {}
-        for cap in [1, *sizes]:
+        # caps: the powers of two and the largest size (a dense ladder's every size would
+        # multiply the compile-time decoding for little: tok/s varies slowly with the cap)
+        caps = [b for b in sizes if b & (b - 1) == 0 or b == sizes[-1]]
+        for cap in [1, *caps]:
             opts = {**options, "verify_tokens": max(cap, 2)}
             opts["cost_ratio"] = {str(b): r for b, r in ratio.items()}
             plan = {"kind": "speculative", "options": opts}

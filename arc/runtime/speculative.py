@@ -113,8 +113,9 @@ class SpeculativeLoop:
             memory.cost.setdefault(b, _Ema())
         self.cost = memory.cost  # seconds per step of each size
         # -O3's measured verify cost / decode cost per size (arc/tune.py), else a guess
-        ratio = options.get("cost_ratio") or {}
-        self.prior = {b: float(ratio.get(str(b), 1 + PRIOR_COST * (b - 1))) for b in self.sizes}
+        ratio = {int(b): float(r) for b, r in (options.get("cost_ratio") or {}).items()}
+        ratio[1] = 1.0
+        self.prior = {b: _between(ratio, b) or 1 + PRIOR_COST * (b - 1) for b in self.sizes}
         self.calib = _Calibration()  # accepted / predicted drafted tokens, this request's own
         self.draft_cost = memory.draft_cost  # seconds of drafting per step
         self.idle, self.probe_every = 0, PROBE_EVERY
@@ -212,11 +213,25 @@ class SpeculativeLoop:
         return best
 
     def _time(self, size: int) -> float:
+        """Seconds per step of `size` nodes: measured, else interpolated between the
+        measured sizes around it (a verify's cost grows about linearly in its nodes between
+        two measured sizes), else the largest smaller measured size's time grown by the prior
+        ratios (a decode step's time x the prior ratio, once a step is timed)."""
         known = self.cost[size].value
         if known is not None:
             return known
-        base = self.cost[1].value or 1.0
-        return base * self.prior.get(size, 1.0)
+        measured = {b: c.value for b, c in self.cost.items() if c.value is not None}
+        between = _between(measured, size)
+        if between is not None:
+            return between
+        # above every measured size: the prior's growth from the largest one measured
+        lo = max((b for b in measured if b < size), default=None)
+        if lo is None:
+            return self.prior.get(size, 1.0)  # nothing measured yet: only ratios are used
+        return measured[lo] * self._ratio(size) / self._ratio(lo)
+
+    def _ratio(self, size: int) -> float:
+        return 1.0 if size == 1 else self.prior.get(size, 1 + PRIOR_COST * (size - 1))
 
     def _plain(self, token: int, pos: int, sample: Sampler, teach: bool = True) -> int:
         t = time.perf_counter()
@@ -270,6 +285,18 @@ class SpeculativeLoop:
         """Hand the drafter the model's top successors after every node (Token Recycling)."""
         x = logits if sample.params.greedy else _filtered(logits.detach().cpu(), sample.params)
         self.drafter.observe(tree, top_successors(x, TOPK))
+
+
+def _between(points: Mapping[int, float], x: int) -> float | None:
+    """`points[x]`, or the straight line between the nearest points below and above `x`;
+    None when `x` has no point on one side."""
+    if x in points:
+        return points[x]
+    lo = max((b for b in points if b < x), default=None)
+    hi = min((b for b in points if b > x), default=None)
+    if lo is None or hi is None:
+        return None
+    return points[lo] + (points[hi] - points[lo]) * (x - lo) / (hi - lo)
 
 
 DRAFTERS = ("ngram", "recycle", "jacobi", "self", "auto")  # what this runtime drives

@@ -40,6 +40,29 @@ def test_structure(traced):
     assert sorted(flat.functions) == ["decode", "prefill", "verify_6"]
 
 
+@pytest.mark.parametrize(
+    "ladder, target, sizes",
+    [
+        ("pow2", "tvm", [2, 4, 8, 10]),  # powers of two below the top
+        ("true", "tvm", [2, 4, 8, 10]),  # the option's older boolean spelling
+        ("dense", "torch", list(range(2, 11))),  # every size
+        ("dense", "tvm", list(range(2, 11))),
+        ("none", "tvm", [10]),
+        ("false", "torch", [10]),
+    ],
+)
+def test_ladder(ladder, target, sizes, traced):
+    from arc.pipeline import PassContext
+
+    _, m = traced("tiny-llama")
+    out, _ = PassManager(f"spec-tree{{budget=9,ladder={ladder}}}").run(
+        m, PassContext(target=target)
+    )
+    assert out.plan.options["verify_sizes"] == sizes
+    assert sorted(int(k[7:]) for k in out.functions if k.startswith("verify_")) == sizes
+    assert out.plan.options["ladder"] in ("pow2", "dense", "none")
+
+
 def _tree() -> Tree:
     """root -> a -> b -> c, root -> d -> e, a -> f: branches at two depths."""
     t = Tree(17)
@@ -107,6 +130,7 @@ def test_moved_kv_equals_sequential_kv(traced):
         ("spec-tree{draft=magic}", "unknown drafter"),
         ("spec-tree{draft=self}", "draft=self needs a `draft` function"),
         ("spec-tree{shape=round}", "unknown tree shape"),
+        ("spec-tree{ladder=fib}", "unknown ladder='fib'"),
     ],
 )
 def test_bad_options(spec, fragment, traced):

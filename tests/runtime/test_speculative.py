@@ -160,3 +160,25 @@ def test_memory_outlives_a_request(traced):
     assert gen._memory is memory and any(memory.cost[k].value != v for k, v in timed.items())
     loop = SpeculativeLoop(gen.steps, gen.drafter(1), gen.plan["options"], memory)
     assert loop.cost is memory.cost and loop.calib.ratio == 1.0
+
+
+def test_unmeasured_tree_sizes_are_interpolated():
+    """A tree size never verified yet costs the line between the measured sizes around it,
+    or, above them all, the largest measured one grown by the prior ratios; cost_ratio's
+    gaps (sizes it does not list) are interpolated too."""
+    from arc.runtime.speculative import SpecMemory, SpeculativeLoop, _between
+
+    assert _between({1: 1.0, 4: 2.5}, 2) == pytest.approx(1.5)
+    assert _between({1: 1.0, 4: 2.5}, 4) == 2.5
+    assert _between({2: 1.0}, 3) is None and _between({2: 1.0}, 1) is None
+
+    steps = Steps({f"verify_{b}": None for b in range(2, 9)}, max_seq_len=64)
+    opts = {"verify_tokens": 8, "depth": 5, "cost_ratio": {"2": 1.2, "4": 1.8, "8": 3.4}}
+    loop = SpeculativeLoop(steps, drafter=None, options=opts, memory=SpecMemory())
+    assert loop.prior[3] == pytest.approx(1.5) and loop.prior[6] == pytest.approx(2.6)
+    assert loop._time(5) == pytest.approx(2.2)  # nothing timed: the ratios themselves
+    loop.cost[1].add(0.004)
+    assert loop._time(6) == pytest.approx(0.004 * 2.6)
+    loop.cost[4].add(0.008)  # measured dearer than its prior (1.8 x 4 ms = 7.2 ms)
+    assert loop._time(3) == pytest.approx(0.004 + (0.008 - 0.004) * 2 / 3)
+    assert loop._time(6) == pytest.approx(0.008 * 2.6 / 1.8)  # grown from the measured 4
