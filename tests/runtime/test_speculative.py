@@ -182,3 +182,43 @@ def test_unmeasured_tree_sizes_are_interpolated():
     loop.cost[4].add(0.008)  # measured dearer than its prior (1.8 x 4 ms = 7.2 ms)
     assert loop._time(3) == pytest.approx(0.004 + (0.008 - 0.004) * 2 / 3)
     assert loop._time(6) == pytest.approx(0.008 * 2.6 / 1.8)  # grown from the measured 4
+
+
+def test_calibration_per_drafter():
+    """`auto` says which drafter each path is from; each drafter's predicted and accepted
+    tokens are kept apart, and a drafter's ratio starts at the request's and moves with its
+    own evidence (prompt lookup's copies are not held back by Token Recycling's misses)."""
+    from arc.runtime.drafters.auto import Merge
+    from arc.runtime.speculative import CALIB_PRIOR, SpecMemory, SpeculativeLoop
+    from arc.runtime.tree import build
+
+    class Fixed:
+        def __init__(self, name, scored):
+            self.name, self.scored = name, scored
+
+        def propose(self, history, depth, budget):
+            return dict(self.scored)
+
+    copy = Fixed("ngram", {(5,): 0.6, (5, 6): 0.55})
+    guess = Fixed("recycle", {(7,): 0.9, (5,): 0.3})  # (5,) is ngram's: its score is higher
+    merged = Merge([copy, guess])
+    assert merged.propose([1], 3, 8) == {(5,): 0.6, (5, 6): 0.55, (7,): 0.9}
+    assert merged.sources == {(5,): "ngram", (5, 6): "ngram", (7,): "recycle"}
+
+    steps = Steps({"verify_4": None}, max_seq_len=64)
+    loop = SpeculativeLoop(steps, merged, {"verify_tokens": 4, "depth": 3}, SpecMemory())
+    paths = loop._draft([1], 0)
+    assert loop._calib_of((5,)) == loop._calib_of((7,)) == loop.calib.ratio == 1.0
+    tree = build(1, [p for p, _ in paths])
+    accepted = [tree.child(tree.child(0, 5), 6)]  # the copy, both tokens
+    accepted.insert(0, tree.child(0, 5))
+    loop.calib.add(len(accepted), sum(s for _, s in paths))
+    loop._calibrate_sources(tree, paths, accepted)
+    ngram, recycle = loop.by_source["ngram"], loop.by_source["recycle"]
+    assert (ngram.accepted, ngram.predicted) == (2, pytest.approx(1.15))
+    assert (recycle.accepted, recycle.predicted) == (0, pytest.approx(0.9))
+    g = loop.calib.ratio
+    assert loop._calib_of((5, 6)) == pytest.approx((2 + CALIB_PRIOR * g) / (1.15 + CALIB_PRIOR))
+    assert loop._calib_of((7,)) == pytest.approx(CALIB_PRIOR * g / (0.9 + CALIB_PRIOR))
+    assert loop._calib_of((5, 6)) > g > loop._calib_of((7,))
+    assert loop._calib_of((9,)) == g  # a path no drafter claimed: the request's ratio

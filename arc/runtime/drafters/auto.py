@@ -12,6 +12,7 @@ class Merge:
 
     def __init__(self, drafters: list):
         self.drafters = drafters
+        self.sources: dict[tuple[int, ...], str] = {}  # of the last proposal
         self.expensive = any(getattr(d, "expensive", False) for d in drafters)
 
     @property
@@ -31,9 +32,11 @@ class Merge:
 
     def propose(self, history: list[int], depth: int, budget: int) -> dict:
         out: dict[tuple[int, ...], float] = {}
+        self.sources = {}  # path -> the drafter of its best score
         for d in self.drafters:
             for path, score in d.propose(history, depth, budget).items():
-                out[path] = max(out.get(path, 0.0), score)
+                if path not in out or score > out[path]:
+                    out[path], self.sources[path] = score, d.name
         return out
 
     def observe(self, tree: Tree, topk) -> None:
