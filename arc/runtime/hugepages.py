@@ -16,6 +16,7 @@ Nothing changes where THP is off or unavailable (the advice is ignored or skippe
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 
@@ -45,10 +46,7 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
     """A zero-filled CPU tensor on huge pages (torch.zeros where they are not enabled)."""
     if not enabled():
         return torch.zeros(shape, dtype=dtype)
-    n = 1
-    for s in shape:
-        n *= s
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     buf, start = _mapping(nbytes)
     return buf[start : start + nbytes].view(dtype).view(shape)
 

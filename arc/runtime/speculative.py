@@ -120,7 +120,7 @@ class SpeculativeLoop:
         # -O3's measured verify cost / decode cost per size (arc/tune.py), else a guess
         ratio = {int(b): float(r) for b, r in (options.get("cost_ratio") or {}).items()}
         ratio[1] = 1.0
-        self.prior = {b: _between(ratio, b) or 1 + PRIOR_COST * (b - 1) for b in self.sizes}
+        self.prior = {b: _between(ratio, b) or 1 + PRIOR_COST * (b - 1) for b in [1, *self.sizes]}
         self.calib = _Calibration()  # accepted / predicted drafted tokens, this request's own
         # the same per drafter (`auto` merges several whose scores err differently)
         self.by_source: dict[str, _Calibration] = {}
@@ -237,11 +237,8 @@ class SpeculativeLoop:
         # above every measured size: the prior's growth from the largest one measured
         lo = max((b for b in measured if b < size), default=None)
         if lo is None:
-            return self.prior.get(size, 1.0)  # nothing measured yet: only ratios are used
-        return measured[lo] * self._ratio(size) / self._ratio(lo)
-
-    def _ratio(self, size: int) -> float:
-        return 1.0 if size == 1 else self.prior.get(size, 1 + PRIOR_COST * (size - 1))
+            return self.prior[size]  # nothing measured yet: only ratios are used
+        return measured[lo] * self.prior[size] / self.prior[lo]
 
     def _plain(self, token: int, pos: int, sample: Sampler, teach: bool = True) -> int:
         t = time.perf_counter()
@@ -308,19 +305,18 @@ class SpeculativeLoop:
     def _calibrate_sources(self, tree: Tree, paths: list, accepted: list[int]) -> None:
         """Each drafter's predicted (its paths' scores in the tree) and accepted tokens (the
         accepted nodes whose path is its) for this verify."""
-        if not self.source:
-            return
-        node_src = {tree.add_path(p): self.source.get(p) for p, _ in paths}  # built already
         predicted: dict[str, float] = {}
+        got: dict[str, int] = {}
+        node_src: dict[int, str] = {}  # tree node -> its path's drafter
         for p, score in paths:
             src = self.source.get(p)
             if src is not None:
                 predicted[src] = predicted.get(src, 0.0) + score
-        got = dict.fromkeys(predicted, 0)
+                got[src] = 0
+                node_src[tree.add_path(p)] = src  # the tree holds p already: its node
         for node in accepted:
-            src = node_src.get(node)
-            if src in got:
-                got[src] += 1
+            if node in node_src:
+                got[node_src[node]] += 1
         for src, pred in predicted.items():
             self.by_source.setdefault(src, _Calibration()).add(got[src], pred)
 
