@@ -1,0 +1,46 @@
+"""benchmarks/spec_ceiling.py: the speculative loop fed perfect drafts (the engine's own plain
+output) must accept every drafted token and keep the ids identical."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("spec_ceiling", BENCH / "spec_ceiling.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("spec_ceiling", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_oracle_proposes_the_known_continuation():
+    oracle = _module().Oracle([1, 2, 3, 4, 5, 6])
+    assert oracle.propose([1, 2], 3, 8) == {(3,): 1.0, (3, 4): 1.0, (3, 4, 5): 1.0}
+    assert oracle.propose([1, 2, 3, 4, 5], 3, 8) == {(6,): 1.0}  # the output's end
+    assert oracle.propose([1, 9], 3, 8) == {}  # off the known output
+
+
+def test_perfect_drafts_are_all_accepted(tiny_engines):
+    mod = _module()
+    engine = next(iter(tiny_engines.values()))
+    out = mod.run(
+        str(engine),
+        ["Write a function that adds two numbers."],
+        [2],
+        16,
+        torch.get_num_threads(),
+        1,
+    )
+    ((tps, per_forward, same),) = out[2][0]
+    assert same and tps > 0
+    # 15 tokens after the first: a 2-node verify yields 2 each, so 8 forwards at most
+    assert per_forward >= 15 / 8
+    ((plain_tps, plain_per_forward, plain_same),) = out[1][0]
+    assert plain_same and plain_per_forward == 1.0
