@@ -30,17 +30,16 @@ def test_oracle_proposes_the_known_continuation():
 def test_perfect_drafts_are_all_accepted(tiny_engines):
     mod = _module()
     engine = next(iter(tiny_engines.values()))
-    out = mod.run(
-        str(engine),
-        ["Write a function that adds two numbers."],
-        [2],
-        16,
-        torch.get_num_threads(),
-        1,
-    )
-    ((tps, per_forward, same),) = out[2][0]
+    prompts = ["Write a function that adds two numbers."]
+    threads = torch.get_num_threads()
+    out = mod.run(str(engine), prompts, [2], 16, threads, 1, drafters=("ngram",), size=4)
+    assert list(out) == ["plain", "oracle B=2", "ngram B=4", "engine"]
+    ((tps, per_forward, same),) = out["oracle B=2"][0]
     assert same and tps > 0
     # 15 tokens after the first: a 2-node verify yields 2 each, so 8 forwards at most
     assert per_forward >= 15 / 8
-    ((plain_tps, plain_per_forward, plain_same),) = out[1][0]
+    ((_, plain_per_forward, plain_same),) = out["plain"][0]
     assert plain_same and plain_per_forward == 1.0
+    for arm in ("ngram B=4", "engine"):  # real drafters: lossless, at least one token a forward
+        ((tps, per_forward, same),) = out[arm][0]
+        assert same and tps > 0 and per_forward >= 1.0
