@@ -222,3 +222,13 @@ def test_calibration_per_drafter():
     assert loop._calib_of((7,)) == pytest.approx(CALIB_PRIOR * g / (0.9 + CALIB_PRIOR))
     assert loop._calib_of((5, 6)) > g > loop._calib_of((7,))
     assert loop._calib_of((9,)) == g  # a path no drafter claimed: the request's ratio
+    # the next tree ranks by calibrated score: the copy chain (0.6 and 0.55 raw, its drafter
+    # confirmed) now comes before the guess (0.9 raw, its drafter missed), and a child never
+    # outranks its parent
+    paths = loop._draft([1], 0)
+    assert [p for p, _ in paths] == [(5,), (5, 6), (7,)]
+    assert [s for _, s in paths] == [0.6, 0.55, 0.9]  # raw scores, for the calibration
+    w = loop.weights
+    assert w[(5,)] == pytest.approx(0.6 * loop._calib_of((5,)))
+    assert w[(5, 6)] <= w[(5,)] and w[(7,)] == pytest.approx(0.9 * loop._calib_of((7,)))
+    assert w[(5, 6)] > w[(7,)]
