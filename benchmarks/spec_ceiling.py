@@ -87,19 +87,19 @@ def run(
     missing = [b for b in [*sizes, *([size] if drafters else [])] if b not in have]
     if missing:
         raise SystemExit(f"{engine}: no verify of {missing} nodes (it has {have})")
-    with torch.inference_mode():
-        vocab = int(gen.prefill(eng.prompt_ids("Hi.")).shape[-1])
-    plan, shipped = gen.plan, gen.drafter(vocab)
-    # each drafter kept across requests, as the engine keeps its own
-    fixed = {d: made.make(d, plan["options"], vocab, gen.steps) for d in drafters}
     arms = arms_of(sizes, list(drafters), size)
     out: dict[str, list[list]] = {a: [[] for _ in prompts] for a in arms}
+    plan = gen.plan
 
     def fixed_tree(b: int, depth: int) -> dict:
         opts = {**plan["options"], "adaptive": False, "depth": depth, "budget": b - 1}
         return {"kind": "speculative", "options": opts | {"verify_tokens": b}}
 
     with torch.inference_mode():
+        vocab = int(gen.prefill(eng.prompt_ids("Hi.")).shape[-1])
+        shipped = gen.drafter(vocab)
+        # each drafter kept across requests, as the engine keeps its own
+        fixed = {d: made.make(d, plan["options"], vocab, gen.steps) for d in drafters}
         gen.generate(eng.prompt_ids("Say hello."), max_new_tokens=16, speculative=False)
         truths = []  # each prompt's plain output: what the oracle drafts
         for p in prompts:
