@@ -3,6 +3,7 @@ the mapping really advised for THP where the kernel has it."""
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import pytest
@@ -66,19 +67,39 @@ def _vma_of(addr: int) -> list[str]:
     raise AssertionError("no mapping holds the tensor")
 
 
+class _Spy(mmap.mmap):
+    """An anonymous mapping that records the advice it is given."""
+
+    advised: list[int] = []
+
+    def madvise(self, option, *args):
+        _Spy.advised.append(option)
+        return super().madvise(option, *args)
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no MADV_HUGEPAGE here")
+@pytest.mark.parametrize("on", ["1", "0"])
+def test_arena_asks_for_huge_pages(monkeypatch, on):
+    """The arena's mapping is advised MADV_HUGEPAGE, and only when huge pages are enabled."""
+    monkeypatch.setenv("ARC_HUGEPAGES", on)
+    monkeypatch.setattr(hugepages.mmap, "mmap", _Spy)
+    _Spy.advised = []
+    out = hugepages.arena([torch.ones(1 << 20, dtype=torch.uint8)])
+    hugepages.zeros((1 << 18,))
+    assert torch.equal(out[0], torch.ones(1 << 20, dtype=torch.uint8))
+    assert _Spy.advised == ([mmap.MADV_HUGEPAGE] * 2 if on == "1" else [])
+
+
 @pytest.mark.skipif(
     not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here"
 )
 def test_mapping_is_advised_for_huge_pages(monkeypatch):
-    """The weights' mapping carries the kernel's MADV_HUGEPAGE flag (`hg` in VmFlags) and is
-    THP-eligible; a plain torch allocation is not advised. (Whether an unadvised mapping is
-    THP-eligible depends on the host: per-size mTHP settings can make it so even in `madvise`
-    mode, so only the flag is compared for it.)"""
+    """The kernel took the advice: the weights' mapping carries the MADV_HUGEPAGE flag (`hg` in
+    VmFlags) and is THP-eligible. (No unadvised mapping is compared with it: on some hosts
+    every large allocation is advised, by glibc's `hugetlb` tunable or a process-wide THP
+    policy, so that the advice itself is checked by the test above.)"""
     monkeypatch.setenv("ARC_HUGEPAGES", "1")
     big = hugepages.arena([torch.ones(4 << 20, dtype=torch.uint8)])[0]
     fields = dict(f.split(":", 1) for f in _vma_of(big.data_ptr()))
     assert "hg" in fields["VmFlags"].split()
     assert fields["THPeligible"].strip() == "1"
-    plain = torch.ones(4 << 20, dtype=torch.uint8)
-    fields = dict(f.split(":", 1) for f in _vma_of(plain.data_ptr()))
-    assert "hg" not in fields["VmFlags"].split()
