@@ -80,13 +80,16 @@ def check_module(module: Module) -> None:
                 )
 
 
-def _relax_module(module: Module, amx: bool = False) -> tuple[Any, dict[str, str], list[str]]:
+def _relax_module(
+    module: Module, amx: bool = False, avx512: bool = True
+) -> tuple[Any, dict[str, str], list[str]]:
     """(Relax IRModule, IR function -> Relax function, tensors of the params tuple), and
-    `logits_stats` where the vocabulary splits into chunks (`_stats_chunk`)."""
+    `logits_stats` where the vocabulary splits into chunks (`_stats_chunk`). `avx512`: the
+    build's CPU has AVX-512's 32 vector registers (the panel kernels' token tiles fit them)."""
     from arc.runtime.topk import TOPK
     from arc.targets.tvm_graph import Builder, graph_key
 
-    builder, functions, seen = Builder(module, amx), {}, {}
+    builder, functions, seen = Builder(module, amx, avx512), {}, {}
     for name, graph in module.functions.items():
         key = graph_key(graph)
         if key not in seen:
@@ -157,7 +160,8 @@ def build(
         raise UnsupportedError(f"target tvm builds for cpu only, not {device}")
     check_module(module)
     target, cpu_info = _target(options.get("cpu") or "native")
-    mod, functions, names = _relax_module(module, cpu_info["amx"])
+    avx512 = "avx512f" in cpu_info["cpu_flags"]
+    mod, functions, names = _relax_module(module, cpu_info["amx"], avx512)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / LIBRARY
     executable = tvm.compile(mod, target=target)

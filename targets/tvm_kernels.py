@@ -571,10 +571,24 @@ def qembed(kind: str, vocab: int, hidden: int, group: int):
 # microbenchmark; AHEAD 2: 11.7, 4: 11.0, 16: 10.1 ms)
 AHEAD, LINE = 8, 64
 PANEL = LANES  # output rows per panel: one f32 vector holds one column of a panel
-# tile plans by token count: (largest T the plan serves, tokens per tile, chains per token)
-# (tiles of 8 dequantize each weight half as often as tiles of 4 for a verify of 8 or 16
-# nodes: 16% less time at T=8 and T=16; a tile of 16 spills its 16 accumulators)
+# tile plans by token count: (largest T the plan serves, tokens per tile, chains per token).
+# A tile's accumulators (tokens x chains panels) must stay in vector registers; a panel of 16
+# floats is one AVX-512 register (32 of them) but two AVX2 ones (16 of them).
+# AVX-512: tiles of 8 dequantize each weight half as often as tiles of 4 for a verify of 8 or
+# 16 nodes (16% less time at T=8 and T=16; a tile of 16 spills its 16 accumulators).
 TILES = ((1, 1, 4), (2, 2, 2), (4, 4, 2), (None, 8, 1))
+# AVX2: 4 tokens x 2 chains and 8 tokens x 1 (16 registers of accumulators, plus the column
+# and the broadcast activation) spill, so T >= 4 takes tiles of 4 tokens x 1 chain (11
+# registers). Measured on the 2-core AMD EPYC (Zen 3, AVX2) with 30 distinct Q4_1 weights
+# streamed, medians of 15 interleaved rounds: 3072x576 T=4 0.51x, T=8 0.59x, T=16 0.57x the
+# time of the AVX-512 plan; 576x1536 0.82x / 0.88x / 0.89x; Q8_0 4096x576 0.80x / 0.82x /
+# 0.82x; T = 1, 2 unchanged (the same plans).
+TILES_AVX2 = ((1, 1, 4), (2, 2, 2), (4, 4, 1), (None, 4, 1))
+
+
+def tile_plan(avx512: bool) -> tuple:
+    """The panel kernels' tile plans for a target with (or without) AVX-512's 32 registers."""
+    return TILES if avx512 else TILES_AVX2
 
 
 def panel_specs(
@@ -605,12 +619,20 @@ def to_panels(t):
     return x.movedim(1, -1).contiguous()
 
 
-def panel_gemv(kind: str, n: int, k: int, group: int, scale: str = "float32", amx: bool = False):
+def panel_gemv(
+    kind: str,
+    n: int,
+    k: int,
+    group: int,
+    scale: str = "float32",
+    amx: bool = False,
+    tiles: tuple = TILES,
+):
     """PrimFunc y[T, N] = x[T, K] @ w[N, K].T over a panel-layout weight (`panel_specs`), for
     any T (decode, a verify tree, a prefill chunk).
 
         for p in parallel(N / P):             # a panel: P output rows, one f32 vector
-          for each tile of TB tokens:          # TB by T (TILES): 1, 2, 4, 8
+          for each tile of TB tokens:          # TB by T (`tiles`): 1, 2, 4 (, 8)
             acc[TB] = 0
             for each block b of g columns:
               blk[TB x C] = 0                  # C independent chains per token (FMA latency)
@@ -635,8 +657,9 @@ def panel_gemv(kind: str, n: int, k: int, group: int, scale: str = "float32", am
     outputs with one store: the packed layout llama.cpp's repacked CPU kernels (Q4_0_8x8) and
     MLC's weight layouts use.
 
-    `amx` (a kind in tvm_amx.KINDS, a CPU with AMX): T >= tvm_amx.MIN_TOKENS runs on AMX
-    tiles instead (targets/tvm_amx.py), the same layout and an fp32-exact product.
+    `tiles`: the tile plans (`tile_plan`: AVX-512's or AVX2's register budget). `amx` (a kind
+    in tvm_amx.KINDS, a CPU with AMX): T >= tvm_amx.MIN_TOKENS runs on AMX tiles instead
+    (targets/tvm_amx.py), the same layout and an fp32-exact product.
     """
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
@@ -690,7 +713,7 @@ def panel_gemv(kind: str, n: int, k: int, group: int, scale: str = "float32", am
                 nib = byte & tirx.const(15, "uint8") if h == 0 else byte >> tirx.const(4, "uint8")
                 return nib.astype("float32")
 
-            def tiles(p, acc, blk, wv, sx, tb: int, c: int):
+            def token_tiles(p, acc, blk, wv, sx, tb: int, c: int):
                 with I.serial(0, tirx.floordiv(t_len + tb - 1, tb)) as t0:
                     for a in range(tb):
                         with I.vectorized(0, PANEL) as i:
@@ -747,25 +770,25 @@ def panel_gemv(kind: str, n: int, k: int, group: int, scale: str = "float32", am
                     I.buffer_store(sx, part[0], [tb_])
             amx = amx and tvm_amx.applies(kind, group, npan)
 
-            def avx512():
+            def vectors():  # AVX-512 or AVX2 registers
                 with I.parallel(0, npan) as p:
-                    chains = max(tb * c for _, tb, c in TILES)
+                    chains = max(tb * c for _, tb, c in tiles)
                     # scratch under 1 KB in scope "global" is a stack alloca, which LLVM keeps
                     # in registers; TVM heap-allocates "local" (TVMBackendAllocWorkspace) per
                     # parallel task, and every accumulator update then goes through memory
-                    tokens = max(tb for _, tb, _ in TILES)
+                    tokens = max(tb for _, tb, _ in tiles)
                     acc = I.alloc_buffer((tokens * PANEL,), "float32")  # 8 x 16 floats: 512 B
                     blk = I.alloc_buffer((chains * PANEL,), "float32")  # a block's partial sums
                     wv = I.alloc_buffer((PANEL,), "float32")
 
                     def plan(idx: int):
-                        bound, tb, c = TILES[idx]
+                        bound, tb, c = tiles[idx]
                         if bound is None:
-                            tiles(p, acc, blk, wv, sx, tb, c)
+                            token_tiles(p, acc, blk, wv, sx, tb, c)
                             return
                         with I.If(t_len <= bound):
                             with I.Then():
-                                tiles(p, acc, blk, wv, sx, tb, c)
+                                token_tiles(p, acc, blk, wv, sx, tb, c)
                             with I.Else():
                                 plan(idx + 1)
 
@@ -774,14 +797,14 @@ def panel_gemv(kind: str, n: int, k: int, group: int, scale: str = "float32", am
             if amx:
                 with I.If(t_len < tvm_amx.MIN_TOKENS):
                     with I.Then():
-                        avx512()
+                        vectors()
                     with I.Else():  # the activations' bf16 parts, allocated here only
                         tiles_t = tirx.floordiv(t_len + tvm_amx.TOKENS - 1, tvm_amx.TOKENS)
                         xs = I.alloc_buffer((tiles_t * 3 * tvm_amx.TOKENS * k,), "uint16")
                         tvm_amx.split_activations(x, xs, t_len, k)
                         tvm_amx.panel_groups(k, g, npan, t_len, comps, sx, xs, y, prefetch)
             else:
-                avx512()
+                vectors()
     return ib.get()
 
 

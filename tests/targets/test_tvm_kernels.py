@@ -1,6 +1,7 @@
 """The tvm target's panel kernels against NumPy: every weight kind (fp32, affine4 as Q4_0/Q4_1
 and int4 store it, sym8 as Q8_0/int8), every token tiling (T = 1, 2, 3..4, 6..8, a long T with a
-short last tile), and the repacking that feeds them (`to_panels`)."""
+short last tile) of both tile plans (AVX-512's and AVX2's register budgets), and the repacking
+that feeds them (`to_panels`)."""
 
 from __future__ import annotations
 
@@ -44,15 +45,19 @@ def built():
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     out = {}
-    for kind, scale in KINDS:
-        f = tvm_kernels.panel_gemv(kind, N, K, G, scale).with_attr("global_symbol", "main")
-        out[kind, scale] = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
+    for avx512 in (True, False):
+        tiles = tvm_kernels.tile_plan(avx512)
+        for kind, scale in KINDS:
+            f = tvm_kernels.panel_gemv(kind, N, K, G, scale, tiles=tiles)
+            f = f.with_attr("global_symbol", "main")
+            out[kind, scale, avx512] = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
     return out
 
 
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512-tiles", "avx2-tiles"])
 @pytest.mark.parametrize("kind, scale", KINDS)
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 6, 8, 17])
-def test_panel_gemv_equals_numpy(built, kind, scale, tokens):
+def test_panel_gemv_equals_numpy(built, kind, scale, tokens, avx512):
     import torch
     import tvm
 
@@ -65,7 +70,7 @@ def test_panel_gemv_equals_numpy(built, kind, scale, tokens):
     panels = [p.astype(scale) if p.dtype == np.float32 and kind != "f32" else p for p in panels]
     y = np.full((tokens, N), np.nan, "float32")  # every output must be written
     args = [tvm.runtime.tensor(a) for a in (x, *panels, y)]
-    built[kind, scale](*args)
+    built[kind, scale, avx512](*args)
     ref = x.astype("float64") @ w.T.astype("float64")
     # fp32 accumulation of K products: error relative to the outputs' scale
     np.testing.assert_allclose(args[-1].numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
