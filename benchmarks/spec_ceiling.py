@@ -98,8 +98,12 @@ def run(
     with torch.inference_mode():
         vocab = int(gen.prefill(eng.prompt_ids("Hi.")).shape[-1])
         shipped = gen.drafter(vocab)
-        # each drafter kept across requests, as the engine keeps its own
-        fixed = {d: made.make(d, plan["options"], vocab, gen.steps) for d in drafters}
+
+        def cold(name: str):
+            """A fresh drafter: one kept across reps would draft a repeated prompt's output
+            back from the previous rep (Token Recycling's table), which no first run can."""
+            return made.make(name, plan["options"], vocab, gen.steps)
+
         gen.generate(eng.prompt_ids("Say hello."), max_new_tokens=16, speculative=False)
         truths = []  # each prompt's plain output: what the oracle drafts
         for p in prompts:
@@ -110,13 +114,15 @@ def run(
                 k = (r + i) % len(arms)
                 for arm in arms[k:] + arms[:k]:  # rotating which arm goes first
                     name, _, b = arm.partition(" B=")
-                    if arm in ("plain", "engine"):
+                    if arm == "plain":
                         gen.plan, gen._drafter = plan, shipped
+                    elif arm == "engine":
+                        gen.plan, gen._drafter = plan, cold(plan["options"]["draft"])
                     elif name == "oracle":
                         gen.plan, gen._drafter = fixed_tree(int(b), int(b) - 1), Oracle(ids + plain)
                     else:
                         depth = min(int(plan["options"]["depth"]), int(b) - 1)
-                        gen.plan, gen._drafter = fixed_tree(int(b), depth), fixed[name]
+                        gen.plan, gen._drafter = fixed_tree(int(b), depth), cold(name)
                     try:
                         res = gen.generate(ids, max_new_tokens=n, speculative=arm != "plain")
                     finally:

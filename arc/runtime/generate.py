@@ -61,6 +61,12 @@ class Generator:
         self._drafter = None  # made on first use; kept across requests (Token Recycling)
         self._memory = None  # the speculative loop's device timings (SpecMemory)
 
+    def forget(self) -> None:
+        """Drop what the drafter learned from earlier requests (Token Recycling's table, the
+        n-gram and Jacobi pools): the next request drafts cold. A benchmark that repeats a
+        prompt calls it, or the repeat drafts from the first run's own output."""
+        self._drafter = None
+
     def drafter(self, vocab: int):
         if self._drafter is None:
             from arc.runtime import drafters

@@ -162,6 +162,22 @@ def test_memory_outlives_a_request(traced):
     assert loop.cost is memory.cost and loop.calib.ratio == 1.0
 
 
+def test_forget_drafts_cold(traced):
+    """A repeated request drafts its own earlier output back from Token Recycling's table;
+    after Generator.forget() it drafts exactly as the first request did (what a benchmark
+    that repeats prompts needs, benchmarks/spec_speed.py's paired runs)."""
+    gen, tok = _gen(traced, "tiny-llama", "spec-tree{draft=recycle,adaptive=false}")
+    ids = tok.encode("Once upon a time")
+    with torch.inference_mode():
+        first = gen.generate(ids, max_new_tokens=60, ignore_eos=True)
+        warm = gen.generate(ids, max_new_tokens=60, ignore_eos=True)
+        gen.forget()
+        cold = gen.generate(ids, max_new_tokens=60, ignore_eos=True)
+    assert first.token_ids == warm.token_ids == cold.token_ids
+    assert warm.forward_passes < first.forward_passes
+    assert cold.forward_passes == first.forward_passes
+
+
 def test_unmeasured_tree_sizes_are_interpolated():
     """A tree size never verified yet costs the line between the measured sizes around it,
     or, above them all, the largest measured one grown by the prior ratios; cost_ratio's
