@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -227,9 +228,10 @@ def report_paired(name: str, rows: list, a) -> None:
             f"{min(r):5.2f}..{max(r):4.2f}x  {same}"
         )
     worst = min(range(len(ratios)), key=ratios.__getitem__)
+    geomean = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
     print(
-        f"   worst prompt {worst} ({kinds[worst]}): {ratios[worst]:.3f}x; prompts below 0.95x: "
-        f"{sum(x < 0.95 for x in ratios)}/{len(ratios)}"
+        f"   geomean {geomean:.3f}x; worst prompt {worst} ({kinds[worst]}): {ratios[worst]:.3f}x; "
+        f"prompts below 0.95x: {sum(x < 0.95 for x in ratios)}/{len(ratios)}"
     )
 
 

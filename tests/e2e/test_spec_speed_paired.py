@@ -47,5 +47,6 @@ def test_paired_report_names_the_worst_prompt(capsys):
     out = capsys.readouterr().out
     assert f"worst prompt 3 ({kinds[3]}): 0.900x" in out
     assert "prompts below 0.95x: 1/" in out
+    assert "geomean 1.039x" in out  # (1.01^8 * 0.90 * 1.50)^(1/10)
     line5 = next(line for line in out.splitlines() if line.startswith(" 5 "))
     assert "1.500x" in line5 and line5.rstrip().endswith("!")
