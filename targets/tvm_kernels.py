@@ -578,7 +578,7 @@ PANEL = LANES  # output rows per panel: one f32 vector holds one column of a pan
 # 16 nodes (16% less time at T=8 and T=16; a tile of 16 spills its 16 accumulators).
 TILES = ((1, 1, 4), (2, 2, 2), (4, 4, 2), (None, 8, 1))
 # AVX2: 4 tokens x 2 chains and 8 tokens x 1 (16 registers of accumulators, plus the column
-# and the broadcast activation) spill, so T >= 4 takes tiles of 4 tokens x 1 chain (11
+# and the broadcast activation) spill, so T >= 3 takes tiles of 4 tokens x 1 chain (11
 # registers). Measured on the 2-core AMD EPYC (Zen 3, AVX2) with 30 distinct Q4_1 weights
 # streamed, medians of 15 interleaved rounds: 3072x576 T=4 0.51x, T=8 0.59x, T=16 0.57x the
 # time of the AVX-512 plan; 576x1536 0.82x / 0.88x / 0.89x; Q8_0 4096x576 0.80x / 0.82x /
