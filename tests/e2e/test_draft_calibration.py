@@ -1,0 +1,82 @@
+"""benchmarks/draft_calibration.py: the counts of right drafted nodes must be true counts.
+A drafter that knows the answer (spec_ceiling's Oracle) is right at every node; one that
+drafts the answer shifted by one token is right at none."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class Wrong:
+    """The answer's next tokens, each off by one: every first token is wrong."""
+
+    name = "wrong"
+
+    def __init__(self, truth: list[int]):
+        self.truth = truth
+
+    def propose(self, history: list[int], depth: int, budget: int) -> dict:
+        n = len(history)
+        chain = [t - 1 if t > 0 else t + 1 for t in self.truth[n : n + min(depth, budget)]]
+        return {tuple(chain[: i + 1]): 1.0 for i in range(len(chain))}
+
+    def observe(self, tree, topk) -> None:
+        pass
+
+
+def test_match_length_is_the_longest_match_followed_by_the_path():
+    match_length = _module("draft_calibration").match_length
+    h = [5, 1, 2, 3, 9, 7, 2, 3, 4, 2, 3]
+    assert match_length(h, (9,)) == 2  # [2, 3] then 9 at the start
+    assert match_length(h, (4,)) == 2  # [2, 3] then 4 too; the 3-gram [4, 2, 3] is new
+    assert match_length(h, (9, 7)) == 2
+    assert match_length(h, (8,)) is None
+    assert match_length([1, 2, 1, 2], (1,)) == 2  # [1, 2] then 1
+
+
+def test_counts_are_true_for_right_and_wrong_drafts(tiny_engines):
+    cal, ceiling = _module("draft_calibration"), _module("spec_ceiling")
+    from arc.runtime.load import load_engine
+
+    eng = load_engine(str(next(iter(tiny_engines.values()))))
+    gen = eng.generator
+    plan = gen.plan
+    b = 4
+    opts = {**plan["options"], "adaptive": False, "depth": b - 1, "budget": b - 1}
+    ids = eng.prompt_ids("Write a function that adds two numbers.")
+    with torch.inference_mode():
+        truth = ids + gen.generate(ids, max_new_tokens=16, speculative=False).token_ids
+        got = {}
+        for name, drafter in (("oracle", ceiling.Oracle(truth)), ("wrong", Wrong(truth))):
+            rec = cal.Recorder(drafter)
+            gen.plan, gen._drafter = (
+                {"kind": "speculative", "options": opts | {"verify_tokens": b}},
+                rec,
+            )
+            try:
+                res = gen.generate(ids, max_new_tokens=16)
+            finally:
+                gen.plan, gen._drafter = plan, None
+            assert res.token_ids == truth[len(ids) :]  # lossless either way
+            got[name] = rec.counts
+    nodes = sum(n for n, _ in got["oracle"].values())
+    assert nodes >= 8 and all(n == r for n, r in got["oracle"].values())
+    assert {place for _, _, place in got["oracle"]} == {"first", "later"}
+    # every first token wrong: only first tokens have a right parent (the root), none right
+    assert sum(n for n, _ in got["wrong"].values()) >= 8
+    assert {place for _, _, place in got["wrong"]} == {"first"}
+    assert all(r == 0 for _, r in got["wrong"].values())
