@@ -14,8 +14,9 @@ tokens per second: expected tokens of a tree of the B-1 best paths are 1 + c * (
 scores) -- a path's score estimates the chance the model accepts it, so the sum is the
 expected accepted length (EAGLE-2's reasoning) -- with c a running calibration of accepted over
 predicted tokens over recent verifies (decayed sums, with a prior of CALIB_PRIOR predicted
-tokens taken at face value, so a few verifies with tiny predictions cannot swing it: a ratio
-of running means did, and chat prompts verified too often), kept per drafter where `auto`
+tokens taken at PRIOR_RATIO, what a request's first verifies measured, so a few verifies with
+tiny predictions cannot swing it: a ratio of running means did, and chat prompts verified too
+often), kept per drafter where `auto`
 says which drafter each path is from, each shrunk toward the request's ratio (prompt
 lookup's copies are then not held back by Token Recycling's misses: -O2 on tvm measured
 1.057x against 1.017x plain with one shared ratio, 10 prompts x 4 in one process on the AMD
@@ -50,6 +51,13 @@ from arc.runtime.tree import Tree, best_first, build
 PROBE_EVERY, MAX_PROBE_EVERY = 8, 64  # plain steps with a draft at hand before a probe
 PRIOR_COST = 0.15  # untimed, unmeasured sizes: a decode step's time x (1 + PRIOR_COST * (B - 1))
 CALIB_DECAY, CALIB_PRIOR = 0.9, 0.5  # calibration: weight of older verifies, prior tokens
+# what the prior tokens are taken at: a request's first verify, measured on the 32 prompts of
+# benchmarks/calibration_prompts.json (-O2 tvm, cold, prior 1.0), accepted 22 of 34.8 predicted
+# tokens (0.63). Taken at face value (1.0), failed first verifies cost short chat answers the
+# most; 0.6 against 1.0, 10 benchmark prompts paired with -O1 in one process, cold: geomean
+# 1.189x vs 1.154x (4 reps) and 1.188x vs 1.180x (6 reps), worst prompt 0.947 vs 0.942x and
+# 0.958 vs 0.952x (2026-12-05, Intel Xeon)
+PRIOR_RATIO = 0.6
 QUIET_AFTER, QUIET_EVERY = 8, 4  # bare decode steps while drafts do not pay (_quiet)
 MARGIN = 0.05  # a tree must promise this much more tokens/s than a plain step to be verified
 
@@ -75,7 +83,7 @@ class _Ema:
 
 class _Calibration:
     """Accepted over predicted drafted tokens, recent verifies weighing most: decayed sums
-    plus CALIB_PRIOR predicted tokens accepted at face value (ratio 1 before any data)."""
+    plus CALIB_PRIOR predicted tokens accepted at PRIOR_RATIO (the ratio before any data)."""
 
     def __init__(self):
         self.accepted = self.predicted = 0.0
@@ -86,7 +94,7 @@ class _Calibration:
 
     @property
     def ratio(self) -> float:
-        return (self.accepted + CALIB_PRIOR) / (self.predicted + CALIB_PRIOR)
+        return (self.accepted + CALIB_PRIOR * PRIOR_RATIO) / (self.predicted + CALIB_PRIOR)
 
 
 class SpecMemory:

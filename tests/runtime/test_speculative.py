@@ -142,9 +142,9 @@ def test_sampled_generation_runs(traced):
 
 def test_memory_outlives_a_request(traced):
     """The Generator keeps the loop's device timings across requests (SpecMemory): a new
-    request starts from them, its calibration starts afresh (ratio 1), and output stays
+    request starts from them, its calibration starts afresh (the prior ratio), and output stays
     identical."""
-    from arc.runtime.speculative import SpeculativeLoop
+    from arc.runtime.speculative import PRIOR_RATIO, SpeculativeLoop
 
     gen, tok = _gen(traced, "tiny-mistral", "kv-fusion,spec-tree{adaptive=false}")
     ids = tok.encode(REPEAT)
@@ -159,7 +159,7 @@ def test_memory_outlives_a_request(traced):
     assert a.token_ids == b.token_ids == plain.token_ids
     assert gen._memory is memory and any(memory.cost[k].value != v for k, v in timed.items())
     loop = SpeculativeLoop(gen.steps, gen.drafter(1), gen.plan["options"], memory)
-    assert loop.cost is memory.cost and loop.calib.ratio == 1.0
+    assert loop.cost is memory.cost and loop.calib.ratio == pytest.approx(PRIOR_RATIO)
 
 
 def test_forget_drafts_cold(traced):
@@ -205,7 +205,7 @@ def test_calibration_per_drafter():
     tokens are kept apart, and a drafter's ratio starts at the request's and moves with its
     own evidence (prompt lookup's copies are not held back by Token Recycling's misses)."""
     from arc.runtime.drafters.auto import Merge
-    from arc.runtime.speculative import CALIB_PRIOR, SpecMemory, SpeculativeLoop
+    from arc.runtime.speculative import CALIB_PRIOR, PRIOR_RATIO, SpecMemory, SpeculativeLoop
     from arc.runtime.tree import build
 
     class Fixed:
@@ -224,7 +224,8 @@ def test_calibration_per_drafter():
     steps = Steps({"verify_4": None}, max_seq_len=64)
     loop = SpeculativeLoop(steps, merged, {"verify_tokens": 4, "depth": 3}, SpecMemory())
     paths = loop._draft([1], 0)
-    assert loop._calib_of((5,)) == loop._calib_of((7,)) == loop.calib.ratio == 1.0
+    assert loop._calib_of((5,)) == loop._calib_of((7,)) == pytest.approx(PRIOR_RATIO)
+    assert loop.calib.ratio == pytest.approx(PRIOR_RATIO)
     tree = build(1, [p for p, _ in paths])
     accepted = [tree.child(tree.child(0, 5), 6)]  # the copy, both tokens
     accepted.insert(0, tree.child(0, 5))
