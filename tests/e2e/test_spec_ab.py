@@ -1,0 +1,43 @@
+"""benchmarks/spec_ab.py: each arm's settings are in force for its own runs only, the
+module's constants come back afterwards, output stays lossless, and a name the loop does not
+define is refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("spec_ab", BENCH / "spec_ab.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("spec_ab", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_arms_apply_their_settings_and_restore_them(tiny_engines):
+    from arc.runtime import speculative
+
+    mod = _module()
+    before = (speculative.MARGIN, speculative.PROBE_EVERY)
+    never = "MARGIN=1000,PROBE_EVERY=1000"  # plain always wins, no probe within 24 tokens
+    eager = "MARGIN=-0.99"  # any draft beats a plain step
+    engine = str(next(iter(tiny_engines.values())))
+    out = mod.run(engine, ["a b a b a b a b a b a b"], [never, eager], 24, 1, 1)
+    ((_, per_fwd, same, verifies),) = out[(0, never)]
+    assert same and verifies == 0 and per_fwd == 1.0
+    ((_, _, same, verifies),) = out[(0, eager)]
+    assert same and verifies > 0
+    assert (speculative.MARGIN, speculative.PROBE_EVERY) == before
+    assert isinstance(speculative.PROBE_EVERY, int)
+
+
+def test_unknown_setting_is_refused():
+    with pytest.raises(SystemExit, match="NOT_A_SETTING"):
+        _module().parse_arm("NOT_A_SETTING=1")
