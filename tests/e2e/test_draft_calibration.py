@@ -4,21 +4,9 @@ drafts the answer shifted by one token is right at none."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, mod)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.e2e.bench_scripts import load
 
 
 class Wrong:
@@ -39,7 +27,7 @@ class Wrong:
 
 
 def test_match_length_is_the_longest_match_followed_by_the_path():
-    match_length = _module("draft_calibration").match_length
+    match_length = load("draft_calibration").match_length
     h = [5, 1, 2, 3, 9, 7, 2, 3, 4, 2, 3]
     assert match_length(h, (9,)) == 2  # [2, 3] then 9 at the start
     assert match_length(h, (4,)) == 2  # [2, 3] then 4 too; the 3-gram [4, 2, 3] is new
@@ -49,7 +37,7 @@ def test_match_length_is_the_longest_match_followed_by_the_path():
 
 
 def test_counts_are_true_for_right_and_wrong_drafts(tiny_engines):
-    cal, ceiling = _module("draft_calibration"), _module("spec_ceiling")
+    cal, ceiling = load("draft_calibration"), load("spec_ceiling")
     from arc.runtime.load import load_engine
 
     eng = load_engine(str(next(iter(tiny_engines.values()))))

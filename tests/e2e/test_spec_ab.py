@@ -4,27 +4,15 @@ define is refused."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("spec_ab", BENCH / "spec_ab.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("spec_ab", mod)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.e2e.bench_scripts import load
 
 
 def test_arms_apply_their_settings_and_restore_them(tiny_engines):
     from arc.runtime import speculative
 
-    mod = _module()
+    mod = load("spec_ab")
     before = (speculative.MARGIN, speculative.PROBE_EVERY)
     never = "MARGIN=1000,PROBE_EVERY=1000"  # plain always wins, no probe within 24 tokens
     eager = "MARGIN=-0.99"  # any draft beats a plain step
@@ -40,4 +28,4 @@ def test_arms_apply_their_settings_and_restore_them(tiny_engines):
 
 def test_unknown_setting_is_refused():
     with pytest.raises(SystemExit, match="NOT_A_SETTING"):
-        _module().parse_arm("NOT_A_SETTING=1")
+        load("spec_ab").parse_arm("NOT_A_SETTING=1")

@@ -3,32 +3,20 @@ output) must accept every drafted token and keep the ids identical."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("spec_ceiling", BENCH / "spec_ceiling.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("spec_ceiling", mod)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.e2e.bench_scripts import load
 
 
 def test_oracle_proposes_the_known_continuation():
-    oracle = _module().Oracle([1, 2, 3, 4, 5, 6])
+    oracle = load("spec_ceiling").Oracle([1, 2, 3, 4, 5, 6])
     assert oracle.propose([1, 2], 3, 8) == {(3,): 1.0, (3, 4): 1.0, (3, 4, 5): 1.0}
     assert oracle.propose([1, 2, 3, 4, 5], 3, 8) == {(6,): 1.0}  # the output's end
     assert oracle.propose([1, 9], 3, 8) == {}  # off the known output
 
 
 def test_perfect_drafts_are_all_accepted(tiny_engines):
-    mod = _module()
+    mod = load("spec_ceiling")
     engine = next(iter(tiny_engines.values()))
     prompts = ["Write a function that adds two numbers."]
     threads = torch.get_num_threads()
