@@ -73,28 +73,23 @@ class Recorder:
         place = "first" if len(path) == 1 else "later"
         if src == "ngram":
             return (src, f"match {match_length(self._history, path)}", place)
-        return (
-            src,
-            f"score {min(int(score * 5), 4) / 5:.1f}-{min(int(score * 5), 4) / 5 + 0.2:.1f}",
-            place,
-        )
+        low = min(int(score * 5), 4) / 5
+        return (src, f"score {low:.1f}-{low + 0.2:.1f}", place)
 
     def observe(self, tree, topk) -> None:
         if len(tree) > 1:
             top = topk[0][:, 0].tolist()  # the model's top token after each node
-            paths = {0: ()}
-            for node in range(1, len(tree)):
+            paths, right = {0: ()}, {0: True}  # node -> its path; whether it is right
+            for node in range(1, len(tree)):  # parents come before their children
                 parent = tree.parents[node]
                 paths[node] = (*paths[parent], tree.tokens[node])
-                right_parent = all(
-                    top[tree.parents[a]] == tree.tokens[a] for a in tree.ancestors(parent)[:-1]
-                )
-                if not right_parent:
+                right[node] = right[parent] and top[parent] == tree.tokens[node]
+                if not right[parent]:
                     continue
                 score = self._proposal.get(paths[node], 0.0)
                 c = self.counts.setdefault(self.group(paths[node], score), [0, 0])
                 c[0] += 1
-                c[1] += int(top[parent] == tree.tokens[node])
+                c[1] += int(right[node])
         self.inner.observe(tree, topk)
 
 
