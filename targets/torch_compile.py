@@ -25,19 +25,22 @@ cannot prove) and attention is written out (SDPA's kernel choice guards strides 
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from arc import cpu as arc_cpu
 from arc.errors import EngineError, UnsupportedError
-from arc.ir import KV_DTYPES, Graph, Module
+from arc.ir import KV_DTYPES, Graph, Module, dumps
 from arc.lowering import lower
 from arc.ops import Op
 from arc.runtime.steps import Steps, ring_of
+from arc.targets import torch_jobs
 
 NAME = "torch"
 DEVICES = ("cpu", "cuda")
@@ -81,26 +84,64 @@ def build(
         raise UnsupportedError(f"torch bind {bind!r}; choose from {', '.join(BINDS)}")
     info |= {"bind": bind, "static_slots": bool(options.get("static_slots", device == "cuda"))}
     workdir.mkdir(parents=True, exist_ok=True)
-    fns, _ = lower(module, weights, device, **_kernels(info))
-    artifacts = {}
-    with _cpu_build(device, options.get("cpu") or "native") as cpu_info:
-        for name, fn in fns.items():
-            path = workdir / f"{name}.pt2"
-            graph = module.functions[name]
-            if bind == "inputs":
-                names = [k for k, _ in fn.named_buffers()]
-                info.setdefault("inputs", {})[name] = names
-                fn = _WithBuffers(fn, names)
-            _aot_compile(fn, graph, module.kv.max_seq_len, device, path, info["static_slots"])
-            artifacts[f"{name}.pt2"] = path
-            if device == "cuda":
-                from arc.targets import aoti_probe
-
-                aoti_probe.check_loads(path, cached=False)  # before building the rest
+    job = {
+        "device": device,
+        "cpu": options.get("cpu") or "native",
+        "bind": bind,
+        "static_slots": info["static_slots"],
+        "kernels": _kernels(info),
+        "workdir": str(workdir),
+    }
+    with cpu_build(device, job["cpu"]) as cpu_info:
+        build_one, fns = builder(module, weights, job)
+        if bind == "inputs":
+            info["inputs"] = {name: [k for k, _ in fn.named_buffers()] for name, fn in fns.items()}
+        names = list(fns)
+        # CUDA: one by one, each package load-checked before the rest are built
+        jobs = 1 if device == "cuda" else torch_jobs.jobs_for(len(names), _nbytes(weights))
+        if jobs == 1:
+            for name in names:
+                build_one(name)
+        else:
+            with tempfile.TemporaryDirectory(prefix="jobs-", dir=workdir.parent) as tmp:
+                jobdir = Path(tmp)
+                (jobdir / "module.json").write_text(dumps(module))
+                save_file(
+                    {k: v.contiguous() for k, v in weights.items()},
+                    str(jobdir / "weights.safetensors"),
+                )
+                torch_jobs.build_all(names, build_one, jobdir, job, jobs)
+    artifacts = {f"{name}.pt2": workdir / f"{name}.pt2" for name in names}
     return info | cpu_info, artifacts
 
 
 BINDS = ("constants", "inputs")
+
+
+def builder(module: Module, weights: dict, job: dict[str, Any]):
+    """(build_one, lowered functions): `build_one(name)` AOT-compiles function `name` of
+    `module` into `job["workdir"]/name.pt2` (torch_jobs runs it in several processes)."""
+    device = job["device"]
+    fns, _ = lower(module, weights, device, **job["kernels"])
+
+    def build_one(name: str) -> None:
+        fn = fns[name]
+        if job["bind"] == "inputs":
+            fn = _WithBuffers(fn, [k for k, _ in fn.named_buffers()])
+        path = Path(job["workdir"]) / f"{name}.pt2"
+        _aot_compile(
+            fn, module.functions[name], module.kv.max_seq_len, device, path, job["static_slots"]
+        )
+        if device == "cuda":
+            from arc.targets import aoti_probe
+
+            aoti_probe.check_loads(path, cached=False)  # before building the rest
+
+    return build_one, fns
+
+
+def _nbytes(weights: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in weights.values())
 
 
 class _WithBuffers(torch.nn.Module):
@@ -120,7 +161,7 @@ class _WithBuffers(torch.nn.Module):
 
 
 @contextmanager
-def _cpu_build(device: str, cpu: str) -> Iterator[dict[str, Any]]:
+def cpu_build(device: str, cpu: str) -> Iterator[dict[str, Any]]:
     """Build CPU code for `--cpu cpu` (see arc.cpu), and yield what the manifest records of it:
     `cpu`, `march`, `cpu_flags` (the extensions the code may use), `cpu_name`.
 

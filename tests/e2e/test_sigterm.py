@@ -8,6 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
 
 
 def _wait_for(predicate, timeout: float) -> bool:
@@ -19,16 +22,34 @@ def _wait_for(predicate, timeout: float) -> bool:
     return False
 
 
-def test_sigterm_during_build_removes_the_build_dir(tmp_path):
+def _processes_naming(text: str) -> list[int]:
+    """Pids of the processes whose command line contains `text`."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and text.encode() in (d / "cmdline").read_bytes():
+                out.append(int(d.name))
+        except OSError:
+            pass  # gone meanwhile
+    return out
+
+
+@pytest.mark.parametrize("when", ["build", "jobs"])
+def test_sigterm_during_build_removes_the_build_dir(tmp_path, when):
+    """`jobs`: once the build's child processes (targets/torch_jobs.py) run; none outlives it."""
     tmp, out = tmp_path / "tmp", tmp_path / "x.arc"
     tmp.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp)}
+    env = {**os.environ, "TMPDIR": str(tmp), "ARC_BUILD_JOBS": "2"}
     cmd = [sys.executable, "-m", "arc.cli", "compile", "tiny-llama", "-o", str(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         started = _wait_for(lambda: list(tmp.glob("arc-build-*")), 180)
         assert started, proc.communicate(timeout=600)[1].decode()[-2000:]
-        time.sleep(1.0)  # inside the AOTInductor build (it takes ~20 s for a tiny model)
+        if when == "jobs":
+            assert _wait_for(lambda: _processes_naming(str(tmp)), 180)  # a child's jobdir
+            time.sleep(2.0)  # the child imports torch and starts building
+        else:
+            time.sleep(1.0)  # inside the AOTInductor build (it takes ~20 s for a tiny model)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -38,6 +59,7 @@ def test_sigterm_during_build_removes_the_build_dir(tmp_path):
     assert b"Traceback" not in err, err.decode()[-2000:]
     assert not list(tmp.glob("arc-build-*")) and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.arc")]
+    assert not _processes_naming(str(tmp))  # no build process left behind
 
 
 def test_sigterm_handler_is_restored_after_main(capsys):
