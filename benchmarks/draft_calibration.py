@@ -10,7 +10,8 @@ cold (Generator.forget). After each verify the model's top token after every tre
 known, so each drafted node whose parent is the model's own continuation is scored: right if
 its token is the model's top token after the parent (what greedy acceptance checks). Nodes
 are grouped by drafter and, for prompt lookup (`ngram`), by the length of the match that
-drafted them (1-4 tokens, recomputed from the history) and whether the node is the path's
+drafted them (recomputed from the history: 1-4 tokens, the drafter's classes, then how
+far back the copy runs, 5-7, 8-15, 16+) and whether the node is the path's
 first token or a later one; other drafters' nodes by their score, in fifths. The default
 prompts (calibration_prompts.json) are not the benchmark's (prompts.json), so scores fitted
 to this do not grade themselves on spec_speed.py.
@@ -25,19 +26,27 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def match_length(history: list[int], path: tuple[int, ...], max_n: int = 4) -> int | None:
+def match_length(history: list[int], path: tuple[int, ...], max_n: int = 64) -> int | None:
     """The longest n <= max_n such that the last n tokens of `history` occur earlier in it
-    followed by `path`: the match prompt lookup drafted `path` from (its best-scored one)."""
-    last, k = len(history) - 1, len(path)
-    for n in range(min(max_n, len(history)), 0, -1):
-        tail = history[-n:]
-        for end in range(n - 1, last):
-            if (
-                history[end - n + 1 : end + 1] == tail
-                and tuple(history[end + 1 : end + 1 + k]) == path
-            ):
-                return n
-    return None
+    followed by `path`: how long the copy is that prompt lookup drafted `path` from (its
+    index holds n-grams up to 4; the match runs on further back where the text repeats)."""
+    last, k, best = len(history) - 1, len(path), None
+    for end in range(last):
+        if tuple(history[end + 1 : end + 1 + k]) != path:
+            continue
+        n = 0
+        while n < max_n and n <= end and history[end - n] == history[last - n]:
+            n += 1
+        if n and (best is None or n > best):
+            best = n
+    return best
+
+
+def length_group(n: int | None) -> str:
+    """Match lengths in groups: 1, 2, 3, 4 (the drafter's own classes), then 5-7, 8-15, 16+."""
+    if n is None or n <= 4:
+        return f"match {n}"
+    return "match 5-7" if n < 8 else "match 8-15" if n < 16 else "match 16+"
 
 
 class Recorder:
@@ -72,7 +81,7 @@ class Recorder:
         src = sources.get(path, self.name)
         place = "first" if len(path) == 1 else "later"
         if src == "ngram":
-            return (src, f"match {match_length(self._history, path)}", place)
+            return (src, length_group(match_length(self._history, path)), place)
         low = min(int(score * 5), 4) / 5
         return (src, f"score {low:.1f}-{low + 0.2:.1f}", place)
 

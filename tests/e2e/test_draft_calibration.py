@@ -34,6 +34,16 @@ def test_match_length_is_the_longest_match_followed_by_the_path():
     assert match_length(h, (9, 7)) == 2
     assert match_length(h, (8,)) is None
     assert match_length([1, 2, 1, 2], (1,)) == 2  # [1, 2] then 1
+    copy = [*range(10), 99, *range(10)]  # the last 10 tokens repeat the first 10, then 99
+    assert match_length(copy, (99,)) == 10 and match_length(copy, (99,), max_n=4) == 4
+    group = load("draft_calibration").length_group
+    assert [group(n) for n in (None, 4, 5, 10, 16)] == [
+        "match None",
+        "match 4",
+        "match 5-7",
+        "match 8-15",
+        "match 16+",
+    ]
 
 
 def test_counts_are_true_for_right_and_wrong_drafts(tiny_engines):
