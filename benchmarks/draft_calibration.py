@@ -3,7 +3,7 @@ scores should match (they estimate the chance the model accepts a path, and the 
 loop sizes its tree by them, arc/runtime/speculative.py).
 
     python benchmarks/draft_calibration.py --engine ENGINE.arc [--prompts FILE.json]
-        [--new-tokens 128] [--threads 2]
+        [--new-tokens 128] [--threads 2] [--offline]
 
 The engine decodes every prompt greedily with its own speculative loop, each request drafting
 cold (Generator.forget). After each verify the model's top token after every tree node is
@@ -126,16 +126,51 @@ def run(engine: str, prompts: list[str], n: int, threads: int) -> dict[tuple, li
     return counts
 
 
+def offline(engine: str, prompts: list[str], n: int, threads: int) -> dict[tuple, list[int]]:
+    """Prompt lookup checked at every step, not only where the loop verified: each prompt is
+    decoded plainly (greedy), then at each step every path the `ngram` drafter proposes
+    (depth 7, 15 paths) is checked against what the model went on to generate. A node is
+    counted where its parent is right; groups as `run`'s. The loop's choices (which drafts it
+    verifies) cannot bias this, so this is what the drafter's scores are fitted to."""
+    import torch
+
+    from arc.runtime.drafters.ngram import NGram
+    from arc.runtime.load import load_engine
+
+    torch.set_num_threads(threads)
+    eng = load_engine(engine)
+    counts: dict[tuple, list[int]] = {}
+    with torch.inference_mode():
+        for p in prompts:
+            ids = eng.prompt_ids(p)
+            out = eng.generator.generate(ids, max_new_tokens=n, speculative=False).token_ids
+            drafter = NGram()
+            for t in range(len(out) - 1):
+                history, actual = ids + out[: t + 1], out[t + 1 :]
+                for path in drafter.propose(history, 7, 15):
+                    if tuple(actual[: len(path) - 1]) != path[:-1]:
+                        continue  # its parent is wrong: acceptance never reaches it
+                    place = "first" if len(path) == 1 else "later"
+                    key = ("ngram", length_group(match_length(history, path)), place)
+                    c = counts.setdefault(key, [0, 0])
+                    c[0] += 1
+                    c[1] += int(len(actual) >= len(path) and actual[len(path) - 1] == path[-1])
+    return counts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--engine", required=True)
     ap.add_argument("--prompts", default=str(HERE / "calibration_prompts.json"))
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--offline", action="store_true", help="prompt lookup at every step")
     a = ap.parse_args()
     prompts = [p["prompt"] for p in json.loads(Path(a.prompts).read_text())]
-    counts = run(a.engine, prompts, a.new_tokens, a.threads)
-    print(f"{a.engine}: {len(prompts)} prompts, {a.new_tokens} new tokens, cold drafts")
+    how = offline if a.offline else run
+    counts = how(a.engine, prompts, a.new_tokens, a.threads)
+    kind = "prompt lookup at every step" if a.offline else "cold drafts"
+    print(f"{a.engine}: {len(prompts)} prompts, {a.new_tokens} new tokens, {kind}")
     print(f"{'drafter':10} {'group':16} {'token':6} {'nodes':>6} {'right':>6} {'share':>6}")
     for (src, group, place), (nodes, right) in sorted(counts.items()):
         print(f"{src:10} {group:16} {place:6} {nodes:6d} {right:6d} {right / nodes:6.2f}")

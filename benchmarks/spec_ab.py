@@ -6,7 +6,8 @@ prompt; arms and the plain run rotate order per prompt and rep.
     python benchmarks/spec_ab.py --engine ENGINE.arc --arm PRIOR_RATIO=1.0 --arm PRIOR_RATIO=0.6
         [--reps 4] [--new-tokens 128] [--threads 2] [--prompts FILE.json]
 
-An arm is NAME=VALUE[,NAME=VALUE...]. Prints per prompt each arm's median over reps of its
+An arm is NAME=VALUE[,NAME=VALUE...]; a dotted NAME is a module's under arc.runtime
+(`drafters.ngram.COPY_LENGTH=0`). Prints per prompt each arm's median over reps of its
 tok/s over the same rep's plain tok/s, and tokens per forward; then each arm's geomean, worst
 prompt and how many prompts fall below 0.95x. Settings that differ by a few percent cannot be
 told apart across separate runs on a shared machine (spec_speed.py's rounds move by ~10%);
@@ -25,17 +26,29 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def owner(name: str):
+    """(module, attribute) that a setting names: 'MARGIN' is arc.runtime.speculative's,
+    'drafters.ngram.COPY_LENGTH' arc.runtime.drafters.ngram's; None if there is none."""
+    import importlib
+
+    path, _, attr = name.rpartition(".")
+    try:
+        module = importlib.import_module(f"arc.runtime.{path or 'speculative'}")
+    except ImportError:
+        return None
+    return (module, attr) if hasattr(module, attr) else None
+
+
 def parse_arm(text: str) -> dict[str, float]:
     """'PRIOR_RATIO=0.6,MARGIN=0.1' -> {'PRIOR_RATIO': 0.6, 'MARGIN': 0.1}: names that the
-    speculative module defines, numeric values."""
-    from arc.runtime import speculative
-
+    speculative module defines (or, dotted, a module under arc.runtime), numeric values."""
     out = {}
     for part in text.split(","):
         name, sep, value = part.partition("=")
-        if not sep or not hasattr(speculative, name.strip()):
+        if not sep or owner(name.strip()) is None:
             raise SystemExit(
-                f"--arm {text!r}: {name!r} is not a setting of arc.runtime.speculative"
+                f"--arm {text!r}: {name!r} is not a setting of arc.runtime.speculative "
+                "(or, dotted, of a module under arc.runtime)"
             )
         out[name.strip()] = float(value)
     return out
@@ -46,11 +59,10 @@ def run(engine: str, prompts: list[str], arms: list[str], n: int, threads: int, 
     ...reps]}."""
     import torch
 
-    from arc.runtime import speculative
     from arc.runtime.load import load_engine
 
     settings = {a: parse_arm(a) for a in arms}
-    default = {k: getattr(speculative, k) for s in settings.values() for k in s}
+    default = {k: getattr(*owner(k)) for s in settings.values() for k in s}
     torch.set_num_threads(threads)
     eng = load_engine(engine)
     gen = eng.generator
@@ -68,7 +80,7 @@ def run(engine: str, prompts: list[str], arms: list[str], n: int, threads: int, 
                     for arm in order[k:] + order[:k]:
                         for name, value in settings.get(arm, default).items():
                             kind = type(default[name])
-                            setattr(speculative, name, kind(value))
+                            setattr(*owner(name), kind(value))
                         gen.forget()
                         res = gen.generate(ids, max_new_tokens=n, speculative=arm != "plain")
                         tps = (len(res.token_ids) - 1) / (res.decode_ms / 1e3)
@@ -81,7 +93,7 @@ def run(engine: str, prompts: list[str], arms: list[str], n: int, threads: int, 
                         )
     finally:
         for name, value in default.items():
-            setattr(speculative, name, value)
+            setattr(*owner(name), value)
     return out
 
 

@@ -29,3 +29,14 @@ def test_arms_apply_their_settings_and_restore_them(tiny_engines):
 def test_unknown_setting_is_refused():
     with pytest.raises(SystemExit, match="NOT_A_SETTING"):
         load("spec_ab").parse_arm("NOT_A_SETTING=1")
+
+
+def test_dotted_settings_name_a_module_under_the_runtime():
+    ab = load("spec_ab")
+    from arc.runtime.drafters import ngram
+
+    assert ab.parse_arm("drafters.ngram.COPY_LENGTH=0") == {"drafters.ngram.COPY_LENGTH": 0.0}
+    assert ab.owner("drafters.ngram.COPY_LENGTH") == (ngram, "COPY_LENGTH")
+    for bad in ("drafters.nope.X=1", "drafters.ngram.NOPE=1"):
+        with pytest.raises(SystemExit, match="not a setting"):
+            ab.parse_arm(bad)

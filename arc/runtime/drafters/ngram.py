@@ -1,7 +1,9 @@
 """`ngram`: prompt and history lookup (prompt lookup decoding, Saxena 2023; llama.cpp's n-gram
 cache). The last n tokens are looked up in everything before them; what followed each earlier
 occurrence is a drafted path. Several occurrences with different continuations become several
-branches. Longer matches are trusted more; nothing but the token history is read.
+branches. Longer matches are trusted more: a match is followed back past the index's 4 tokens
+while the text repeats, and a copy 32 tokens long goes on as the model does 0.97 of the time where
+a 1-token match does 0.11 (BY_LENGTH); nothing but the token history is read.
 """
 
 from __future__ import annotations
@@ -10,7 +12,32 @@ from collections import defaultdict
 
 from arc.runtime.tree import Tree
 
-# draft-side confidence by match length (1..4 tokens) and its decay per drafted token
+# the chance that the model's next token is the copy's, by how long the copy already runs: the
+# match (followed back past the 4-gram index while the text repeats) plus the drafted tokens
+# before this one, which are right if this one is reached at all. A path's score is the
+# product over its tokens. Fitted offline on the greedy output of the 32 calibration prompts
+# (benchmarks/calibration_prompts.json, not the benchmark's), 256 tokens each, every step's
+# proposals checked against the model's own continuation (`benchmarks/draft_calibration.py
+# --offline`, 2026-12-05): a path's first token and its later ones are right equally often at
+# equal length (length 2: 0.27 / 0.31, 4: 0.61 / 0.62, 8-11: 0.75 / 0.75, 32+: 0.99 / 0.97),
+# so one table serves both; rounded to be monotone.
+BY_LENGTH = (
+    (32, 0.97),
+    (16, 0.87),
+    (8, 0.82),
+    (5, 0.68),
+    (4, 0.61),
+    (3, 0.40),
+    (2, 0.29),
+    (1, 0.11),
+)
+MAX_LENGTH = BY_LENGTH[0][0]  # how far back a match is followed
+# COPY_LENGTH = 0 scores as before BY_LENGTH (benchmarks/spec_ab.py can A/B the two): by the
+# n-gram's length only, x DECAY per later token, which overrated short matches ~2x. BY_LENGTH
+# against those, -O2 tvm, 10 benchmark prompts x 5 paired with plain in one process, cold
+# (2026-12-05, Intel Xeon), three runs: geomean 1.193 vs 1.187x, 1.189 vs 1.179x, and (prior
+# 0.8) 1.189 vs 1.157x; code-edit 1 1.46-1.52 -> 1.71-1.75x, summarize 2 1.36-1.54 -> 1.26-1.31x
+COPY_LENGTH = 1
 MATCH_SCORE = {1: 0.25, 2: 0.45, 3: 0.6, 4: 0.7}
 DECAY = 0.92
 MAX_MATCHES = 6  # most recent occurrences per n-gram that become branches
@@ -42,15 +69,32 @@ class NGram:
         for n in range(min(self.max_n, len(history)), 0, -1):
             ends = [e for e in self._index.get(tuple(history[-n:]), ()) if e < last]
             for end in reversed(ends[-MAX_MATCHES:]):  # most recent first
-                score = MATCH_SCORE[n]
+                length = _copy_length(history, end, n)
+                copy, gram = 1.0, MATCH_SCORE[n] / DECAY
                 cont = history[end + 1 : end + 1 + depth]
                 for d in range(1, len(cont) + 1):
+                    copy *= _right(length + d - 1)
+                    gram *= DECAY
+                    score = copy if COPY_LENGTH else gram
                     path = tuple(cont[:d])
                     out[path] = max(out.get(path, 0.0), score)
-                    score *= DECAY
             if len(out) >= budget:
                 break
         return out
 
     def observe(self, tree: Tree, topk) -> None:
         pass  # the history is all it reads
+
+
+def _copy_length(history: list[int], end: int, n: int) -> int:
+    """How far back the text before `end` (inclusive) repeats the history's end, given that
+    the last `n` tokens do (at most MAX_LENGTH)."""
+    last = len(history) - 1
+    while n < MAX_LENGTH and n <= end and history[end - n] == history[last - n]:
+        n += 1
+    return n
+
+
+def _right(length: int) -> float:
+    """The chance the next token is the copy's, after a copy of `length` tokens (BY_LENGTH)."""
+    return next(p for least, p in BY_LENGTH if length >= least)
