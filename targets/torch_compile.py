@@ -95,7 +95,7 @@ def build(
     with cpu_build(device, job["cpu"]) as cpu_info:
         build_one, fns = builder(module, weights, job)
         if bind == "inputs":
-            info["inputs"] = {name: [k for k, _ in fn.named_buffers()] for name, fn in fns.items()}
+            info["inputs"] = {name: _buffer_names(fn) for name, fn in fns.items()}
         names = list(fns)
         # CUDA: one by one, each package load-checked before the rest are built
         jobs = 1 if device == "cuda" else torch_jobs.jobs_for(len(names), _nbytes(weights))
@@ -127,7 +127,7 @@ def builder(module: Module, weights: dict, job: dict[str, Any]):
     def build_one(name: str) -> None:
         fn = fns[name]
         if job["bind"] == "inputs":
-            fn = _WithBuffers(fn, [k for k, _ in fn.named_buffers()])
+            fn = _WithBuffers(fn, _buffer_names(fn))
         path = Path(job["workdir"]) / f"{name}.pt2"
         _aot_compile(
             fn, module.functions[name], module.kv.max_seq_len, device, path, job["static_slots"]
@@ -138,6 +138,11 @@ def builder(module: Module, weights: dict, job: dict[str, Any]):
             aoti_probe.check_loads(path, cached=False)  # before building the rest
 
     return build_one, fns
+
+
+def _buffer_names(fn: torch.nn.Module) -> list[str]:
+    """The weight and KV tensors that bind=inputs appends to every call, in order."""
+    return [k for k, _ in fn.named_buffers()]
 
 
 def _nbytes(weights: dict) -> int:

@@ -81,8 +81,7 @@ def build_all(
         # what a child claimed and did not finish: built here (a child's failure costs time only)
         for name in names:
             if not (jobdir / f"{name}.done").exists():
-                build_one(name)
-                (jobdir / f"{name}.done").write_text(str(os.getpid()))
+                _build(name, build_one, jobdir)
     finally:
         for child in children:
             if child.poll() is None:
@@ -115,11 +114,9 @@ def _start(jobdir: Path) -> subprocess.Popen:
 
 
 def _wait(child: subprocess.Popen) -> None:
-    """Wait for `child` (in short sleeps: SIGINT and SIGTERM still reach the parent); a failed
-    child is one warning line on stderr, its last line of output, and no error."""
-    while child.poll() is None:
-        time.sleep(0.05)
-    if child.returncode != 0:
+    """Wait for `child` (SIGINT and SIGTERM still interrupt: their handlers' exceptions leave
+    the wait); a failed child is one warning line on stderr, its last line of output."""
+    if child.wait() != 0:
         lines = child.log.read_text(errors="replace").strip().splitlines() or ["no output"]
         print(
             f"arc: a build process exited with {child.returncode} ({lines[-1][:200]}); "
@@ -135,8 +132,13 @@ def _claim_and_build(names: list[str], build_one: Callable[[str], None], jobdir:
         except FileExistsError:
             continue  # another process has it
         os.close(fd)
-        build_one(name)
-        (jobdir / f"{name}.done").write_text(str(os.getpid()))
+        _build(name, build_one, jobdir)
+
+
+def _build(name: str, build_one: Callable[[str], None], jobdir: Path) -> None:
+    """Build `name` and mark it done, by this process."""
+    build_one(name)
+    (jobdir / f"{name}.done").write_text(str(os.getpid()))
 
 
 def _watch_parent(parent: int) -> None:

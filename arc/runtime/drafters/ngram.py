@@ -70,12 +70,11 @@ class NGram:
             ends = [e for e in self._index.get(tuple(history[-n:]), ()) if e < last]
             for end in reversed(ends[-MAX_MATCHES:]):  # most recent first
                 length = _copy_length(history, end, n)
-                copy, gram = 1.0, MATCH_SCORE[n] / DECAY
+                copy = 1.0  # the chance the path so far is right
                 cont = history[end + 1 : end + 1 + depth]
                 for d in range(1, len(cont) + 1):
                     copy *= _right(length + d - 1)
-                    gram *= DECAY
-                    score = copy if COPY_LENGTH else gram
+                    score = copy if COPY_LENGTH else MATCH_SCORE[n] * DECAY ** (d - 1)
                     path = tuple(cont[:d])
                     out[path] = max(out.get(path, 0.0), score)
             if len(out) >= budget:
