@@ -1,12 +1,19 @@
-"""Shared fixtures. Tiny models are built once per run into a session cache (ARC_CACHE);
-smollm2-135m is converted once and kept in the user's cache (it is slow to convert)."""
+"""Shared fixtures. The tiny engines are built once per run (once across pytest-xdist's
+workers: `built_once`); smollm2-135m is converted once and kept in the user's cache (it is slow
+to convert; the cache's entries are published atomically, so workers may share it)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: no hub calls
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist's workers (scripts/test.sh: one per core) share the cores: one thread each,
+    # here and in the `arc` processes tests start (before torch is imported), else two
+    # workers' OpenMP pools, spinning while they wait, fight over the same cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -83,6 +90,28 @@ def engine_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("engines")
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """Directory `name`, filled by `build(directory)` once per test run.
+
+    Under pytest-xdist each worker is its own process with its own session fixtures; the
+    workers' base temp directories share a parent, where the first worker to take the lock
+    builds and the others wait and reuse it. A build that raised leaves no `.done`, so the
+    next worker tries again (and fails the same way, visibly)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out = root / name
+    with FileLock(f"{out}.lock"):
+        if not (out / ".done").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            build(out)
+            (out / ".done").write_text("ok")
+    return out
+
+
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -101,18 +130,20 @@ def _hf_greedy_no_eos(model, prompt_ids: list[int], n: int) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def tiny_engines(engine_dir):
+def tiny_engines(tmp_path_factory):
     """ref -> an -O2 AOTInductor engine (256 slots) per tiny family, compiled once per run."""
     from tests.e2e.cli import arc_json
 
-    engines = {}
-    for ref in TINY:
-        out = engine_dir / f"{ref}-O2.arc"
-        summary = arc_json("compile", ref, "-O2", "--max-seq-len", "256", "-o", str(out))
-        assert summary["target"] == "torch" and summary["device"] == "cpu"
-        assert [p["name"] for p in summary["passes"]] == ["kv-fusion", "weight-format", "spec-tree"]
-        engines[ref] = out
-    return engines
+    def build(directory: Path) -> None:
+        for ref in TINY:
+            out = directory / f"{ref}-O2.arc"
+            summary = arc_json("compile", ref, "-O2", "--max-seq-len", "256", "-o", str(out))
+            assert summary["target"] == "torch" and summary["device"] == "cpu"
+            passes = [p["name"] for p in summary["passes"]]
+            assert passes == ["kv-fusion", "weight-format", "spec-tree"]
+
+    directory = built_once(tmp_path_factory, "tiny-engines", build)
+    return {ref: directory / f"{ref}-O2.arc" for ref in TINY}
 
 
 def pytest_terminal_summary(terminalreporter):
