@@ -1,0 +1,94 @@
+"""Shadow calibration (arc/runtime/speculative.py, _Shadow): a draft that loses to a plain step
+is checked against the tokens that follow, and what its tree would have accepted calibrates
+the loop as a verify would, so the loop needs no probe verifies to notice drafts improving."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arc.runtime import speculative
+from arc.runtime.speculative import _Shadow
+from tests.runtime.test_speculative import REPEAT, _gen
+
+
+def test_shadow_counts_what_the_tree_would_have_accepted():
+    tree = [((5,), 0.5), ((5, 6), 0.4), ((7,), 0.2)]
+    start = 3  # paths follow history[:3]
+    told = {  # tokens after start -> accepted drafted tokens (None: not told yet)
+        (): None,
+        (5,): None,  # (5, 6) may follow
+        (5, 6): 2,
+        (5, 9): 1,
+        (7,): 1,  # a leaf: nothing longer to wait for
+        (8,): 0,
+    }
+    for after, want in told.items():
+        assert _Shadow(tree, {}, start).accepted([1, 2, 3, *after]) == want, after
+
+
+class _Fixed:
+    """Drafts `path` after every token with `score`, whatever the history."""
+
+    name = "fixed"
+
+    def __init__(self, path, score):
+        self.path, self.score = tuple(path), score
+
+    def propose(self, history, depth, budget):
+        return {self.path[: i + 1]: self.score for i in range(len(self.path))}
+
+    def observe(self, tree, topk):
+        pass
+
+
+class _Oracle(_Fixed):
+    """Drafts the true continuation (known from a plain run), scored far too low."""
+
+    def __init__(self, ids, score):
+        super().__init__((), score)
+        self.ids = ids
+
+    def propose(self, history, depth, budget):
+        n = len(history)
+        self.path = tuple(self.ids[n : n + depth])
+        return super().propose(history, depth, budget)
+
+
+def _run(gen, ids, drafter, shadow, monkeypatch, n=120):
+    monkeypatch.setattr(speculative, "SHADOW", shadow)
+    gen._drafter = drafter
+    with torch.inference_mode():
+        return gen.generate(ids, max_new_tokens=n, ignore_eos=True)
+
+
+@pytest.fixture
+def tiny(traced):
+    gen, tok = _gen(traced, "tiny-llama", "kv-fusion,spec-tree{budget=7,depth=4}")
+    ids = tok.encode(REPEAT)
+    with torch.inference_mode():
+        plain = gen.generate(ids, max_new_tokens=120, ignore_eos=True, speculative=False)
+    return gen, ids, plain
+
+
+def test_drafts_that_fail_cost_no_probe_verifies(tiny, monkeypatch):
+    """A drafter that is always wrong: probes verify it again and again; in the shadow its
+    failures are seen without a verify."""
+    gen, ids, plain = tiny
+    never = max(plain.token_ids) + 1  # a token the model does not produce here
+    probed = _run(gen, ids, _Fixed([never, never], 0.9), 0, monkeypatch)
+    shadowed = _run(gen, ids, _Fixed([never, never], 0.9), 1, monkeypatch)
+    assert probed.token_ids == shadowed.token_ids == plain.token_ids
+    assert probed.verify_passes >= 4  # probes every 8, 16, 32, 64 plain steps
+    assert shadowed.verify_passes <= 1  # at most the first, at the prior's face value
+
+
+def test_underrated_drafts_are_found_without_probes(tiny, monkeypatch):
+    """A drafter that is always right but scores its drafts at 0.02: a plain step beats
+    them at face value; the shadow sees them accepted, the calibration rises, and the loop
+    verifies them (most steps then yield several tokens)."""
+    gen, ids, plain = tiny
+    ids_all = list(ids) + plain.token_ids
+    got = _run(gen, ids, _Oracle(ids_all, 0.02), 1, monkeypatch)
+    assert got.token_ids == plain.token_ids
+    assert got.accepted_per_step > 3.0  # 3.7 here; with probes instead (SHADOW=0) 1.8
