@@ -67,8 +67,9 @@ class NGram:
         out: dict[tuple[int, ...], float] = {}
         last = len(history) - 1
         for n in range(min(self.max_n, len(history)), 0, -1):
-            ends = [e for e in self._index.get(tuple(history[-n:]), ()) if e < last]
-            for end in reversed(ends[-MAX_MATCHES:]):  # most recent first
+            found = self._index.get(tuple(history[-n:]), ())  # ascending: the tail is enough
+            ends = [e for e in found[-MAX_MATCHES - 1 :] if e < last][-MAX_MATCHES:]
+            for end in reversed(ends):  # most recent first
                 length = _copy_length(history, end, n)
                 copy = 1.0  # the chance the path so far is right
                 cont = history[end + 1 : end + 1 + depth]
