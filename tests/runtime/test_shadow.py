@@ -57,6 +57,9 @@ class _Oracle(_Fixed):
 
 def _run(gen, ids, drafter, shadow, monkeypatch, n=120):
     monkeypatch.setattr(speculative, "SHADOW", shadow)
+    # step costs from a fixed model, not this machine's timings: the loop's choices repeat
+    cost = lambda self, size: 1.0 + 0.15 * (size - 1)  # noqa: E731
+    monkeypatch.setattr(speculative.SpeculativeLoop, "_time", cost)
     gen._drafter = drafter
     with torch.inference_mode():
         return gen.generate(ids, max_new_tokens=n, ignore_eos=True)
@@ -79,7 +82,7 @@ def test_drafts_that_fail_cost_no_probe_verifies(tiny, monkeypatch):
     probed = _run(gen, ids, _Fixed([never, never], 0.9), 0, monkeypatch)
     shadowed = _run(gen, ids, _Fixed([never, never], 0.9), 1, monkeypatch)
     assert probed.token_ids == shadowed.token_ids == plain.token_ids
-    assert probed.verify_passes >= 4  # probes every 8, 16, 32, 64 plain steps
+    assert probed.verify_passes >= 3  # probes after 8, 16, 32, 64 plain steps (4 here)
     assert shadowed.verify_passes <= 1  # at most the first, at the prior's face value
 
 
@@ -91,4 +94,4 @@ def test_underrated_drafts_are_found_without_probes(tiny, monkeypatch):
     ids_all = list(ids) + plain.token_ids
     got = _run(gen, ids, _Oracle(ids_all, 0.02), 1, monkeypatch)
     assert got.token_ids == plain.token_ids
-    assert got.accepted_per_step > 3.0  # 3.7 here; with probes instead (SHADOW=0) 1.8
+    assert got.accepted_per_step > 2.5  # 3.3 here; with probes instead (SHADOW=0) 1.7
