@@ -44,7 +44,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,18 +304,21 @@ def _spawn(s: System, job: dict, stem: Path) -> dict:
     n = str(job["threads"])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     env |= {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "arc.bench", "--worker", str(job_file)],
-        stdout=subprocess.DEVNULL,  # libraries that print (llama.cpp) never reach --json
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,  # a terminal's Ctrl-C reaches the driver, which ends the worker
-    )
+    proc = None
     try:
+        with _signals_held():  # a Ctrl-C while the worker starts must still find `proc`
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "arc.bench", "--worker", str(job_file)],
+                stdout=subprocess.DEVNULL,  # libraries that print (llama.cpp) never reach --json
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                start_new_session=True,  # a terminal's Ctrl-C reaches the driver, which ends it
+            )
         _, err = proc.communicate()
     except BaseException:
-        _kill_group(proc)
+        if proc is not None:
+            _kill_group(proc)
         raise
     if proc.returncode == 2:
         lines = [ln for ln in err.splitlines() if ln.startswith("arc: error: ")]
@@ -321,6 +326,27 @@ def _spawn(s: System, job: dict, stem: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{s.name}: worker exited with {proc.returncode}:\n{err[-4000:]}")
     return json.loads(out.read_text())
+
+
+@contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM until the block is done, then deliver them. Starting a worker
+    is a window: a Ctrl-C raised inside Popen, after the fork, left the new worker running
+    with no handle to kill it (seen under load: the worker outlived `arc bench`)."""
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    main = threading.current_thread() is threading.main_thread()
+    if not main or any(signal.getsignal(k) is None for k in kinds):
+        yield  # handlers run in the main thread only; one set outside Python cannot be restored
+        return
+    held: list[int] = []
+    before = {k: signal.signal(k, lambda signum, frame: held.append(signum)) for k in kinds}
+    try:
+        yield
+    finally:
+        for k, handler in before.items():
+            signal.signal(k, handler)
+        for signum in held[:1]:  # raised here, as it would have been, with the handle kept
+            signal.raise_signal(signum)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

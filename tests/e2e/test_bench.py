@@ -237,3 +237,24 @@ def _worker_of(pid: int) -> int | None:
         if ppid == pid and b"--worker" in cmdline:
             return int(stat.parent.name)
     return None
+
+
+def test_ctrl_c_while_a_worker_starts_still_kills_it(tmp_path, monkeypatch):
+    """A Ctrl-C that lands inside Popen, after the fork, once left the new worker running with
+    no handle to kill it; now it is held until the handle exists, then raised."""
+    import arc.bench as bench
+
+    started = []
+    real = subprocess.Popen
+
+    def popen(cmd, **kw):  # the worker starts (a stand-in that would run a minute)...
+        proc = real(["sleep", "60"], **kw)
+        started.append(proc.pid)
+        signal.raise_signal(signal.SIGINT)  # ...and Ctrl-C comes before Popen returns
+        return proc
+
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    with pytest.raises(KeyboardInterrupt):
+        bench._spawn(System("x", "arc", "x.arc"), {"threads": 1}, tmp_path / "job")
+    assert started and not Path(f"/proc/{started[0]}").exists()  # killed and reaped
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
