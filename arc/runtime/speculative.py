@@ -29,7 +29,9 @@ wasted verify costs more than a missed one gains where drafts are poor). When pl
 win, the draft they beat is checked against the tokens they go on to produce (_Shadow): what
 its tree would have accepted calibrates as a verify's outcome does, so the estimates follow
 the request at no verify's cost (-O2 tvm, 10 benchmark prompts x 5-6 paired with plain in one
-process, cold, two runs: geomean 1.195x against 1.178x with probes, 2026-12-05 Intel Xeon).
+process, cold, two runs: geomean 1.195x against 1.178x with probes; each accepted token credited
+as soon as a plain step confirms it, not once the tree is decided: 1.212 / 1.218x against
+1.200 / 1.211x; 2026-12-05 Intel Xeon).
 An expensive drafter (`self`) rests while plain steps win; for it the smallest tree is still
 verified now and then (every 8 steps, doubling up to 64 while such probes find nothing), and
 it drafts only for those probes. The model's top successors after every node, which Token
@@ -103,6 +105,10 @@ class _Calibration:
         self.accepted = CALIB_DECAY * self.accepted + accepted
         self.predicted = CALIB_DECAY * self.predicted + predicted
 
+    def credit(self, accepted: float) -> None:
+        """Accepted tokens of the newest outcome, learned after it was added (_Shadow)."""
+        self.accepted += accepted
+
     @property
     def ratio(self) -> float:
         return (self.accepted + CALIB_PRIOR * PRIOR_RATIO) / (self.predicted + CALIB_PRIOR)
@@ -112,26 +118,30 @@ class _Shadow:
     """A draft that lost to a plain step, checked against the tokens that follow: what its
     tree would have accepted, had it been verified. The verify's evidence for calibration
     without the verify's cost (on chat prompts, probes that accepted nothing cost ~1.5% of the
-    decode: 4-5 verifies of 2-4 nodes per 128 tokens)."""
+    decode: 4-5 verifies of 2-4 nodes per 128 tokens). Its predicted tokens are counted when
+    it is drafted and each accepted token as soon as it is known, so a copy that the plain
+    steps confirm raises the calibration at the next step, not `depth` steps later."""
 
     def __init__(self, paths: list, sources: Mapping, start: int):
         self.paths = {p: score for p, score in paths}  # closed under prefixes
         self.sources = {p: sources.get(p) for p in self.paths}
         self.start = start  # the history's length when drafted: paths follow history[:start]
-        self.depth = max(map(len, self.paths))
+        self.matched = 0  # drafted tokens known to be accepted
 
-    def accepted(self, history: list[int]) -> int | None:
-        """How many drafted tokens the tree would have accepted, once `history` has told
-        (None until then): the longest path that the tokens after `start` begin with."""
-        after = history[self.start : self.start + self.depth]
-        k = 0
-        while k < len(after) and tuple(after[: k + 1]) in self.paths:
-            k += 1
-        if k < len(after):  # the next token left every path
-            return k
-        prefix = tuple(after)
-        grows = any(len(p) > k and p[:k] == prefix for p in self.paths)
-        return None if grows else k
+    def advance(self, history: list[int]) -> tuple[list[tuple[int, ...]], bool]:
+        """The paths newly known to be accepted (the tokens after `start` begin with them),
+        and whether the tree is decided (a token left every path, or no path goes on)."""
+        after = history[self.start :]
+        new = []
+        while self.matched < len(after):
+            path = tuple(after[: self.matched + 1])
+            if path not in self.paths:
+                return new, True
+            new.append(path)
+            self.matched += 1
+        prefix = tuple(after[: self.matched])
+        grows = any(len(p) > self.matched and p[: self.matched] == prefix for p in self.paths)
+        return new, not grows
 
 
 class SpecMemory:
@@ -213,10 +223,11 @@ class SpeculativeLoop:
             if size == 1:
                 if paths and self.shadowing and self.shadow is None and self.adaptive:
                     tree = paths[: self.alt - 1]  # what verifying instead would have verified
-                    self.shadow = _Shadow(tree, self.source, len(history))
+                    self._start_shadow(_Shadow(tree, self.source, len(history)))
                 new = [self._plain(history[-1], pos, sample, teach=not quiet)]
                 stats.plain_steps += 1
             else:
+                self.shadow = None  # the verify's own outcome calibrates from here
                 new = self._verify(history[-1], paths[: size - 1], size, pos, sample)
                 stats.verifies += 1
             self.dry = self.dry + 1 if len(new) == 1 else 0
@@ -227,7 +238,7 @@ class SpeculativeLoop:
                 if reason:
                     return reason, stats
             if self.shadow is not None:
-                self._resolve_shadow(history)
+                self._follow_shadow(history)
 
     def _quiet(self) -> bool:
         """A bare decode step, no drafting or teaching: after QUIET_AFTER steps in a row that
@@ -364,27 +375,31 @@ class SpeculativeLoop:
             self.probe_every = PROBE_EVERY
         return new
 
-    def _resolve_shadow(self, history: list[int]) -> None:
-        """Once the tokens after a shadowed draft tell what its tree would have accepted,
-        add that to the calibration as a verify's outcome would be."""
-        shadow = self.shadow
-        k = shadow.accepted(history)
-        if k is None:
-            return
-        self.shadow = None
-        self.calib.add(k, sum(shadow.paths.values()))
+    def _start_shadow(self, shadow: _Shadow) -> None:
+        """Count a shadowed tree's predicted tokens, as a verify of it would."""
+        self.shadow = shadow
+        self.calib.add(0, sum(shadow.paths.values()))
         if self.per_source:
-            got = history[shadow.start : shadow.start + k]
-            accepted = {tuple(got[: i + 1]) for i in range(k)}
             predicted: dict[str, float] = {}
-            hits: dict[str, int] = {}
             for p, score in shadow.paths.items():
                 src = shadow.sources[p]
                 if src is not None:
                     predicted[src] = predicted.get(src, 0.0) + score
-                    hits[src] = hits.get(src, 0) + (p in accepted)
             for src, pred in predicted.items():
-                self.by_source.setdefault(src, _Calibration()).add(hits[src], pred)
+                self.by_source.setdefault(src, _Calibration()).add(0, pred)
+
+    def _follow_shadow(self, history: list[int]) -> None:
+        """Credit each token the shadowed tree would have accepted, once the plain steps have
+        produced it; drop the tree once it is decided."""
+        shadow = self.shadow
+        accepted, done = shadow.advance(history)
+        for p in accepted:
+            self.calib.credit(1)
+            src = shadow.sources[p] if self.per_source else None
+            if src is not None:
+                self.by_source[src].credit(1)
+        if done:
+            self.shadow = None
 
     def _calib_of(self, path: tuple[int, ...]) -> float:
         """The calibration that scales `path`'s score: its drafter's, where the drafter says

@@ -15,16 +15,19 @@ from tests.runtime.test_speculative import REPEAT, _gen
 def test_shadow_counts_what_the_tree_would_have_accepted():
     tree = [((5,), 0.5), ((5, 6), 0.4), ((7,), 0.2)]
     start = 3  # paths follow history[:3]
-    told = {  # tokens after start -> accepted drafted tokens (None: not told yet)
-        (): None,
-        (5,): None,  # (5, 6) may follow
-        (5, 6): 2,
-        (5, 9): 1,
-        (7,): 1,  # a leaf: nothing longer to wait for
-        (8,): 0,
+    told = {  # tokens after start -> (paths known accepted, decided)
+        (): ([], False),
+        (5,): ([(5,)], False),  # (5, 6) may follow
+        (5, 6): ([(5,), (5, 6)], True),
+        (5, 9): ([(5,)], True),
+        (7,): ([(7,)], True),  # a leaf: nothing longer to wait for
+        (8,): ([], True),
     }
     for after, want in told.items():
-        assert _Shadow(tree, {}, start).accepted([1, 2, 3, *after]) == want, after
+        assert _Shadow(tree, {}, start).advance([1, 2, 3, *after]) == want, after
+    shadow = _Shadow(tree, {}, start)  # followed token by token: each path credited once
+    assert shadow.advance([1, 2, 3, 5]) == ([(5,)], False)
+    assert shadow.advance([1, 2, 3, 5, 6]) == ([(5, 6)], True)
 
 
 class _Fixed:
