@@ -380,12 +380,7 @@ class SpeculativeLoop:
         self.shadow = shadow
         self.calib.add(0, sum(shadow.paths.values()))
         if self.per_source:
-            predicted: dict[str, float] = {}
-            for p, score in shadow.paths.items():
-                src = shadow.sources[p]
-                if src is not None:
-                    predicted[src] = predicted.get(src, 0.0) + score
-            for src, pred in predicted.items():
+            for src, pred in _by_source(shadow.paths.items(), shadow.sources).items():
                 self.by_source.setdefault(src, _Calibration()).add(0, pred)
 
     def _follow_shadow(self, history: list[int]) -> None:
@@ -417,15 +412,10 @@ class SpeculativeLoop:
     def _calibrate_sources(self, tree: Tree, paths: list, accepted: list[int]) -> None:
         """Each drafter's predicted (its paths' scores in the tree) and accepted tokens (the
         accepted nodes whose path is its) for this verify."""
-        predicted: dict[str, float] = {}
-        got: dict[str, int] = {}
-        node_src: dict[int, str] = {}  # tree node -> its path's drafter
-        for p, score in paths:
-            src = self.source.get(p)
-            if src is not None:
-                predicted[src] = predicted.get(src, 0.0) + score
-                got[src] = 0
-                node_src[tree.add_path(p)] = src  # the tree holds p already: its node
+        predicted = _by_source(paths, self.source)
+        got = dict.fromkeys(predicted, 0)
+        # tree node -> its path's drafter (the tree holds each path already: add_path finds it)
+        node_src = {tree.add_path(p): self.source[p] for p, _ in paths if p in self.source}
         for node in accepted:
             if node in node_src:
                 got[node_src[node]] += 1
@@ -436,6 +426,16 @@ class SpeculativeLoop:
         """Hand the drafter the model's top successors after every node (Token Recycling)."""
         x = logits if sample.params.greedy else _filtered(logits.detach().cpu(), sample.params)
         self.drafter.observe(tree, top_successors(x, TOPK))
+
+
+def _by_source(paths, sources: Mapping) -> dict[str, float]:
+    """The summed scores of (path, score) pairs per drafter that `sources` names."""
+    out: dict[str, float] = {}
+    for p, score in paths:
+        src = sources.get(p)
+        if src is not None:
+            out[src] = out.get(src, 0.0) + score
+    return out
 
 
 def _between(points: Mapping[int, float], x: int) -> float | None:
