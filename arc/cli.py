@@ -115,6 +115,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.threads is not None and a.threads < 1:
         raise ArcError("--threads must be at least 1")
     sampling = SamplingParams(a.temperature, a.top_k, a.top_p, a.seed).validate()
+    trace = _trace_path(a.trace) if a.trace else None  # checked before the engine loads
     torch.set_num_threads(a.threads or torch.get_num_threads())
     eng = load_engine(a.engine, progress=sys.stderr.isatty() and not a.json)
     ids = eng.prompt_ids(a.prompt, chat=not a.no_chat_template, system=a.system)
@@ -127,7 +128,14 @@ def cmd_run(a: argparse.Namespace) -> int:
             stop=a.stop or (),
             ignore_eos=a.ignore_eos,
             on_text=stream,
+            trace=trace is not None,
         )
+    if trace is not None:
+        from arc.runtime.step_profile import write_trace
+
+        head = r.to_json()
+        head = {k: head[k] for k in _TRACE_HEAD} | {"engine": str(a.engine)}
+        write_trace(trace, head, r.trace or [])
     graphs = cuda_graph.stats(eng.generator.steps.functions)
     if a.json:
         extra = {} if graphs is None else {"cuda_graph_replays": graphs["replays"]}
@@ -143,7 +151,31 @@ def cmd_run(a: argparse.Namespace) -> int:
         f"{r.forward_passes} forwards ({r.verify_passes} tree verifies, "
         f"{r.accepted_per_step:.2f} tokens each); stop: {r.stop_reason}]"
     )
+    if r.verify_passes:
+        from arc.runtime.step_profile import describe
+
+        _stderr(f"[steps: {describe(r.steps)}]")
     return 0
+
+
+# the trace file's first line: the request's totals (then one line per decode step)
+_TRACE_HEAD = (
+    "prompt_ids", "token_ids", "stop_reason", "prefill_ms", "decode_ms", "tokens_per_s",
+    "forward_passes", "verify_passes", "accepted_per_step", "steps",
+)  # fmt: skip
+
+
+def _trace_path(text: str) -> Path:
+    """`--trace FILE`: a file in an existing directory (checked before decoding, so a bad
+    path costs no generation and leaves nothing behind)."""
+    path = Path(text)
+    if path.is_dir():
+        raise ArcError(f"--trace {text}: is a directory (give a file name)")
+    if not path.parent.is_dir():
+        raise ArcError(f"--trace {text}: no directory {str(path.parent)!r}")
+    if not os.access(path.parent, os.W_OK):
+        raise ArcError(f"--trace {text}: directory {str(path.parent)!r} is not writable")
+    return path
 
 
 # ---------------------------------------------------------------- eval
@@ -475,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stream", action="store_true", help="print tokens as they come")
     r.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument(
+        "--trace", metavar="FILE", help="write each decode step (size, tokens, ms) as JSON lines"
+    )
     r.set_defaults(fn=cmd_run)
 
     e = sub.add_parser("eval", help="measure what a pass pipeline costs in output quality")

@@ -4,7 +4,8 @@
 Both loops stop through one Stopper: on EOS (unless ignore_eos), on a stop string, at
 max_new_tokens, or when the cache is full, so a speculative run stops exactly where plain
 decoding would. Reports prefill ms, decode ms and tok/s, full-model forward passes, draft
-passes, and mean tokens per forward.
+passes, and mean tokens per forward, and profiles every decode step (arc/runtime/step_profile.py):
+per step size its steps, tokens and time, drafting, and accepted tokens per drafter.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from arc.errors import ArcError
 from arc.runtime import adaptive
 from arc.runtime.sampling import Sampler, SamplingParams
+from arc.runtime.step_profile import StepProfile
 from arc.runtime.steps import Steps
 from arc.runtime.topk import argmax_rows
 
@@ -36,9 +38,13 @@ class GenerationResult:
     draft_passes: int = 0  # forwards of the draft function (`self`; none for the lookups)
     verify_passes: int = 0  # tree verifies among forward_passes
     skipped_layers: list[int] = field(default_factory=list)  # adaptive layer-skip's choice
+    steps: dict = field(default_factory=dict)  # the decode steps' profile (StepProfile.summary)
+    trace: list[dict] | None = None  # one record per decode step, when asked for (trace=True)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        del out["trace"]  # per-step lines go to a file (arc run --trace), not the summary
+        return out
 
 
 class Generator:
@@ -103,8 +109,10 @@ class Generator:
         ignore_eos: bool = False,
         on_text: Callable[[str], None] | None = None,
         speculative: bool | None = None,
+        trace: bool = False,
     ) -> GenerationResult:
-        """Generate after `prompt_ids`; `speculative=False` forces the plain loop."""
+        """Generate after `prompt_ids`; `speculative=False` forces the plain loop; `trace`
+        keeps one record per decode step (GenerationResult.trace)."""
         stats = getattr(self.steps, "logit_stats", None)  # a target's argmax kernel (tvm)
         sample = Sampler(sampling, partial(argmax_rows, stats=stats) if stats else None)
         t0 = time.perf_counter()
@@ -115,6 +123,7 @@ class Generator:
         stopper = Stopper(self, out, text, max_new_tokens, ignore_eos)
         reason = stopper.check(out[-1])
         forwards = verifies = drafts = 0
+        profile = StepProfile(trace)
         if reason is None:
             spec = self.speculative if speculative is None else speculative and self.speculative
             if spec:
@@ -128,11 +137,11 @@ class Generator:
                     self._memory,
                 )
                 history = list(prompt_ids) + out
-                reason, stats = loop.run(history, len(prompt_ids), sample, stopper)
+                reason, stats = loop.run(history, len(prompt_ids), sample, stopper, profile)
                 forwards, verifies = stats.forward_passes, stats.verifies
                 drafts = stats.draft_passes
             else:
-                reason, forwards = self._plain(out, len(prompt_ids), sample, stopper)
+                reason, forwards = self._plain(out, len(prompt_ids), sample, stopper, profile)
         t2 = time.perf_counter()
         decode_s = t2 - t1
         produced = len(out) - 1  # tokens after the first, which prefill produced
@@ -149,6 +158,8 @@ class Generator:
             verify_passes=verifies,
             draft_passes=drafts,
             skipped_layers=list(skipped),
+            steps=profile.summary(decode_s),
+            trace=profile.lines,
         )
 
     def _prefill_choosing(self, prompt_ids: list[int]):
@@ -163,14 +174,19 @@ class Generator:
         self.steps.decode_fn = choice.function
         return logits, choice.skipped
 
-    def _plain(self, out: list[int], pos: int, sample: Sampler, stopper) -> tuple[str, int]:
+    def _plain(
+        self, out: list[int], pos: int, sample: Sampler, stopper, profile: StepProfile
+    ) -> tuple[str, int]:
         """One decode step per token; `pos` is where the newest token goes in the cache."""
         forwards = 0
+        clock = time.perf_counter
         while True:
             ring = getattr(self.steps, "ring", None)  # a ring cache (sink-window) never fills
             if pos >= self.steps.max_seq_len and not ring:
                 return "cache_full", forwards
+            t = clock()
             tok = sample(self.steps.decode(out[-1], pos))
+            profile.step(pos, 1, [tok], clock() - t)
             pos, forwards = pos + 1, forwards + 1
             reason = stopper(tok)
             if reason:

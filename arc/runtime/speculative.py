@@ -43,13 +43,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from arc.runtime.accept import accept_greedy, accept_sampled
 from arc.runtime.drafters import Drafter
 from arc.runtime.relaxed import accept_relaxed_greedy, accept_relaxed_sampled
 from arc.runtime.sampling import Sampler, _filtered
+from arc.runtime.step_profile import StepProfile
 from arc.runtime.steps import Steps
 from arc.runtime.topk import TOPK, argmax_and_successors, top_successors
 from arc.runtime.tree import Tree, best_first, build
@@ -80,6 +81,7 @@ class SpecStats:
     verifies: int = 0
     plain_steps: int = 0
     draft_passes: int = 0  # forwards of the layer-skipped draft function (`self`)
+    profile: StepProfile = field(default_factory=StepProfile)  # per step: size, yield, time
 
     @property
     def forward_passes(self) -> int:
@@ -192,15 +194,25 @@ class SpeculativeLoop:
         self.shadow: _Shadow | None = None
         self.alt = 1  # the best tree size when a plain step beat it (_choose)
         self.dry = 0  # steps in a row that yielded one token (plain, or nothing accepted)
+        self.step_s = self.draft_s = 0.0  # the last step's and drafting's seconds (profile)
+        self.accepted_by: dict[str, int] = {}  # the last verify's accepted tokens per drafter
         self.relaxed = None  # LANTERN's relaxed acceptance (lossy, opt-in): (latents, delta, sim)
         if options.get("accept") == "relaxed":
             self.relaxed = (steps.latents, float(options["delta"]), float(options["sim"]))
 
-    def run(self, history: list[int], pos: int, sample: Sampler, stopper) -> tuple[str, SpecStats]:
+    def run(
+        self,
+        history: list[int],
+        pos: int,
+        sample: Sampler,
+        stopper,
+        profile: StepProfile | None = None,
+    ) -> tuple[str, SpecStats]:
         """Decode after `history` (prompt + first token; the last one is not in the cache yet,
-        it goes to slot `pos`) until `stopper` says stop. Returns (stop reason, stats)."""
+        it goes to slot `pos`) until `stopper` says stop. Returns (stop reason, stats); each
+        step is recorded in `profile` (stats.profile)."""
         # the engine's first step is plain: it times a decode step (SpecMemory keeps it)
-        stats, first = SpecStats(), self.cost[1].value is None
+        stats, first = SpecStats(profile=profile or StepProfile()), self.cost[1].value is None
         drafted = getattr(self.drafter, "forwards", 0)
         try:
             return self._run(history, pos, sample, stopper, stats, first)
@@ -208,17 +220,19 @@ class SpeculativeLoop:
             stats.draft_passes = getattr(self.drafter, "forwards", 0) - drafted
 
     def _run(self, history, pos, sample, stopper, stats, first):
+        profile = stats.profile
         while True:
             room = self.steps.max_seq_len - pos
             if room <= 0:
                 return "cache_full", stats
             quiet = not first and self._quiet()
+            drafted = False
             if first:
                 paths = []
             elif quiet or self._rest():
                 paths, self.idle = [], self.idle + 1
             else:
-                paths = self._draft(history, pos)
+                paths, drafted = self._draft(history, pos), True
             size, first = self._choose(paths, room), False
             if size == 1:
                 if paths and self.shadowing and self.shadow is None and self.adaptive:
@@ -226,17 +240,34 @@ class SpeculativeLoop:
                     self._start_shadow(_Shadow(tree, self.source, len(history)))
                 new = [self._plain(history[-1], pos, sample, teach=not quiet)]
                 stats.plain_steps += 1
+                expected, accepted_by = None, None
             else:
                 self.shadow = None  # the verify's own outcome calibrates from here
-                new = self._verify(history[-1], paths[: size - 1], size, pos, sample)
+                tree = paths[: size - 1]
+                new = self._verify(history[-1], tree, size, pos, sample)
                 stats.verifies += 1
+                expected = 1.0 + sum(self.weights.get(p, 0.0) for p, _ in tree)
+                accepted_by = self.accepted_by
             self.dry = self.dry + 1 if len(new) == 1 else 0
+            start, reason = pos, None
             for tok in new:
                 history.append(tok)
                 pos += 1
                 reason = stopper(tok)
                 if reason:
-                    return reason, stats
+                    break
+            profile.step(
+                start,
+                size,
+                new[: pos - start],  # the tokens emitted: a stop may cut an accepted run
+                self.step_s,
+                draft_s=self.draft_s if drafted else None,
+                expected=expected,
+                accepted_by=accepted_by,
+                quiet=quiet,
+            )
+            if reason:
+                return reason, stats
             if self.shadow is not None:
                 self._follow_shadow(history)
 
@@ -263,7 +294,8 @@ class SpeculativeLoop:
             self.drafter.pos = pos  # a drafter that runs the model writes from this slot
         scored = self.drafter.propose(history, self.depth, self.budget)
         self.source = getattr(self.drafter, "sources", None) or {}
-        self.draft_cost.add(time.perf_counter() - t)
+        self.draft_s = time.perf_counter() - t
+        self.draft_cost.add(self.draft_s)
         self.weights = self._weights(scored)
         return [(p, scored[p]) for p in best_first(self.weights, self.budget)]
 
@@ -340,7 +372,8 @@ class SpeculativeLoop:
         else:
             out = sample(logits)
             self._teach(Tree(token), logits[None], sample)
-        self.cost[1].add(time.perf_counter() - t)
+        self.step_s = time.perf_counter() - t
+        self.cost[1].add(self.step_s)
         return out
 
     def _verify(self, root: int, paths: list, size: int, pos: int, sample: Sampler) -> list[int]:
@@ -368,9 +401,12 @@ class SpeculativeLoop:
             self.drafter.observe(tree, top)
         else:
             self._teach(tree, logits, sample)
-        self.cost[size].add(time.perf_counter() - t)
+        self.step_s = time.perf_counter() - t
+        self.cost[size].add(self.step_s)
         self.calib.add(len(path), sum(score for _, score in paths))
-        self._calibrate_sources(tree, paths, path)
+        got = self._calibrate_sources(tree, paths, path)
+        # accepted drafted tokens per drafter (one drafter: all of them are its own)
+        self.accepted_by = got if self.source else {self.drafter.name: len(path)} if path else {}
         if path:
             self.probe_every = PROBE_EVERY
         return new
@@ -409,9 +445,9 @@ class SpeculativeLoop:
         c = self.by_source.setdefault(src, _Calibration())
         return (c.accepted + CALIB_PRIOR * self.calib.ratio) / (c.predicted + CALIB_PRIOR)
 
-    def _calibrate_sources(self, tree: Tree, paths: list, accepted: list[int]) -> None:
+    def _calibrate_sources(self, tree: Tree, paths: list, accepted: list[int]) -> dict:
         """Each drafter's predicted (its paths' scores in the tree) and accepted tokens (the
-        accepted nodes whose path is its) for this verify."""
+        accepted nodes whose path is its) for this verify; returns the accepted per drafter."""
         predicted = _by_source(paths, self.source)
         got = dict.fromkeys(predicted, 0)
         # tree node -> its path's drafter (the tree holds each path already: add_path finds it)
@@ -421,6 +457,7 @@ class SpeculativeLoop:
                 got[node_src[node]] += 1
         for src, pred in predicted.items():
             self.by_source.setdefault(src, _Calibration()).add(got[src], pred)
+        return {src: n for src, n in got.items() if n}
 
     def _teach(self, tree, logits, sample: Sampler) -> None:
         """Hand the drafter the model's top successors after every node (Token Recycling)."""

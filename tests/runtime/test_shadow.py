@@ -58,14 +58,14 @@ class _Oracle(_Fixed):
         return super().propose(history, depth, budget)
 
 
-def _run(gen, ids, drafter, shadow, monkeypatch, n=120):
+def _run(gen, ids, drafter, shadow, monkeypatch, n=120, **kw):
     monkeypatch.setattr(speculative, "SHADOW", shadow)
     # step costs from a fixed model, not this machine's timings: the loop's choices repeat
     cost = lambda self, size: 1.0 + 0.15 * (size - 1)  # noqa: E731
     monkeypatch.setattr(speculative.SpeculativeLoop, "_time", cost)
     gen._drafter = drafter
     with torch.inference_mode():
-        return gen.generate(ids, max_new_tokens=n, ignore_eos=True)
+        return gen.generate(ids, max_new_tokens=n, ignore_eos=True, **kw)
 
 
 @pytest.fixture
