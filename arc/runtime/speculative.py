@@ -74,6 +74,14 @@ MARGIN = 0.05  # a tree must promise this much more tokens/s than a plain step t
 # calibrate on drafts not verified: a draft that loses to a plain step is checked against the
 # tokens the plain steps then produce (_Shadow), instead of probing it with a verify; 0: probes
 SHADOW = 1
+# a path's expected acceptance is at most this (0: uncapped): a calibration ratio above 1 (a
+# drafter that underrates itself: copies in code editing) made some paths "more than certain"
+# (weights up to ~3), which skewed which paths a tree holds; 0.97 is the best per-token rate
+# measured (prompt lookup's copies 32+ tokens long, drafters/ngram.py). spec_ab, -O2 tvm, 10
+# prompts paired with plain, cold, two runs (6 and 8 reps): geomean 1.234 / 1.233x against
+# 1.218 / 1.226x uncapped and 1.221 / 1.227x at 1.0; code-edit 2 3.06 -> 3.44 tokens per
+# forward (2026-12-05, Intel Xeon)
+WEIGHT_CAP = 0.97
 
 
 @dataclass
@@ -301,7 +309,8 @@ class SpeculativeLoop:
 
     def _weights(self, scored: Mapping[tuple[int, ...], float]) -> dict:
         """Each drafted path's expected acceptance: its score times its drafter's calibration,
-        at most its parent's (a path is accepted only after its parent). The tree takes the
+        at most WEIGHT_CAP and at most its parent's (a path is accepted only after its
+        parent). The tree takes the
         best paths by this, not by raw score: `auto`'s drafters score on different scales,
         and ranked raw, Token Recycling's confident-looking guesses took a small tree's
         nodes from prompt lookup's copies on copy prompts, where the copies are the ones
@@ -310,6 +319,8 @@ class SpeculativeLoop:
         out: dict[tuple[int, ...], float] = {}
         for p in sorted(scored, key=len):
             w = self._calib_of(p) * scored[p]
+            if WEIGHT_CAP:
+                w = min(w, WEIGHT_CAP)  # a chance: no path is more than certain
             parent = out.get(p[:-1])
             out[p] = w if parent is None else min(w, parent)
         return out

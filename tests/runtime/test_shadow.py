@@ -98,3 +98,15 @@ def test_underrated_drafts_are_found_without_probes(tiny, monkeypatch):
     got = _run(gen, ids, _Oracle(ids_all, 0.02), 1, monkeypatch)
     assert got.token_ids == plain.token_ids
     assert got.accepted_per_step > 2.5  # 3.3 here; with probes instead (SHADOW=0) 1.7
+
+
+def test_no_path_is_more_than_certain(tiny):
+    """Calibrated above 1 (a drafter that underrates itself), a path's expected acceptance
+    is still a chance: at most WEIGHT_CAP, and at most its parent's."""
+    gen, _, _ = tiny
+    loop = speculative.SpeculativeLoop(gen.steps, _Fixed([1], 0.5), gen.plan["options"])
+    loop.calib.add(12.0, 4.0)  # accepted 3x what was predicted
+    w = loop._weights({(1,): 0.9, (1, 2): 0.5, (3,): 0.2})
+    assert w[(1,)] == speculative.WEIGHT_CAP < 1
+    assert w[(1, 2)] == speculative.WEIGHT_CAP  # 0.5 x ~2.9, capped
+    assert 0.5 < w[(3,)] < speculative.WEIGHT_CAP  # the ratio still lifts a weak path
