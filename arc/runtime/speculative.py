@@ -82,6 +82,7 @@ SHADOW = 1
 # 1.218 / 1.226x uncapped and 1.221 / 1.227x at 1.0; code-edit 2 3.06 -> 3.44 tokens per
 # forward (2026-12-05, Intel Xeon)
 WEIGHT_CAP = 0.97
+DEPTH = 0  # A/B runs (benchmarks/spec_ab.py): the longest drafted path; 0: the plan's depth
 
 
 @dataclass
@@ -178,7 +179,7 @@ class SpeculativeLoop:
     ):
         self.steps, self.drafter = steps, drafter
         self.sizes = [b for b in steps.verify_sizes if b <= int(options["verify_tokens"])]
-        self.budget, self.depth = max(self.sizes) - 1, int(options["depth"])
+        self.budget, self.depth = max(self.sizes) - 1, int(DEPTH or options["depth"])
         self.adaptive = bool(options.get("adaptive", True))
         memory = memory or SpecMemory()
         for b in [1, *self.sizes]:

@@ -127,6 +127,7 @@ def test_moved_kv_equals_sequential_kv(traced):
     [
         ("spec-tree{budget=0}", "budget=0"),
         ("spec-tree{budget=4,depth=5}", "depth=5"),
+        ("spec-tree{depth=-1}", "depth=-1"),
         ("spec-tree{draft=magic}", "unknown drafter"),
         ("spec-tree{draft=self}", "draft=self needs a `draft` function"),
         ("spec-tree{shape=round}", "unknown tree shape"),
@@ -146,3 +147,12 @@ def test_tree_must_fit_cache_and_window(traced):
     _, mistral = traced("tiny-mistral")  # sliding window 24
     with pytest.raises(ArcError, match="sliding"):
         PassManager("spec-tree{budget=24,depth=4}").run(mistral)
+
+
+def test_depth_defaults_to_the_budget(traced):
+    """A tree may be one chain of the whole budget (a copy that runs on) unless depth says
+    otherwise; a small budget needs no depth of its own."""
+    _, m = traced("tiny-llama")
+    for spec, want in [("spec-tree", 7), ("spec-tree{budget=3}", 3), ("spec-tree{depth=2}", 2)]:
+        out, _ = PassManager(spec).run(m)
+        assert out.plan.options["depth"] == want, spec
