@@ -311,12 +311,11 @@ class SpeculativeLoop:
     def _weights(self, scored: Mapping[tuple[int, ...], float]) -> dict:
         """Each drafted path's expected acceptance: its score times its drafter's calibration,
         at most WEIGHT_CAP and at most its parent's (a path is accepted only after its
-        parent). The tree takes the
-        best paths by this, not by raw score: `auto`'s drafters score on different scales,
-        and ranked raw, Token Recycling's confident-looking guesses took a small tree's
-        nodes from prompt lookup's copies on copy prompts, where the copies are the ones
-        accepted (code-edit, every step a 4-node verify: 2.5 tokens per verify merged by raw
-        score, 3.2-3.4 from prompt lookup alone)."""
+        parent). The tree takes the best paths by this, not by raw score: `auto`'s drafters
+        score on different scales, and ranked raw, Token Recycling's confident-looking
+        guesses took a small tree's nodes from prompt lookup's copies on copy prompts, where
+        the copies are the ones accepted (code-edit, every step a 4-node verify: 2.5 tokens
+        per verify merged by raw score, 3.2-3.4 from prompt lookup alone)."""
         out: dict[tuple[int, ...], float] = {}
         for p in sorted(scored, key=len):
             w = self._calib_of(p) * scored[p]
@@ -417,8 +416,9 @@ class SpeculativeLoop:
         self.cost[size].add(self.step_s)
         self.calib.add(len(path), sum(score for _, score in paths))
         got = self._calibrate_sources(tree, paths, path)
-        # accepted drafted tokens per drafter (one drafter: all of them are its own)
-        self.accepted_by = got if self.source else {self.drafter.name: len(path)} if path else {}
+        if not self.source and path:  # one drafter: every accepted token is its own
+            got = {self.drafter.name: len(path)}
+        self.accepted_by = got  # accepted drafted tokens per drafter (the profile)
         if path:
             self.probe_every = PROBE_EVERY
         return new
