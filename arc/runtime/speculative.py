@@ -70,6 +70,13 @@ PRIOR_RATIO = 0.6
 # 0.971x) at an equal geomean (1.184 -> 1.191x, 1.187 -> 1.189x); one in 16 lost 1%. spec_ab,
 # -O2 tvm, 10 prompts x 5-6 paired, cold, with shadow calibration (2026-12-05, Intel Xeon)
 QUIET_AFTER, QUIET_EVERY = 8, 8
+# a quiet step drafts after all when the drafter's cheap hint (prompt lookup's best next-token
+# score) reaches this: a copy that starts mid-answer (code-write 1 copied 21 tokens of its own
+# earlier code while quiet, taking 9 plain steps). 0: quiet steps never draft. Replayed
+# (benchmarks/spec_sim.py, -O2, prompt lookup's SHAPE): 0.5 1.318x against 1.308x without
+# (benchmark prompts), 1.138 against 1.125x (calibration prompts); 0.6 1.310 / 1.141x, 0.75
+# 1.305 / 1.138x
+WAKE = 0.5
 MARGIN = 0.05  # a tree must promise this much more tokens/s than a plain step to be verified
 # calibrate on drafts not verified: a draft that loses to a plain step is checked against the
 # tokens the plain steps then produce (_Shadow), instead of probing it with a verify; 0: probes
@@ -234,7 +241,7 @@ class SpeculativeLoop:
             room = self.steps.max_seq_len - pos
             if room <= 0:
                 return "cache_full", stats
-            quiet = not first and self._quiet()
+            quiet = not first and self._quiet() and not self._woken(history)
             drafted = False
             if first:
                 paths = []
@@ -288,6 +295,11 @@ class SpeculativeLoop:
         request that drafts nothing (chat) pays for nothing."""
         dry = self.dry
         return self.adaptive and dry >= QUIET_AFTER and dry % QUIET_EVERY != 0
+
+    def _woken(self, history: list[int]) -> bool:
+        """Whether a quiet step drafts after all: the drafter's hint says a copy may start."""
+        hint = getattr(self.drafter, "hint", None)
+        return bool(WAKE) and hint is not None and hint(history) >= WAKE
 
     def _rest(self) -> bool:
         """Skip drafting this step: an expensive drafter (one that runs the model, `self`)

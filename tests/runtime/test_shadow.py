@@ -110,3 +110,40 @@ def test_no_path_is_more_than_certain(tiny):
     assert w[(1,)] == speculative.WEIGHT_CAP < 1
     assert w[(1, 2)] == speculative.WEIGHT_CAP  # 0.5 x ~2.9, capped
     assert 0.5 < w[(3,)] < speculative.WEIGHT_CAP  # the ratio still lifts a weak path
+
+
+class _Late(_Oracle):
+    """Drafts nothing until the history reaches `start` tokens, then the true continuation;
+    its hint (the next token's best score) says so from then on."""
+
+    def __init__(self, ids, start):
+        super().__init__(ids, 0.95)
+        self.start = start
+
+    def propose(self, history, depth, budget):
+        return super().propose(history, depth, budget) if len(history) >= self.start else {}
+
+    def hint(self, history):
+        return 0.95 if len(history) >= self.start else 0.0
+
+
+def test_a_quiet_request_wakes_when_a_copy_starts(tiny, monkeypatch):
+    """After QUIET_AFTER dry steps the loop stops drafting; a drafter's hint that a copy
+    starts wakes it at once (WAKE), where without WAKE it waits for the next drafting step."""
+    gen, ids, plain = tiny
+    ids_all = list(ids) + plain.token_ids
+
+    def step_at(res, start):  # the step whose history holds `start` tokens
+        return next(s for s in res.trace if s["pos"] == start - 1)
+
+    monkeypatch.setattr(speculative, "WAKE", 0)
+    for start in range(len(ids) + 40, len(ids) + 48):  # one a quiet step lands on
+        asleep = _run(gen, ids, _Late(ids_all, start), 1, monkeypatch, trace=True)
+        if step_at(asleep, start).get("quiet"):
+            break
+    assert step_at(asleep, start).get("quiet") and step_at(asleep, start)["nodes"] == 1
+    monkeypatch.setattr(speculative, "WAKE", 0.5)
+    woken = _run(gen, ids, _Late(ids_all, start), 1, monkeypatch, trace=True)
+    assert woken.token_ids == asleep.token_ids == plain.token_ids
+    assert step_at(woken, start)["nodes"] > 1 and not step_at(woken, start).get("quiet")
+    assert woken.forward_passes < asleep.forward_passes

@@ -39,6 +39,10 @@ class Merge:
                     out[path], self.sources[path] = score, d.name
         return out
 
+    def hint(self, history: list[int]) -> float:
+        """The best next-token score of the drafters that can tell it cheaply."""
+        return max((d.hint(history) for d in self.drafters if hasattr(d, "hint")), default=0.0)
+
     def observe(self, tree: Tree, topk) -> None:
         for d in self.drafters:
             d.observe(tree, topk)

@@ -27,8 +27,10 @@ K = 4  # successors kept per token
 # filled 8-node verifies on chat and instruction prompts that yielded 1-2 tokens. spec_ab,
 # -O2 tvm, 10 prompts paired with plain, cold, two runs: geomean 1.301 / 1.307x at 4 against
 # 1.269 / 1.292x unlimited (3: 1.297x, 2: 1.323x, one run each), instruction 2 0.955 ->
-# 0.997x and 0.962 -> 0.968x (2026-12-05, Intel Xeon)
-MAX_DEPTH = 4
+# 0.997x and 0.962 -> 0.968x (2026-12-05, Intel Xeon). 2 with prompt lookup's SHAPE and the
+# loop's WAKE (2026-12-06): replayed (benchmarks/spec_sim.py) 1.342 against 1.318x at 4
+# (benchmark prompts), 1.155 against 1.139x (calibration prompts); 1: 1.341 / 1.158x
+MAX_DEPTH = 2
 RANK_PRIOR = (0.6, 0.2, 0.1, 0.05)  # static trees: score of the r-th successor
 
 
