@@ -29,7 +29,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_COST = "1:5.4,2:7.2,4:8.9,8:13.3,16:21"  # ms; -O2 tvm loop traces, 2026-12-06 Xeon
+# ms per step of each size (1: a bare decode step, as plain decoding's) and, for a plain step
+# that also hands the drafters the model's top successors (Token Recycling's teaching), TEACH
+# more: -O2 tvm traces (`arc run --trace`), 2026-12-06, Intel Xeon: quiet steps 4.8-5.2 ms,
+# teaching ones 5.25-5.45, verifies of 2 / 4 / 8 nodes 7.2 / 8.9 / 13.3
+DEFAULT_COST = "1:5.1,2:7.2,4:8.9,8:13.3,16:21"
+TEACH = 0.25
 
 
 def record(engine: str, prompt_files: list[str], n: int, threads: int) -> list[dict]:
@@ -69,12 +74,17 @@ def record(engine: str, prompt_files: list[str], n: int, threads: int) -> list[d
 
 class _Stats:
     """Steps.logit_stats for replayed "logits": a row holds a node's key; the argmax and the
-    top successors are looked up."""
+    top successors are looked up. A plain step's teaching (a call on one row) costs TEACH."""
 
-    def __init__(self, table, k):
-        self.table, self.k = table, k
+    def __init__(self, table, k, clock):
+        self.table, self.k, self.clock = table, k, clock
 
     def __call__(self, rows):
+        if rows.numel() == 1:
+            self.clock.spend(TEACH)
+        return self.look(rows)
+
+    def look(self, rows):
         import torch
 
         best, toks, probs = [], [], []
@@ -95,7 +105,7 @@ class Replay:
         self.verify_sizes, self.max_seq_len = sizes, len(self.seq) + 64
         self.cost, self.clock = cost, clock
         self.table: list = []  # key -> (argmax, topk tokens, topk probs)
-        self.logit_stats = _Stats(self.table, k)
+        self.logit_stats = _Stats(self.table, k, clock)
         self.k = k
         self.functions = {}
         self.last_at: dict[int, int] = {}  # token -> its latest position on the path so far
@@ -181,7 +191,7 @@ def replay(rec: dict, options: dict, cost: dict[int, float], memory) -> tuple[fl
     S.time = clock
     try:
         loop = S.SpeculativeLoop(steps, drafter, dict(options), memory)
-        sample = Sampler(SamplingParams(), lambda rows: steps.logit_stats(rows)[0].tolist())
+        sample = Sampler(SamplingParams(), lambda rows: steps.logit_stats.look(rows)[0].tolist())
         produced = [out[0]]
 
         def stopper(tok):

@@ -102,9 +102,22 @@ class NGram:
         return out
 
     def hint(self, history: list[int]) -> float:
-        """The best score of a next token this drafter would draft now (cheap: the longest
-        matching n-gram only); a loop that has stopped drafting asks this to wake up."""
-        return max(self.propose(history, 1, 1).values(), default=0.0)
+        """The score of the next token this drafter would draft now from its longest match
+        of 2+ tokens (0.0 if none): cheap, for a loop that has stopped drafting to ask
+        whether a copy starts. 1-token matches are left out: they match almost every step
+        and score at most FIRST[1] (0.29), below any useful wake threshold."""
+        self._sync(history)
+        last = len(history) - 1
+        for n in range(min(self.max_n, len(history)), 1, -1):
+            found = self._index.get(tuple(history[-n:]), ())
+            end = next((e for e in reversed(found[-2:]) if e < last), None)
+            if end is None:
+                continue
+            length = _copy_length(history, end, n)
+            if not SHAPE:
+                return _right(length)
+            return _shaped(length, True, _ambiguous(history, found[-AMBIGUITY_SCAN - 1 :], last))
+        return 0.0
 
     def observe(self, tree: Tree, topk) -> None:
         pass  # the history is all it reads
