@@ -11,11 +11,21 @@ rebuilds everything, as before.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from arc.profile import SOURCES, source_digest  # arc profile's prefix cache keys on it too
 
 __all__ = ["SOURCES", "fresh", "mark", "source_digest"]
+
+# switches a build reads from the environment (kernels with or without AMX tiles or the 4-bit
+# table lookup, targets/tvm.py): an engine built under other values is not today's either
+BUILD_ENV = ("ARC_TVM_AMX", "ARC_TVM_LUT")
+
+
+def _key() -> str:
+    env = ",".join(f"{k}={os.environ[k]}" for k in BUILD_ENV if k in os.environ)
+    return source_digest() + (f" {env}" if env else "")
 
 
 def _stamp(engine: Path) -> Path:
@@ -25,9 +35,9 @@ def _stamp(engine: Path) -> Path:
 def fresh(engine: Path) -> bool:
     """The engine exists and was built by the current sources."""
     stamp = _stamp(engine)
-    return engine.exists() and stamp.exists() and stamp.read_text().strip() == source_digest()
+    return engine.exists() and stamp.exists() and stamp.read_text().strip() == _key()
 
 
 def mark(engine: Path) -> None:
     """Record that `engine` was just built by the current sources."""
-    _stamp(engine).write_text(source_digest() + "\n")
+    _stamp(engine).write_text(_key() + "\n")

@@ -81,15 +81,16 @@ def check_module(module: Module) -> None:
 
 
 def _relax_module(
-    module: Module, amx: bool = False, avx512: bool = True
+    module: Module, amx: bool = False, avx512: bool = True, lut: bool = False
 ) -> tuple[Any, dict[str, str], list[str]]:
     """(Relax IRModule, IR function -> Relax function, tensors of the params tuple), and
     `logits_stats` where the vocabulary splits into chunks (`_stats_chunk`). `avx512`: the
-    build's CPU has AVX-512's 32 vector registers (the panel kernels' token tiles fit them)."""
+    build's CPU has AVX-512's 32 vector registers (the panel kernels' token tiles fit them);
+    `lut`: and AVX-512 VBMI, so 4-bit codes become floats by table lookup (tvm_kernels)."""
     from arc.runtime.topk import TOPK
     from arc.targets.tvm_graph import Builder, graph_key
 
-    builder, functions, seen = Builder(module, amx, avx512), {}, {}
+    builder, functions, seen = Builder(module, amx, avx512, lut), {}, {}
     for name, graph in module.functions.items():
         key = graph_key(graph)
         if key not in seen:
@@ -135,7 +136,7 @@ def _target(cpu: str) -> tuple[Any, dict[str, Any]]:
     ARC_TVM_AMX=0 (to compare the two)."""
     import tvm
 
-    from arc.targets import tvm_amx
+    from arc.targets import tvm_amx, tvm_kernels
 
     march, flags = arc_cpu.build_target(cpu)
     mcpu = MCPU.get(march) or tvm.target.codegen.llvm_get_system_cpu()
@@ -143,7 +144,9 @@ def _target(cpu: str) -> tuple[Any, dict[str, Any]]:
     amx = march == "native" and tvm_amx.usable(flags) and os.environ.get("ARC_TVM_AMX") != "0"
     if amx:  # LLVM's name for this CPU (a VM's) may not say it has AMX
         spec["mattr"] = tvm_amx.MATTR
-    record = {"cpu": cpu, "march": mcpu, "cpu_flags": sorted(flags), "amx": amx}
+    # 4-bit codes to floats by vpermb + vpermps (tvm_kernels.panel_gemv), unless ARC_TVM_LUT=0
+    lut = tvm_kernels.LUT_FLAGS <= set(flags) and os.environ.get("ARC_TVM_LUT") != "0"
+    record = {"cpu": cpu, "march": mcpu, "cpu_flags": sorted(flags), "amx": amx, "lut": lut}
     return tvm.target.Target(spec), record | {"cpu_name": arc_cpu.host_name()}
 
 
@@ -161,7 +164,7 @@ def build(
     check_module(module)
     target, cpu_info = _target(options.get("cpu") or "native")
     avx512 = "avx512f" in cpu_info["cpu_flags"]
-    mod, functions, names = _relax_module(module, cpu_info["amx"], avx512)
+    mod, functions, names = _relax_module(module, cpu_info["amx"], avx512, cpu_info["lut"])
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / LIBRARY
     executable = tvm.compile(mod, target=target)

@@ -147,11 +147,12 @@ def _fewer_layers(graph: Graph) -> bool:
 class Builder:
     """One Relax IRModule for a Module's functions; kernels are shared between them."""
 
-    def __init__(self, module: Module, amx: bool = False, avx512: bool = True):
+    def __init__(self, module: Module, amx: bool = False, avx512: bool = True, lut: bool = False):
         from tvm import relax, tirx
 
         self.module = module
         self.amx = amx  # multi-token block projections on AMX tiles (targets/tvm_amx.py)
+        self.lut = lut and avx512  # 4-bit codes to floats by table lookup (panel_gemv)
         self.tiles = kernels.tile_plan(avx512)  # token tiles that fit the vector registers
         self.blocks = block_weights(module)
         self.panels = panel_weights(module, self.blocks)
@@ -343,9 +344,10 @@ def _linear(e: _Emit, n: Node, x):
     if w in e.b.panels:  # any T: the kernel picks its token tiling at run time
         kind, group, scale = e.b.panels[w]
         args = [x, *e.comps(w)] if kind != "f32" else [x, e.w(w)]
-        amx, tiles = e.b.amx, e.b.tiles
-        make = lambda: kernels.panel_gemv(kind, out, k, group, scale, amx, tiles)  # noqa: E731
+        amx, tiles, lut = e.b.amx, e.b.tiles, e.b.lut
+        make = lambda: kernels.panel_gemv(kind, out, k, group, scale, amx, tiles, lut)  # noqa: E731
         key = ("pgemv", kind, out, k, group, scale) + (("amx",) if amx else ())
+        key += ("lut",) if lut else ()
         key += () if tiles == kernels.TILES else ("avx2",)
         y = e.call(key, make, args, [[rows, out]])
     elif w in e.b.blocks:

@@ -36,6 +36,8 @@ from __future__ import annotations
 from arc.errors import UnsupportedError
 
 LANES = 16  # f32 lanes of one AVX-512 register (two AVX2 registers on x86-64-v3)
+# what panel_gemv's table lookup of 4-bit codes needs (vpermb: VBMI; vpermps on 16 lanes)
+LUT_FLAGS = frozenset({"avx512f", "avx512vbmi"})
 ROWS = 16  # output rows per parallel task
 STAT_PARTS = 16  # logits_stats: parallel shares of the vocabulary (even for 1, 2, 4, 8, 16 threads)
 
@@ -627,6 +629,7 @@ def panel_gemv(
     scale: str = "float32",
     amx: bool = False,
     tiles: tuple = TILES,
+    lut: bool = False,
 ):
     """PrimFunc y[T, N] = x[T, K] @ w[N, K].T over a panel-layout weight (`panel_specs`), for
     any T (decode, a verify tree, a prefill chunk).
@@ -656,6 +659,16 @@ def panel_gemv(
     row and token) this keeps weights in registers, reuses each for TB tokens, and writes P
     outputs with one store: the packed layout llama.cpp's repacked CPU kernels (Q4_0_8x8) and
     MLC's weight layouts use.
+
+    `lut` (affine4 on a CPU with AVX-512 VBMI, LUT_FLAGS): the codes become floats by table
+    lookup instead of masking, widening and converting each column (`nibble_lut`: one vpermb
+    per 8 columns, then a shift and a vpermps per column; LLVM had made the old path a GFNI
+    byte shift, a vpmovzxbd and a vcvtdq2ps per column, two of them on port 5). The products
+    and their order are unchanged, so the outputs are bit for bit the same (tested). Measured
+    on the 2-core Intel Xeon (2026-12-06): a step's QKV, gate/up and down projections x 30,
+    interleaved, T = 1 / 2 / 4 / 8: 0.82x / 0.89x / 0.93x / 0.97x the time; `arc bench`, 10
+    prompts x 128 tokens, own processes: -O1 287.6 against 267.0 tok/s (1.077x), -O2 329.8
+    against 309.2 (1.067x).
 
     `tiles`: the tile plans (`tile_plan`: AVX-512's or AVX2's register budget). `amx` (a kind
     in tvm_amx.KINDS, a CPU with AMX): T >= tvm_amx.MIN_TOKENS runs on AMX tiles instead
@@ -713,6 +726,37 @@ def panel_gemv(
                 nib = byte & tirx.const(15, "uint8") if h == 0 else byte >> tirx.const(4, "uint8")
                 return nib.astype("float32")
 
+            def nibble_lut(p, b, e, h):
+                """The 4-bit codes of slot e's nibble h of the panel's P rows as fp32 vectors
+                by table lookup, with no per-column widening or converting: the 64 bytes of
+                slots e0..e0+3 (e0 = e rounded down to 4) are gathered by one vpermb so that
+                lane i holds row i's 4 bytes (8 nibbles); vpermps then takes the low 4 bits
+                of each lane as an index into 0.0 .. 15.0 after shifting nibble 2(e - e0) + h
+                down (LLVM merges the repeated loads and vpermb of a group)."""
+                e0 = e - e % 4
+                raw = comps[0][p, b, e0, tirx.Ramp(0, 1, 4 * PANEL)]  # slots e0..e0+3 x P rows
+                # byte 4i + j of the result <- byte 16j + i: row i's byte of slot e0 + j
+                pick = tirx.Cast(
+                    "int8x64",
+                    tirx.Ramp(0, 1, 64) % 4 * 16 + tirx.Ramp(0, 1, 64) // 4,
+                )
+                rows = tirx.call_llvm_pure_intrin(
+                    "int8x64",
+                    "llvm.x86.avx512.permvar.qi.512",
+                    tirx.reinterpret("int8x64", raw),
+                    pick,
+                )
+                idx = tirx.reinterpret(f"int32x{PANEL}", rows)
+                shift = 4 * (2 * (e - e0) + h)
+                if shift:
+                    idx = idx >> tirx.Broadcast(tirx.const(shift, "int32"), PANEL)
+                table = tirx.Cast(f"float32x{PANEL}", tirx.Ramp(0, 1, PANEL))  # 0.0 .. 15.0
+                return tirx.call_llvm_pure_intrin(
+                    f"float32x{PANEL}", "llvm.x86.avx512.permvar.sf.512", table, idx
+                )
+
+            lut = lut and kind == "affine4" and PANEL == 16
+
             def token_tiles(p, acc, blk, wv, sx, tb: int, c: int):
                 with I.serial(0, tirx.floordiv(t_len + tb - 1, tb)) as t0:
                     for a in range(tb):
@@ -724,8 +768,11 @@ def panel_gemv(
                             with I.vectorized(0, PANEL) as i:
                                 I.buffer_store(blk, tirx.const(0.0, "float32"), [a * PANEL + i])
                         for j, (e, h, col) in enumerate(order):
-                            with I.vectorized(0, PANEL) as i:
-                                I.buffer_store(wv, code(p, b, e, h, i), [i])
+                            if lut:
+                                I.buffer_store(wv, nibble_lut(p, b, e, h), [tirx.Ramp(0, 1, PANEL)])
+                            else:
+                                with I.vectorized(0, PANEL) as i:
+                                    I.buffer_store(wv, code(p, b, e, h, i), [i])
                             for t in range(tb):
                                 a = (t * c + j % c) * PANEL
                                 row = tirx.min(t0 * tb + t, t_len - 1)  # a short last tile

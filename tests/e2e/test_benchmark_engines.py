@@ -35,3 +35,16 @@ def test_digest_covers_the_compiler_sources():
     digest = cache.source_digest()
     assert len(digest) == 64 and {"arc", "passes", "targets"} <= set(cache.SOURCES)
     assert all((ROOT / top).is_dir() for top in cache.SOURCES)
+
+
+def test_an_engine_built_under_other_build_switches_is_not_fresh(tmp_path, monkeypatch):
+    cache = _module()
+    engine = tmp_path / "model.arc"
+    engine.write_bytes(b"engine")
+    monkeypatch.delenv("ARC_TVM_LUT", raising=False)
+    cache.mark(engine)
+    assert cache.fresh(engine)
+    monkeypatch.setenv("ARC_TVM_LUT", "0")  # the same sources, kernels without the lookup
+    assert not cache.fresh(engine)
+    cache.mark(engine)
+    assert cache.fresh(engine)

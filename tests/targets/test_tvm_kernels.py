@@ -309,3 +309,41 @@ def test_kv_move_copies_accepted_rows_in_every_layer_and_skips_outside_slots():
     want.index_copy_(2, dst[:3], want.index_select(2, src[:3]))
     fn(*[tvm.runtime.from_dlpack(x) for x in (cache, src, dst)])
     assert torch.equal(cache, want)
+
+
+@pytest.mark.parametrize("scale", ["float32", "float16"])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8, 17])
+def test_table_lookup_of_4_bit_codes_is_bit_identical(scale, tokens):
+    """panel_gemv with `lut` (4-bit codes to floats by vpermb + vpermps) computes exactly what
+    the masking-and-converting loop computes, bit for bit, for every token tiling: the same
+    products in the same order, only the codes reach the registers another way."""
+    import torch
+    import tvm
+
+    from arc import cpu
+    from arc.targets import tvm_kernels
+    from arc.targets.tvm_kernels import to_panels
+
+    if not tvm_kernels.LUT_FLAGS <= cpu.host_flags():
+        pytest.skip(f"this CPU lacks {sorted(tvm_kernels.LUT_FLAGS)} (the lookup's vpermb)")
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    fns = {}
+    for lut in (False, True):
+        f = tvm_kernels.panel_gemv("affine4", N, K, G, scale, lut=lut)
+        f = f.with_attr("global_symbol", "main")
+        fns[lut] = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
+    rng = np.random.default_rng(100 + tokens)
+    comps, w = _weight("affine4", rng, scale)
+    x = rng.standard_normal((tokens, K)).astype("float32")
+    panels = [to_panels(torch.from_numpy(c)).numpy() for c in comps]
+    panels = [p.astype(scale) if p.dtype == np.float32 else p for p in panels]
+    out = {}
+    for lut, fn in fns.items():
+        args = [
+            tvm.runtime.tensor(a) for a in (x, *panels, np.full((tokens, N), np.nan, "float32"))
+        ]
+        fn(*args)
+        out[lut] = args[-1].numpy()
+    assert np.array_equal(out[True], out[False])
+    ref = x.astype("float64") @ w.T.astype("float64")
+    np.testing.assert_allclose(out[True], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
