@@ -50,6 +50,16 @@ def prefixes(spec: str) -> list[tuple[str, str | None]]:
     return out
 
 
+# switches a build reads from the environment (tvm kernels with or without AMX tiles or the
+# 4-bit table lookup, targets/tvm.py): engines built under other values are other engines
+BUILD_ENV = ("ARC_TVM_AMX", "ARC_TVM_LUT")
+
+
+def build_env() -> dict[str, str]:
+    """The BUILD_ENV switches set in this process."""
+    return {k: os.environ[k] for k in BUILD_ENV if k in os.environ}
+
+
 def source_digest() -> str:
     """Digest of arc's own .py sources: a change to the compiler rebuilds the prefixes."""
     root = Path(__file__).resolve().parents[1]
@@ -74,6 +84,7 @@ def engine_key(model: str, spec: str, settings: dict[str, Any]) -> str:
             "arc": arc.__version__,
             "torch": torch.__version__,
             "sources": source_digest(),
+            "build_env": build_env(),
         },  # fmt: skip
         sort_keys=True,
     )

@@ -11,20 +11,17 @@ rebuilds everything, as before.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from arc.profile import SOURCES, source_digest  # arc profile's prefix cache keys on it too
+from arc.profile import SOURCES, build_env, source_digest  # arc profile's prefix cache too
 
 __all__ = ["SOURCES", "fresh", "mark", "source_digest"]
 
-# switches a build reads from the environment (kernels with or without AMX tiles or the 4-bit
-# table lookup, targets/tvm.py): an engine built under other values is not today's either
-BUILD_ENV = ("ARC_TVM_AMX", "ARC_TVM_LUT")
-
 
 def _key() -> str:
-    env = ",".join(f"{k}={os.environ[k]}" for k in BUILD_ENV if k in os.environ)
+    """The sources' digest, and the build switches (arc.profile.BUILD_ENV) set now: an engine
+    built under other values of them is not today's either."""
+    env = ",".join(f"{k}={v}" for k, v in build_env().items())
     return source_digest() + (f" {env}" if env else "")
 
 

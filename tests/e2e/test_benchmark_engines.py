@@ -48,3 +48,12 @@ def test_an_engine_built_under_other_build_switches_is_not_fresh(tmp_path, monke
     assert not cache.fresh(engine)
     cache.mark(engine)
     assert cache.fresh(engine)
+
+
+def test_profile_prefix_engines_key_on_the_build_switches(monkeypatch):
+    from arc.profile import engine_key
+
+    monkeypatch.delenv("ARC_TVM_LUT", raising=False)
+    plain = engine_key("smollm2-135m", "kv-fusion", {"target": "tvm"})
+    monkeypatch.setenv("ARC_TVM_LUT", "0")
+    assert engine_key("smollm2-135m", "kv-fusion", {"target": "tvm"}) != plain
