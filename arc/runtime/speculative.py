@@ -90,6 +90,7 @@ SHADOW = 1
 # forward (2026-12-05, Intel Xeon)
 WEIGHT_CAP = 0.97
 DEPTH = 0  # A/B runs (benchmarks/spec_ab.py): the longest drafted path; 0: the plan's depth
+MAX_TREE = 0  # A/B runs: the largest tree verified (budget + 1); 0: the plan's verify_tokens
 
 
 @dataclass
@@ -185,8 +186,10 @@ class SpeculativeLoop:
         memory: SpecMemory | None = None,
     ):
         self.steps, self.drafter = steps, drafter
-        self.sizes = [b for b in steps.verify_sizes if b <= int(options["verify_tokens"])]
-        self.budget, self.depth = max(self.sizes) - 1, int(DEPTH or options["depth"])
+        top = min(int(options["verify_tokens"]), MAX_TREE or int(options["verify_tokens"]))
+        self.sizes = [b for b in steps.verify_sizes if b <= top] or [min(steps.verify_sizes)]
+        self.budget = max(self.sizes) - 1
+        self.depth = min(int(DEPTH or options["depth"]), self.budget)
         self.adaptive = bool(options.get("adaptive", True))
         memory = memory or SpecMemory()
         for b in [1, *self.sizes]:

@@ -40,8 +40,21 @@ def test_plan_records_measured_costs_and_choice(tuned):
     chosen = record["chosen"]
     assert opts["verify_tokens"] == chosen == max(opts["verify_sizes"])
     assert opts["budget"] == chosen - 1
-    best = max(rates.values())
-    assert rates[str(chosen)] == best or (chosen == 2 and rates["1"] == best)
+    from arc.tune import TIE, choose_cap
+
+    assert chosen == max(2, choose_cap({int(c): v for c, v in rates.items()}))
+    assert f"within {TIE:.0%} of the fastest" in record["why"]
+
+
+def test_the_smallest_cap_within_the_tie_wins():
+    from arc.tune import TIE, choose_cap
+
+    assert choose_cap({1: 218.0, 2: 272.3, 4: 332.5, 8: 330.4, 16: 337.2}) == 4
+    assert choose_cap({1: 200.0, 4: 250.0, 8: 300.0, 16: 250.0}) == 8
+    below = 300.0 * (1 - TIE) - 0.01
+    assert choose_cap({1: 100.0, 4: below, 8: 300.0}) == 8
+    assert choose_cap({1: 300.0, 2: 299.0}) == 1  # plain ties: the smallest tree (the loop
+    # can still decode plainly)
 
 
 def test_tuned_engine_decodes_like_o1(tuned):
