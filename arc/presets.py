@@ -19,8 +19,9 @@ PRESETS: dict[str, list[str]] = {
     # -O2: -O1 plus lossless speculative decoding: a drafted token tree verified in one
     # forward (training-free drafters: prompt lookup + Token Recycling), greedy-identical.
     "O2": ["kv-fusion", "weight-format", "spec-tree"],
-    # -O3: -O2 with trees up to 16 nodes, capped at compile time where tokens per second,
-    # measured on this device, peak (spec-tree's `tune`, arc/tune.py); --target auto also
+    # -O3: -O2 with trees up to 16 nodes, capped at compile time at the smallest cap within
+    # 2% of the best tokens per second measured on this device (spec-tree's `tune`,
+    # arc/tune.py); --target auto also
     # times every installed target and keeps the fastest.
     "O3": ["kv-fusion", "weight-format", "spec-tree{budget=15,tune=true}"],
 }

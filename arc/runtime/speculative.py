@@ -332,8 +332,13 @@ class SpeculativeLoop:
         the copies are the ones accepted (code-edit, every step a 4-node verify: 2.5 tokens
         per verify merged by raw score, 3.2-3.4 from prompt lookup alone)."""
         out: dict[tuple[int, ...], float] = {}
+        ratio: dict = {}  # drafter -> its calibration, the same for all its paths this step
         for p in sorted(scored, key=len):
-            w = self._calib_of(p) * scored[p]
+            src = self.source.get(p) if self.per_source else None
+            c = ratio.get(src)
+            if c is None:
+                c = ratio[src] = self._calib_of(p)
+            w = c * scored[p]
             if WEIGHT_CAP:
                 w = min(w, WEIGHT_CAP)  # a chance: no path is more than certain
             parent = out.get(p[:-1])

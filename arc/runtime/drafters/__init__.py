@@ -18,9 +18,13 @@ from arc.runtime.tree import Tree
 
 Scored = dict[tuple[int, ...], float]
 # whether `auto` merges the Jacobi drafter (A/B): it had no token accepted on the 10 benchmark
-# prompts (-O2 traces, 2026-12-06); without it, replayed 1.349 vs 1.342x and in spec_ab 1.326
-# vs 1.329x: no difference, so it stays
-AUTO_JACOBI = 1
+# prompts (-O2 traces, 2026-12-06), and its proposing and refining cost every drafting step
+# ~20-40 us (cold caches after a decode step). Without it: replayed 1.349 vs 1.342x (Intel
+# costs, benchmark prompts), 1.240 vs 1.220x (AMD costs), 1.125 / 1.091x vs 1.122 / 1.090x
+# (calibration prompts); spec_ab -O2 tvm, 10 prompts x 6 paired, cold: 1.326 vs 1.329x (Intel),
+# 1.190 vs 1.173x and 1.166 vs 1.161x (AMD EPYC, two runs). So `auto` leaves it out;
+# `draft=jacobi` still runs it alone
+AUTO_JACOBI = 0
 
 
 class Drafter(Protocol):
