@@ -147,3 +147,16 @@ def test_a_quiet_request_wakes_when_a_copy_starts(tiny, monkeypatch):
     assert woken.token_ids == asleep.token_ids == plain.token_ids
     assert step_at(woken, start)["nodes"] > 1 and not step_at(woken, start).get("quiet")
     assert woken.forward_passes < asleep.forward_passes
+
+
+def test_max_tree_caps_the_tree_for_ab_runs(tiny, monkeypatch):
+    """speculative.MAX_TREE (an A/B setting, benchmarks/spec_ab.py) caps the trees verified,
+    and the budget and depth with them; output stays plain decoding's."""
+    gen, ids, plain = tiny
+    monkeypatch.setattr(speculative, "MAX_TREE", 4)
+    loop = speculative.SpeculativeLoop(gen.steps, _Fixed([1], 0.5), gen.plan["options"])
+    assert (loop.sizes, loop.budget, loop.depth) == ([2, 4], 3, 3)
+    got = _run(gen, ids, _Oracle(list(ids) + plain.token_ids, 0.9), 1, monkeypatch, trace=True)
+    assert got.token_ids == plain.token_ids
+    nodes = {line["nodes"] for line in got.trace}
+    assert 4 in nodes and max(nodes) == 4  # an oracle's long drafts fill every tree allowed
