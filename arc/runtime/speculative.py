@@ -186,7 +186,8 @@ class SpeculativeLoop:
         memory: SpecMemory | None = None,
     ):
         self.steps, self.drafter = steps, drafter
-        top = min(int(options["verify_tokens"]), MAX_TREE or int(options["verify_tokens"]))
+        top = int(options["verify_tokens"])
+        top = min(top, MAX_TREE) if MAX_TREE else top
         self.sizes = [b for b in steps.verify_sizes if b <= top] or [min(steps.verify_sizes)]
         self.budget = max(self.sizes) - 1
         self.depth = min(int(DEPTH or options["depth"]), self.budget)
@@ -335,10 +336,9 @@ class SpeculativeLoop:
         ratio: dict = {}  # drafter -> its calibration, the same for all its paths this step
         for p in sorted(scored, key=len):
             src = self.source.get(p) if self.per_source else None
-            c = ratio.get(src)
-            if c is None:
-                c = ratio[src] = self._calib_of(p)
-            w = c * scored[p]
+            if src not in ratio:
+                ratio[src] = self._ratio_of(src)
+            w = ratio[src] * scored[p]
             if WEIGHT_CAP:
                 w = min(w, WEIGHT_CAP)  # a chance: no path is more than certain
             parent = out.get(p[:-1])
@@ -469,7 +469,10 @@ class SpeculativeLoop:
         which paths are whose (`auto`: prompt lookup's copies and Token Recycling's guesses err
         very differently, and one shared ratio held copies back after guesses failed), else the
         request's one ratio."""
-        src = self.source.get(path) if self.per_source else None
+        return self._ratio_of(self.source.get(path) if self.per_source else None)
+
+    def _ratio_of(self, src: str | None) -> float:
+        """Drafter `src`'s calibration (None: the request's one ratio)."""
         if src is None:
             return self.calib.ratio
         # shrunk toward the request's ratio: a drafter with little evidence yet follows it
