@@ -157,6 +157,9 @@ class Replay:
                 rows.append(self._row(*self._off(path[-1], prefix)))
         return torch.cat(rows)
 
+    def verify_tree(self, tree, prefix, size):
+        return self.verify(*tree.inputs(prefix, size))
+
     def move(self, src, dst):
         pass
 

@@ -354,15 +354,21 @@ class _Call(_CacheView):
         import tvm
 
         *feeds, cache = args
-        # fresh small copies: aligned, contiguous, bool as u8 (the kernels read u8 masks)
-        conv = [
-            t.to(torch.uint8)
-            if t.dtype == torch.bool
-            else t.clone(memory_format=torch.contiguous_format)
-            for t in feeds
-        ]
-        out = self.fn(*[tvm.runtime.from_dlpack(t) for t in conv], self._cache(cache), self.params)
+        out = self.fn(
+            *[tvm.runtime.from_dlpack(_feed(t)) for t in feeds], self._cache(cache), self.params
+        )
         return torch.from_dlpack(out[0]), None  # out[1]: the cache, written in place
+
+
+def _feed(t: torch.Tensor) -> torch.Tensor:
+    """An input as the kernels take it: contiguous and ALIGN-byte aligned (a copy only where
+    it is not, as a decode step's one-slot view of the positions), a bool mask as the same
+    bytes read as u8 (the kernels read u8 masks). Each copy is a torch call after a step,
+    whose caches it finds cold (~10 us); the runtime's own feed buffers (Steps.verify_tree,
+    Steps.step) and the slots read (a view from slot 0) need none."""
+    if not t.is_contiguous() or t.data_ptr() % ALIGN:
+        t = t.clone(memory_format=torch.contiguous_format)  # torch's allocator aligns to 64
+    return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
 class _Move(_CacheView):

@@ -410,7 +410,7 @@ class SpeculativeLoop:
     def _verify(self, root: int, paths: list, size: int, pos: int, sample: Sampler) -> list[int]:
         t = time.perf_counter()
         tree = build(root, [p for p, _ in paths])
-        logits = self.steps.verify(*tree.inputs(pos, size))[: len(tree)]  # [n, V]
+        logits = self.steps.verify_tree(tree, pos, size)[: len(tree)]  # [n, V]
         if self.relaxed is not None:
             path, new = (
                 accept_relaxed_greedy(tree, logits, *self.relaxed)

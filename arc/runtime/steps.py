@@ -51,10 +51,13 @@ class Steps:
         self.logit_stats = None
         self.bucket, self._reset, self._move = bucket, reset, move
         self._positions = torch.arange(max_seq_len, dtype=torch.long, device=device)
+        self._verify_feeds: dict[tuple[int, int], tuple] = {}  # (B, width) -> _tree_buffers
+        feed = torch.zeros(2, 8, dtype=torch.long)  # a decode step's token, position: rows
+        self._step_feed = (feed[0:1, :1], feed[1, :1], feed.numpy())  # 64 bytes apart
+        self._slot_views: dict[int, Tensor] = {}  # slots read -> the positions' view
 
     def _slots(self, end: int) -> Tensor:
-        length = min(-(-end // self.bucket) * self.bucket, self.max_seq_len)
-        return self._positions[:length]  # [L]
+        return self._positions[: self.mask_width(end)]  # [L]
 
     def prefill(self, tokens: list[int], start: int) -> Tensor:
         """Logits [vocab] after `tokens` written at positions start.. (one chunk)."""
@@ -83,12 +86,17 @@ class Steps:
         kpos = torch.where(slots < sink, slots, self.max_seq_len - 1 - age)  # [C]
         return self._positions[-1:], self._positions[write : write + 1], kpos
 
+    def mask_width(self, end: int) -> int:
+        """Slots a verify whose last node writes slot `end - 1` reads: its mask's width."""
+        return min(-(-end // self.bucket) * self.bucket, self.max_seq_len)
+
     def verify(self, tokens: list[int], pos: list[int], write: list[int], visible: Tensor):
         """Logits [B, vocab] for the B tree nodes `tokens` (see arc.runtime.tree.Tree.inputs).
 
-        `visible` is [B, end] over the slots up to the last one written; it is padded with
-        invisible slots to the step's bucket of slots read."""
-        length = self._slots(int(visible.shape[1])).shape[0]
+        `visible` is [B, end] over the slots up to the last one written, or already as wide
+        as the slots the step reads (`mask_width`); a narrower one is padded with invisible
+        slots to that width."""
+        length = self.mask_width(int(visible.shape[1]))
         if length > visible.shape[1]:
             pad = torch.zeros(visible.shape[0], length - visible.shape[1], dtype=torch.bool)
             visible = torch.cat([visible, pad], dim=1)  # [B, L]
@@ -100,6 +108,29 @@ class Steps:
             visible.to(dev),
         )
         return logits[0]
+
+    def verify_tree(self, tree, prefix: int, size: int) -> Tensor:
+        """`verify` of a Tree (arc.runtime.tree) of at most `size` nodes at cache length
+        `prefix`, its inputs written into buffers kept for each size (on the CPU): right after
+        a step the torch calls that build them afresh (tensors, the mask's cat and padding,
+        the copies a target makes of unaligned ones) find cold caches and cost ~0.2 ms, 5% of
+        a decode step; written through NumPy views they cost ~0.04 ms. Each input row starts
+        64-byte aligned, as TVM's kernels want, so no target copies them. The callee gets the
+        same tensors each call: it must not keep them past the call (CUDA graphs would: a
+        device other than the CPU takes `verify`)."""
+        if self.device != "cpu":
+            return self.verify(*tree.inputs(prefix, size))
+        tokens, pos, write, among = tree.feeds(prefix, size)
+        width = self.mask_width(prefix + size)
+        got = self._verify_feeds.get((size, width))
+        if got is None:
+            got = self._verify_feeds[size, width] = _tree_buffers(size, width)
+        ids, at, slots, visible, rows, grid = got
+        rows[0, :size], rows[1, :size], rows[2, :size] = tokens, pos, write
+        grid[:, :prefix] = 1  # every node sees the cache
+        grid[:, prefix : prefix + size] = among
+        grid[:, prefix + size :] = 0  # slots past the tree: read, never seen
+        return self.functions[f"verify_{size}"](ids, at, slots, visible)[0]
 
     def move(self, src: list[int], dst: list[int]) -> None:
         """Copy the K/V of cache slots `src` to slots `dst` (accepted tree nodes into place)."""
@@ -116,12 +147,22 @@ class Steps:
     def step(self, name: str, token: int, pos: int) -> Tensor:
         """Logits [vocab] of the decode-like function `name` (decode, draft, decode_skip<k>)
         after one token at `pos`."""
-        ids = torch.tensor([[token]], dtype=torch.long, device=self.device)  # [1, 1]
-        if self.ring:
-            feeds = self._ring_feeds(pos)
-        else:
-            feeds = (self._positions[pos : pos + 1], self._slots(pos + 1))
-        return self.functions[name](ids, *feeds)[0, -1]
+        if self.ring or self.device != "cpu":
+            ids = torch.tensor([[token]], dtype=torch.long, device=self.device)  # [1, 1]
+            if self.ring:
+                feeds = self._ring_feeds(pos)
+            else:
+                feeds = (self._positions[pos : pos + 1], self._slots(pos + 1))
+            return self.functions[name](ids, *feeds)[0, -1]
+        # the token and its position in a buffer kept for this (as verify_tree's): a fresh
+        # tensor, a one-slot view and its aligned copy cost ~40 us of a step's time
+        ids, at, rows = self._step_feed
+        rows[0, 0], rows[1, 0] = token, pos
+        length = self.mask_width(pos + 1)
+        slots = self._slot_views.get(length)
+        if slots is None:
+            slots = self._slot_views[length] = self._positions[:length]  # [L]
+        return self.functions[name](ids, at, slots)[0, -1]
 
     @property
     def verify_sizes(self) -> list[int]:
@@ -130,3 +171,17 @@ class Steps:
 
     def reset(self) -> None:
         self._reset()
+
+
+def _tree_buffers(size: int, width: int) -> tuple:
+    """Buffers for verifies of `size` nodes reading `width` slots: (ids [1, B], pos [B],
+    write [B], visible bool [B, width]) tensors and the NumPy views that fill them (rows
+    [3, stride] i64, grid [B, width] u8). Each row of `rows` is a multiple of 8 int64 (64
+    bytes) long, so every input starts where torch's allocator aligns (64 bytes)."""
+    import numpy as np
+
+    stride = -(-size // 8) * 8
+    feed = torch.zeros(3, stride, dtype=torch.long)
+    visible = torch.zeros(size, width, dtype=torch.bool)
+    ids, at, slots = feed[0:1, :size], feed[1, :size], feed[2, :size]
+    return ids, at, slots, visible, feed.numpy(), visible.numpy().view(np.uint8)

@@ -59,19 +59,27 @@ class Tree:
             node = self.parents[node]
         return out
 
-    def inputs(self, prefix: int, size: int) -> tuple[list[int], list[int], list[int], Tensor]:
-        """(tokens, pos, write, visible) for a verify of `size` >= len(self) nodes at cache
-        length `prefix`. Rows past the tree are padding that sees only the prefix and itself."""
+    def feeds(self, prefix: int, size: int) -> tuple[list[int], list[int], list[int], list]:
+        """(tokens, pos, write, among) for a verify of `size` >= len(self) nodes at cache
+        length `prefix`, as lists: `among` [B][B] holds 1 where a node sees another (its
+        ancestors and itself). Rows past the tree are padding that sees only itself."""
         n = len(self)
         tokens = self.tokens + [self.tokens[0]] * (size - n)
         pos = [prefix + d for d in self.depths] + [prefix] * (size - n)
         write = [prefix + i for i in range(size)]
-        among = [[False] * size for _ in range(size)]  # [B, B]: a node sees its ancestors
+        among = [[0] * size for _ in range(size)]  # [B, B]: a node sees its ancestors
         for i in range(n):
             for a in self.ancestors(i):
-                among[i][a] = True
+                among[i][a] = 1
         for i in range(n, size):
-            among[i][i] = True
+            among[i][i] = 1
+        return tokens, pos, write, among
+
+    def inputs(self, prefix: int, size: int) -> tuple[list[int], list[int], list[int], Tensor]:
+        """(tokens, pos, write, visible) for a verify of `size` >= len(self) nodes at cache
+        length `prefix` (`feeds`), `visible` [B, prefix + B] over the cache and the nodes.
+        (The speculative loop fills Steps' own buffers instead: Steps.verify_tree.)"""
+        tokens, pos, write, among = self.feeds(prefix, size)
         # built as lists, then two tensors: an indexed assignment per node cost ~10 us each
         seen = torch.ones(size, prefix, dtype=torch.bool)  # [B, prefix]: the cache
         visible = torch.cat([seen, torch.tensor(among, dtype=torch.bool)], dim=1)

@@ -100,6 +100,41 @@ def test_verify_logits_equal_sequential_decoding(ref, gemv, traced):
             torch.testing.assert_close(got[nodes], want, rtol=1e-4, atol=1e-4)
 
 
+def test_verify_tree_equals_verify_of_fresh_inputs(traced):
+    """Steps.verify_tree (the loop's path: inputs written into buffers kept per tree size and
+    mask width) gives exactly the logits of verify over freshly built inputs, also when its
+    buffers were last filled for a longer prefix or another tree (no stale mask bits), and
+    a decode step through the kept token buffer equals one through fresh tensors."""
+    from arc.runtime.tree import build
+
+    loaded, m = traced("tiny-qwen2")
+    out, _ = PassManager("spec-tree{budget=9,depth=4}").run(m)
+    fns, kv = lower(out, loaded.weights)
+    steps = Steps(fns, max_seq_len=out.kv.max_seq_len, reset=kv.reset, move=kv.move)
+    prefix = [5, 77, 120, 3, 250, 19, 64, 64, 201, 9, 33, 140, 2, 99, 180, 45, 7] * 2  # 34
+    big = _tree()
+    small = build(prefix[-1], [(50,), (50, 51)])
+    big.tokens[0] = prefix[-1]
+    with torch.inference_mode():
+        # a longer prefix first, then shorter ones: the kept mask must forget the old cache
+        for p, tree in ((33, big), (20, small), (20, big), (12, small), (33, small)):
+            steps.reset()
+            steps.prefill(prefix[:p], 0)
+            tree.tokens[0] = prefix[p]
+            got = steps.verify_tree(tree, p, 10)
+            steps.reset()
+            steps.prefill(prefix[:p], 0)
+            want = steps.verify(*tree.inputs(p, 10))
+            assert torch.equal(got, want), (p, len(tree))
+        assert len(steps._verify_feeds) == 1  # one size, one bucket of slots: one buffer set
+        steps.reset()
+        steps.prefill(prefix[:20], 0)
+        got = steps.decode(prefix[20], 20)
+        slots = torch.arange(steps.mask_width(21))
+        fresh = fns["decode"](torch.tensor([[prefix[20]]]), torch.tensor([20]), slots)[0, -1]
+        assert torch.equal(got, fresh)
+
+
 def test_moved_kv_equals_sequential_kv(traced):
     """After accepting a path that is not the first branch, the moved cache rows are what
     decoding that path token by token writes."""
