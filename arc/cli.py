@@ -590,11 +590,44 @@ def _on_sigterm(signum, frame) -> NoReturn:
     raise _Terminated
 
 
+def _on_unraisable(args) -> None:
+    """sys.unraisablehook while the SIGTERM handler is installed. A signal that lands while
+    Python runs a destructor (a `__del__`, a weakref callback) raises _Terminated there, and
+    Python can only swallow it ("Exception ignored in ..."): `arc compile` then went on and
+    wrote its engine, exit 0 (seen once in CI, inside regex's Group.__del__). So the signal is
+    sent again from a helper thread a moment later (not at once: it would land in this hook,
+    where Python swallows it too), to be handled outside the destructor, silently."""
+    if isinstance(args.exc_value, _Terminated):
+        threading.Thread(target=_terminate_again, daemon=True).start()
+        return
+    _PREVIOUS_UNRAISABLE[-1](args)
+
+
+def _terminate_again(delay: float = 0.02) -> None:
+    import time
+
+    time.sleep(delay)  # the hook has long returned: the handler runs in the main thread's code
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PREVIOUS_UNRAISABLE = [sys.unraisablehook]
+
+
 def _handle_sigterm():
-    """Install the SIGTERM handler (main thread only); returns the one it replaced."""
+    """Install the SIGTERM handler (main thread only) and the unraisable hook that backs it;
+    returns what they replaced (for `_restore`), or None."""
     if threading.current_thread() is not threading.main_thread():
         return None
+    _PREVIOUS_UNRAISABLE.append(sys.unraisablehook)
+    sys.unraisablehook = _on_unraisable
     return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _restore(previous) -> None:
+    """Put back the SIGTERM handler and unraisable hook `_handle_sigterm` replaced."""
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = _PREVIOUS_UNRAISABLE.pop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -614,8 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        _restore(previous)
 
 
 if __name__ == "__main__":

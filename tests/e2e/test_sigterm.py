@@ -70,3 +70,24 @@ def test_sigterm_handler_is_restored_after_main(capsys):
     assert main(["passes"]) == 0
     assert signal.getsignal(signal.SIGTERM) is before
     assert "kv-fusion" in capsys.readouterr().out
+
+
+def test_sigterm_swallowed_in_a_destructor_is_delivered_again():
+    """A SIGTERM whose exception Python had to swallow (raised inside a `__del__`) is sent
+    again and raised outside it; the hooks are put back afterwards."""
+    from arc import cli
+
+    class Dies:
+        def __del__(self):
+            raise cli._Terminated  # as the handler does when the signal lands here
+
+    before = (signal.getsignal(signal.SIGTERM), sys.unraisablehook)
+    previous = cli._handle_sigterm()
+    try:
+        with pytest.raises(cli._Terminated):
+            Dies()  # collected at once: its exception is unraisable
+            for _ in range(500):
+                time.sleep(0.01)
+    finally:
+        cli._restore(previous)
+    assert (signal.getsignal(signal.SIGTERM), sys.unraisablehook) == before
