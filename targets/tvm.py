@@ -19,9 +19,11 @@ dequantized inside the projection kernel with arc/formats.py's math (w = d*q + m
 decode step reads the packed bytes (111 MB for smollm2-135m at -O1 instead of 538 MB of
 fp32); every other weight (f32, bf16) runs as fp32, bf16 widened exactly at load.
 
-T (new tokens) and L (slots read) are symbolic, so the verify_B functions of a spec-tree
-engine, which differ only in their static B, are one Relax function (`graph_key`), and
-prefill, decode and verify share their kernels: one library, built once.
+L (slots read) is symbolic, and T (new tokens) too for prefill; decode keeps T = 1 and
+each verify_B its B static (one Relax function per size, `graph_key`: a shared function with
+a symbolic T cost a 2-node verify 0.26-0.36 ms more on the AMD EPYC, its shapes computed and
+its memory allocated at run time). Prefill, decode and the verifies share their kernels: one
+library, built once.
 
 The library is native code: the manifest records the tvm version, the llvm `mcpu` and the
 CPU extensions that code may use (arc/cpu.py, `--cpu`), and check_engine refuses, before
