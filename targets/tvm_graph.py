@@ -190,13 +190,12 @@ class Builder:
         from tvm import relax
 
         kv = self.module.kv
-        inputs = []
+        inputs, static = [], _static_tokens(graph)
         for n in graph.inputs():
             iname = n.attrs["name"]
             if iname not in INPUT_DIMS or n.attrs["dtype"] not in INPUT_DTYPES:
                 raise UnsupportedError(f"target tvm cannot lower graph input {iname!r}")
             shape = [self.dims.get(d, d) for d in INPUT_DIMS[iname]]
-            static = _static_tokens(graph)
             if static is not None:
                 shape = [static if d == "T" else self.dims.get(d, d) for d in INPUT_DIMS[iname]]
             inputs.append(relax.Var(iname, relax.TensorType(shape, INPUT_DTYPES[n.attrs["dtype"]])))

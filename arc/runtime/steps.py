@@ -57,7 +57,13 @@ class Steps:
         self._slot_views: dict[int, Tensor] = {}  # slots read -> the positions' view
 
     def _slots(self, end: int) -> Tensor:
-        return self._positions[: self.mask_width(end)]  # [L]
+        """The slots a step whose last token writes slot `end - 1` reads: [L], a view of the
+        positions kept per L (a fresh slice is a torch call a step)."""
+        length = self.mask_width(end)
+        slots = self._slot_views.get(length)
+        if slots is None:
+            slots = self._slot_views[length] = self._positions[:length]
+        return slots
 
     def prefill(self, tokens: list[int], start: int) -> Tensor:
         """Logits [vocab] after `tokens` written at positions start.. (one chunk)."""
@@ -158,11 +164,7 @@ class Steps:
         # tensor, a one-slot view and its aligned copy cost ~40 us of a step's time
         ids, at, rows = self._step_feed
         rows[0, 0], rows[1, 0] = token, pos
-        length = self.mask_width(pos + 1)
-        slots = self._slot_views.get(length)
-        if slots is None:
-            slots = self._slot_views[length] = self._positions[:length]  # [L]
-        return self.functions[name](ids, at, slots)[0, -1]
+        return self.functions[name](ids, at, self._slots(pos + 1))[0, -1]
 
     @property
     def verify_sizes(self) -> list[int]:
