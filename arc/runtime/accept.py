@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from arc.runtime.sampling import SamplingParams, filter_logits
+from arc.runtime.sampling import Dist, SamplingParams, dists
 from arc.runtime.tree import Tree
 
 
@@ -51,24 +51,33 @@ def accept_sampled(
     params: SamplingParams,
     gen: torch.Generator,
     group: Callable[[Tensor, int], list[int]] | None = None,
+    rows: list[Dist] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Like accept_greedy, for sampling: distribution-preserving multi-branch acceptance.
     `group(p, token)`: the tokens whose mass the first child is accepted with (relaxed
-    acceptance, arc/runtime/relaxed.py); by default the child alone, exact."""
+    acceptance, arc/runtime/relaxed.py); by default the child alone, exact. `rows`: each
+    node's distribution (`dists(logits, params)`) when the caller has them."""
     node, path, tokens = 0, [], []
     while True:
-        p = torch.softmax(filter_logits(logits[node].double().cpu(), params), dim=-1)
+        d = rows[node] if rows is not None else dists(logits[node], params)[0]
+        # a copy to take rejected drafts out of (the caller's rows stay the model's); relaxed:
+        # dense, since a neighbourhood is a set of vocabulary ids
+        d = Dist(d.probs() if group is not None else d.w.clone(), d.tokens, d.row)
+        if group is not None:
+            d.tokens = None
         nxt = None
         for i, (token, child) in enumerate(tree.children(node).items()):
-            mass = float(p.sum())
-            kept = group(p, token) if group is not None and i == 0 else [token]
+            mass = d.mass()
+            kept = group(d.w, token) if group is not None and i == 0 else [token]
             u = float(torch.rand((), generator=gen, dtype=torch.float64))
-            if mass > 0 and u * mass < float(p[kept].sum()):
+            if mass > 0 and u * mass < sum(d.weight(t) for t in kept):
                 nxt = child
                 break
-            p[kept] = 0.0  # rejected: the rest of p, renormalized, is the residual
+            for t in kept:  # rejected: the rest of the weights, renormalized, is the residual
+                d.remove(t)
         if nxt is None:
-            tokens.append(int(torch.multinomial(p / p.sum(), 1, generator=gen)))
+            bonus = d.draw(gen)
+            tokens.append(int(torch.argmax(d.row)) if bonus is None else bonus)
             return path, tokens
         tokens.append(tree.tokens[nxt])
         path.append(nxt)

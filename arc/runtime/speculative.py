@@ -49,10 +49,10 @@ from typing import Any
 from arc.runtime.accept import accept_greedy, accept_sampled
 from arc.runtime.drafters import Drafter
 from arc.runtime.relaxed import accept_relaxed_greedy, accept_relaxed_sampled
-from arc.runtime.sampling import Sampler, _filtered
+from arc.runtime.sampling import Sampler, dists, successors_under
 from arc.runtime.step_profile import StepProfile
 from arc.runtime.steps import Steps
-from arc.runtime.topk import TOPK, argmax_and_successors, top_successors
+from arc.runtime.topk import TOPK, argmax_and_successors
 from arc.runtime.tree import Tree, best_first, build
 
 PROBE_EVERY, MAX_PROBE_EVERY = 8, 64  # plain steps with a draft at hand before a probe
@@ -401,8 +401,9 @@ class SpeculativeLoop:
             out = best[0]
             self.drafter.observe(Tree(token), top)
         else:
-            out = sample(logits)
-            self._teach(Tree(token), logits[None], sample)
+            rows = dists(logits, sample.params)
+            out = sample.draw(rows[0])
+            self._teach(Tree(token), logits[None], sample, rows)
         self.step_s = time.perf_counter() - t
         self.cost[1].add(self.step_s)
         return out
@@ -411,6 +412,7 @@ class SpeculativeLoop:
         t = time.perf_counter()
         tree = build(root, [p for p, _ in paths])
         logits = self.steps.verify_tree(tree, pos, size)[: len(tree)]  # [n, V]
+        rows = None if sample.params.greedy else dists(logits, sample.params)
         if self.relaxed is not None:
             path, new = (
                 accept_relaxed_greedy(tree, logits, *self.relaxed)
@@ -423,7 +425,7 @@ class SpeculativeLoop:
             )
             path, new = accept_greedy(tree, logits, best)
         else:
-            path, new = accept_sampled(tree, logits, sample.params, sample.gen)
+            path, new = accept_sampled(tree, logits, sample.params, sample.gen, rows=rows)
         src = [pos + node for node in path]
         dst = [pos + 1 + i for i in range(len(path))]
         if src != dst:
@@ -431,7 +433,7 @@ class SpeculativeLoop:
         if self.relaxed is None and sample.params.greedy:
             self.drafter.observe(tree, top)
         else:
-            self._teach(tree, logits, sample)
+            self._teach(tree, logits, sample, rows)
         self.step_s = time.perf_counter() - t
         self.cost[size].add(self.step_s)
         self.calib.add(len(path), sum(score for _, score in paths))
@@ -494,10 +496,15 @@ class SpeculativeLoop:
             self.by_source.setdefault(src, _Calibration()).add(got[src], pred)
         return {src: n for src, n in got.items() if n}
 
-    def _teach(self, tree, logits, sample: Sampler) -> None:
-        """Hand the drafter the model's top successors after every node (Token Recycling)."""
-        x = logits if sample.params.greedy else _filtered(logits.detach().cpu(), sample.params)
-        self.drafter.observe(tree, top_successors(x, TOPK))
+    def _teach(self, tree, logits, sample: Sampler, rows: list | None = None) -> None:
+        """Hand the drafter the model's top successors after every node (Token Recycling):
+        by logit, with their probabilities under the sampling distribution `rows` (each
+        node's `dists`) when sampling; a successor outside a row's support is left out."""
+        stats = getattr(self.steps, "logit_stats", None)
+        _, (tokens, probs) = argmax_and_successors(logits, TOPK, stats)
+        if rows is not None:
+            tokens, probs = successors_under(rows, tokens)
+        self.drafter.observe(tree, (tokens, probs))
 
 
 def _by_source(paths, sources: Mapping) -> dict[str, float]:

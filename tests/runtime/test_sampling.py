@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from arc.errors import ArcError
-from arc.runtime.sampling import SEED_MAX, Sampler, SamplingParams, filter_logits
+from arc.runtime.sampling import SEED_MAX, Dist, Sampler, SamplingParams, dists, filter_logits
 
 
 def _draws(logits: torch.Tensor, params: SamplingParams, n: int = 50) -> set[int]:
@@ -111,3 +111,79 @@ def test_greedy_asks_the_targets_argmax_when_given():
     logits[3] = 50.0
     assert Sampler(SamplingParams(temperature=1.0, seed=0), argmax)(logits) == 3
     assert rows == [(1, 32)]
+
+
+def _reference(rows: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution as filter_logits defines it: float64 softmax of the filtered logits."""
+    return torch.softmax(filter_logits(rows.double(), params), dim=-1)
+
+
+@pytest.mark.parametrize(
+    "vocab, scale, params",
+    [
+        (50, 2.0, SamplingParams(temperature=0.7)),
+        (50, 2.0, SamplingParams(temperature=1.3, top_k=5)),
+        (50, 2.0, SamplingParams(temperature=1.0, top_p=0.9)),
+        (50, 2.0, SamplingParams(temperature=0.8, top_k=20, top_p=0.7)),
+        (5000, 6.0, SamplingParams(temperature=1.0, top_p=0.95)),  # nucleus in the top 256
+        (5000, 3.0, SamplingParams(temperature=1.0, top_p=0.95)),  # in the top 4096, not 256
+        (5000, 0.05, SamplingParams(temperature=1.0, top_p=0.95)),  # past 4096: a full sort
+        (5000, 3.0, SamplingParams(temperature=0.5, top_k=300, top_p=0.99)),
+    ],
+)
+def test_dists_are_filter_logits_distributions(vocab, scale, params):
+    """The fast distributions (float32 weights, top-k by topk, the nucleus among the top
+    256 / 4096 / all tokens) are filter_logits' softmax: same probabilities to 1e-6 and no
+    weight outside its support."""
+    gen = torch.Generator().manual_seed(vocab)
+    rows = torch.randn(3, vocab, generator=gen) * scale
+    want = _reference(rows, params)
+    for d, ref in zip(dists(rows, params), want, strict=True):
+        got = d.probs()
+        assert torch.allclose(got, ref, atol=1e-6, rtol=1e-5), (got - ref).abs().max()
+        assert not bool((got[ref == 0] > 0).any())  # nothing outside top-k / the nucleus
+        if d.tokens is not None:  # a support: kept in decreasing order of logit
+            assert len(d.tokens) == int((ref > 0).sum())
+
+
+def test_dists_keep_every_tie_of_the_kth_logit():
+    """top-k keeps every token tied with the k-th largest logit, as filter_logits' mask does."""
+    rows = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    params = SamplingParams(temperature=1.0, top_k=2)
+    got = [d.probs() for d in dists(rows, params)]
+    assert (got[0] > 0).tolist() == [True, True, True, True, False]
+    assert (got[1] > 0).tolist() == [True, True, False, False, False]
+    assert torch.allclose(torch.stack(got), _reference(rows, params), atol=1e-7)
+
+
+def test_draws_never_pick_a_token_without_weight():
+    d = Dist(torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0, 0.0]), None, torch.zeros(6))
+    gen = torch.Generator().manual_seed(0)
+    assert {d.draw(gen) for _ in range(300)} == {1, 4}
+    sparse = Dist(torch.tensor([0.5, 0.0, 0.25]), torch.tensor([9, 3, 7]), torch.zeros(12))
+    assert {sparse.draw(gen) for _ in range(300)} == {9, 7}
+    assert Dist(torch.zeros(3), None, torch.zeros(3)).draw(gen) is None
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.8, seed=3),
+        SamplingParams(temperature=1.2, top_k=4, seed=4),
+        SamplingParams(temperature=1.0, top_p=0.8, seed=5),
+    ],
+)
+def test_sampler_draws_follow_the_distribution(params):
+    """Chi-square over seeded draws of the Sampler against filter_logits' softmax."""
+    logits = torch.tensor([2.0, 1.5, 0.3, -0.2, 1.1, -1.0, 0.0, 0.7])
+    expect = _reference(logits, params).tolist()
+    sampler, n = Sampler(params), 20000
+    counts = [0] * len(expect)
+    for _ in range(n):
+        counts[sampler(logits)] += 1
+    assert all(c == 0 for c, e in zip(counts, expect, strict=True) if e == 0)
+    cells = [i for i, e in enumerate(expect) if e * n >= 5]
+    chi2 = sum((counts[i] - n * expect[i]) ** 2 / (n * expect[i]) for i in cells)
+    df = len(cells) - 1
+    critical = df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3  # p ~ 0.001
+    assert chi2 < critical, (chi2, counts, expect)
