@@ -5,6 +5,7 @@ plain decoding of the same GGUF when llama-cpp-python is installed, on a shipped
         [--system NAME=SPEC[@TARGET] ...]  # more pipelines: o2-b3='kv-fusion,spec-tree{budget=3}'
         [--target torch|tvm|onnx]  # the target of every arc system without its own @TARGET
         [--paired N]  # also: each speculative engine against itself with speculation off
+        [--temperature T [--top-p P] [--top-k K] [--seed S]]  # sampled instead of greedy
 
 Every system runs in its own process (one worker per system per round; threads and allocators
 of one library never slow another), rounds are interleaved (O1, O2, llama.cpp, O1, ...), each
@@ -12,6 +13,11 @@ worker warms up on one prompt first, and the median over rounds is reported. Gre
 EOS or --new-tokens. Decode tok/s is tokens after the first over the decode time (prefill
 excluded) for every system. "same" says whether a system's ids equal -O1's (lossless check);
 llama.cpp runs the 4-bit GGUF, so its ids differ and only its speed is compared.
+
+`--temperature` (with `--top-p`, `--top-k`) samples instead, every system with the same
+settings (llama.cpp's other samplers off: min-p 0, typical-p 1, no repeat penalty) and a
+seed per prompt; speculative sampling keeps the model's distribution, not its draws, so ids
+are not compared ("~") and texts, and their lengths, differ from run to run.
 
 `--paired N` adds a paired measurement for the per-prompt criterion (no prompt more than 5%
 below -O1): on a shared machine the same decode function's speed moves by +-5-10% from one
@@ -44,7 +50,16 @@ import engine_cache  # noqa: E402
 # ---------------------------------------------------------------- workers (one process each)
 
 
-def worker_arc(engine: str, prompts: list[str], n: int, threads: int) -> list[dict]:
+def _sampling(spec: str, i: int):
+    """arc's SamplingParams from the workers' JSON `spec`, seeded for prompt i."""
+    from arc.runtime.sampling import SamplingParams
+
+    d = json.loads(spec)
+    seed = None if d["seed"] is None else d["seed"] + i
+    return SamplingParams(d["temperature"], d["top_k"], d["top_p"], seed)
+
+
+def worker_arc(engine: str, prompts: list[str], n: int, threads: int, spec: str) -> list[dict]:
     import torch
 
     from arc.runtime.load import load_engine
@@ -55,9 +70,9 @@ def worker_arc(engine: str, prompts: list[str], n: int, threads: int) -> list[di
     out = []
     with torch.inference_mode():
         gen.generate(eng.prompt_ids("Say hello."), max_new_tokens=16)  # warm-up
-        for p in prompts:
+        for i, p in enumerate(prompts):
             ids = eng.prompt_ids(p)
-            r = gen.generate(ids, max_new_tokens=n)
+            r = gen.generate(ids, max_new_tokens=n, sampling=_sampling(spec, i))
             out.append(
                 {
                     "prompt_ids": ids,
@@ -71,7 +86,9 @@ def worker_arc(engine: str, prompts: list[str], n: int, threads: int) -> list[di
     return out
 
 
-def worker_paired(engine: str, prompts: list[str], n: int, threads: int, reps: int) -> list:
+def worker_paired(
+    engine: str, prompts: list[str], n: int, threads: int, reps: int, spec: str
+) -> list:
     """Per prompt, `reps` pairs of (speculative tok/s, plain tok/s, same ids). Each
     speculative run drafts cold (Generator.forget): the drafter's table would otherwise hold
     the previous rep's output of the same prompt and draft it back (a repeat's verifies
@@ -83,6 +100,7 @@ def worker_paired(engine: str, prompts: list[str], n: int, threads: int, reps: i
     torch.set_num_threads(threads)
     eng = load_engine(engine)
     gen = eng.generator
+    sampled = spec
     out: list[list] = [[] for _ in prompts]
     with torch.inference_mode():
         gen.generate(eng.prompt_ids("Say hello."), max_new_tokens=16)  # warm-up
@@ -92,22 +110,33 @@ def worker_paired(engine: str, prompts: list[str], n: int, threads: int, reps: i
                 for spec in (True, False) if (r + i) % 2 == 0 else (False, True):
                     if spec:
                         gen.forget()
-                    res = gen.generate(ids, max_new_tokens=n, speculative=spec)
+                    sampling = _sampling(sampled, i)
+                    res = gen.generate(ids, max_new_tokens=n, speculative=spec, sampling=sampling)
                     got[spec] = ((len(res.token_ids) - 1) / (res.decode_ms / 1e3), res.token_ids)
                 out[i].append((got[True][0], got[False][0], got[True][1] == got[False][1]))
     return out
 
 
-def worker_llama(gguf: str, prompt_ids: list[list[int]], n: int, threads: int) -> list[dict]:
+def worker_llama(
+    gguf: str, prompt_ids: list[list[int]], n: int, threads: int, spec: str
+) -> list[dict]:
     from llama_cpp import Llama
 
+    s = json.loads(spec)
     llm = Llama(model_path=gguf, n_ctx=1024, n_threads=threads, n_batch=512, verbose=False)
     eos = {llm.token_eos()}
+    if s["temperature"] > 0:  # the same filters as arc's, llama.cpp's others off
+        how = {"temp": s["temperature"], "top_k": s["top_k"], "top_p": s["top_p"], "min_p": 0.0}
+        how |= {"typical_p": 1.0, "repeat_penalty": 1.0}
+    else:
+        how = {"temp": 0.0, "top_k": 1}
 
-    def one(ids: list[int], limit: int) -> dict:
+    def one(ids: list[int], limit: int, i: int = 0) -> dict:
         llm.reset()
+        if s["seed"] is not None:
+            llm.set_seed(s["seed"] + i)
         toks, first = [], None
-        for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        for tok in llm.generate(ids, reset=True, **how):
             if first is None:
                 first = time.perf_counter()
             toks.append(tok)
@@ -117,7 +146,7 @@ def worker_llama(gguf: str, prompt_ids: list[list[int]], n: int, threads: int) -
         return {"ids": toks, "produced": len(toks) - 1, "decode_s": end - first, "forwards": 0}
 
     one(prompt_ids[0][:8], 16)  # warm-up
-    return [one(ids, n) for ids in prompt_ids]
+    return [one(ids, n, i) for i, ids in enumerate(prompt_ids)]
 
 
 # ---------------------------------------------------------------- driver
@@ -168,6 +197,10 @@ def main(defaults: dict[str, str] | None = None, doc: str = __doc__) -> None:
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--paired", type=int, default=0, metavar="N", help="paired runs per prompt")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sample (0: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="prompt i samples with seed S + i")
     a = ap.parse_args()
     from arc.presets import preset_spec
 
@@ -190,21 +223,25 @@ def main(defaults: dict[str, str] | None = None, doc: str = __doc__) -> None:
     runs: dict[str, list[list[dict]]] = {name: [] for name in paths}
     if gguf:
         runs["llama.cpp (Q4_1 GGUF)"] = []
+    a.sampling = {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p}
+    a.sampling["seed"] = a.seed
+    _sampling(json.dumps(a.sampling), 0).validate()
+    sampling = json.dumps(a.sampling)
     common = [str(a.new_tokens), str(a.threads)]
     for r in range(a.rounds):
         for name, path in paths.items():
-            runs[name].append(_spawn(["--worker-arc", str(path), *common]))
+            runs[name].append(_spawn(["--worker-arc", str(path), *common, sampling]))
             print(f"round {r + 1}: {name} done", file=sys.stderr)
         if gguf:
             ids_file = engines / "prompt_ids.json"
             ids_file.write_text(json.dumps([x["prompt_ids"] for x in runs[a.base][0]]))
             runs["llama.cpp (Q4_1 GGUF)"].append(
-                _spawn(["--worker-llama", gguf, str(ids_file), *common])
+                _spawn(["--worker-llama", gguf, str(ids_file), *common, sampling])
             )
     report(runs, prompts, a)
     if a.paired:
         for name, path in list(paths.items())[1:]:
-            rows = _spawn(["--worker-paired", str(path), *common, str(a.paired)])
+            rows = _spawn(["--worker-paired", str(path), *common, str(a.paired), sampling])
             report_paired(name, rows, a)
 
 
@@ -221,7 +258,8 @@ def report_paired(name: str, rows: list, a) -> None:
         r = [on / off for on, off, _ in pairs]
         on = statistics.median(x[0] for x in pairs)
         off = statistics.median(x[1] for x in pairs)
-        same = "=" if all(x[2] for x in pairs) else "!"
+        sampled = getattr(a, "temperature", 0.0) > 0
+        same = "~" if sampled else "=" if all(x[2] for x in pairs) else "!"
         ratios.append(statistics.median(r))
         print(
             f"{i:>2} {kind:<12} {on:9.1f} {off:10.1f} {ratios[-1]:6.3f}x "
@@ -252,8 +290,13 @@ def report(runs: dict, prompts: list[str], a) -> None:
             sum(x["produced"] for x in rnd) / sum(x["decode_s"] for x in rnd) for rnd in rounds
         )
 
+    how = (
+        "greedy"
+        if a.temperature <= 0
+        else "sampled " + ", ".join(f"{k} {v}" for k, v in a.sampling.items() if k != "seed")
+    )
     print(
-        f"\n{a.model}, batch 1, greedy, {a.threads} threads, up to {a.new_tokens} new tokens, "
+        f"\n{a.model}, batch 1, {how}, {a.threads} threads, up to {a.new_tokens} new tokens, "
         f"median of {a.rounds} interleaved rounds, each system in its own process"
     )
     head = f"{'#':>2} {'kind':<12}" + "".join(f"{n[:22]:>24}" for n in names)
@@ -266,6 +309,7 @@ def report(runs: dict, prompts: list[str], a) -> None:
             x = runs[n][0][i]
             mat = x["produced"] / x["forwards"] if x["forwards"] else float("nan")
             same = "" if n.startswith("llama") else ("=" if x["ids"] == base[0][i]["ids"] else "!")
+            same = "~" if a.temperature > 0 and same else same
             ratio = v / tps(base, i)
             cells.append(f"{v:6.1f} {ratio:4.2f}x {mat:4.2f}{same:1}")
             row[n] = {"tok_s": v, "x_O1": ratio, "mat": mat, "same_as_O1": same != "!"}
@@ -277,7 +321,7 @@ def report(runs: dict, prompts: list[str], a) -> None:
         cells.append(f"{v:6.1f} {v / overall(base):4.2f}x")
         result["overall"][n] = {"tok_s": v, "x_O1": v / overall(base)}
     print(f"{'':>2} {'overall':<12}" + "".join(f"{c:>24}" for c in cells))
-    print(f"(= ids identical to {a.base}, ! different)")
+    print(f"(= ids identical to {a.base}, ! different, ~ sampled: not compared)")
     llama = next((n for n in names if n.startswith("llama")), None)
     print(
         f"\n{'system':<24} {'tok/s':>7} {'x ' + a.base:>14} {'x llama.cpp':>12} "
@@ -290,7 +334,7 @@ def report(runs: dict, prompts: list[str], a) -> None:
         fwd = sum(x["forwards"] for x in rnd)
         mat = f"{sum(x['produced'] for x in rnd) / fwd:.2f}" if fwd else "-"
         agree = sum(x["ids"] == b["ids"] for x, b in zip(rnd, base[0], strict=True))
-        same = "-" if n == llama else f"{agree}/{len(rnd)}"
+        same = "-" if n == llama or a.temperature > 0 else f"{agree}/{len(rnd)}"
         print(f"{n:<24} {v:7.1f} {v / overall(base):13.2f}x {vs:>12} {mat:>8} {same:>11}")
         result["overall"][n]["x_llama"] = v / overall(runs[llama]) if llama else None
     if a.json:
@@ -299,16 +343,16 @@ def report(runs: dict, prompts: list[str], a) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker-arc":
-        _, _, engine, n, threads = sys.argv
+        _, _, engine, n, threads, spec = sys.argv
         prompts = [p["prompt"] for p in json.loads(PROMPTS.read_text())]
-        print(json.dumps(worker_arc(engine, prompts, int(n), int(threads))))
+        print(json.dumps(worker_arc(engine, prompts, int(n), int(threads), spec)))
     elif len(sys.argv) > 1 and sys.argv[1] == "--worker-paired":
-        _, _, engine, n, threads, reps = sys.argv
+        _, _, engine, n, threads, reps, spec = sys.argv
         prompts = [p["prompt"] for p in json.loads(PROMPTS.read_text())]
-        print(json.dumps(worker_paired(engine, prompts, int(n), int(threads), int(reps))))
+        print(json.dumps(worker_paired(engine, prompts, int(n), int(threads), int(reps), spec)))
     elif len(sys.argv) > 1 and sys.argv[1] == "--worker-llama":
-        _, _, gguf, ids_file, n, threads = sys.argv
+        _, _, gguf, ids_file, n, threads, spec = sys.argv
         ids = json.loads(Path(ids_file).read_text())
-        print(json.dumps(worker_llama(gguf, ids, int(n), int(threads))))
+        print(json.dumps(worker_llama(gguf, ids, int(n), int(threads), spec)))
     else:
         main()

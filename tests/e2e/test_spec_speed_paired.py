@@ -5,6 +5,7 @@ prompts below 0.95x."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,12 +30,27 @@ def test_paired_worker_runs_both_arms(tiny_engines):
     mod = _module()
     engine = next(iter(tiny_engines.values()))
     prompts = ["Write a function that adds two numbers.", "Hello there, how are you?"]
-    rows = mod.worker_paired(str(engine), prompts, 12, torch.get_num_threads(), 2)
+    greedy = json.dumps({"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0})
+    rows = mod.worker_paired(str(engine), prompts, 12, torch.get_num_threads(), 2, greedy)
     assert len(rows) == 2 and all(len(pairs) == 2 for pairs in rows)
     for pairs in rows:
         for on, off, same in pairs:
             assert on > 0 and off > 0
             assert same  # speculation on and off decode the same greedy ids
+
+
+def test_workers_sample_when_asked(tiny_engines):
+    """--temperature: the arc workers sample (seeded per prompt: a rerun draws the same)."""
+    mod = _module()
+    engine = next(iter(tiny_engines.values()))
+    prompts = ["Hello there, how are you?"]
+    sampled = json.dumps({"temperature": 1.5, "top_k": 0, "top_p": 0.95, "seed": 7})
+    greedy = json.dumps({"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 7})
+    runs = [mod.worker_arc(str(engine), prompts, 16, 1, s) for s in (sampled, sampled, greedy)]
+    assert runs[0][0]["ids"] == runs[1][0]["ids"] and runs[0][0]["produced"] > 0
+    assert runs[0][0]["ids"] != runs[2][0]["ids"]  # T = 1.5 leaves the greedy path
+    rows = mod.worker_paired(str(engine), prompts, 12, 1, 1, sampled)
+    assert rows[0][0][0] > 0 and rows[0][0][1] > 0
 
 
 def test_paired_report_names_the_worst_prompt(capsys):
