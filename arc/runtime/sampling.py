@@ -94,6 +94,7 @@ class Dist:
     w: Tensor
     tokens: Tensor | None
     row: Tensor
+    total: float | None = None  # sum(w) when known (drawn from, nothing removed since)
 
     def _at(self, token: int) -> int | None:
         if self.tokens is None:
@@ -110,17 +111,20 @@ class Dist:
         at = self._at(token)
         if at is not None:
             self.w[at] = 0.0
+            self.total = None
 
     def mass(self) -> float:
-        return float(self.w.sum(dtype=torch.float64))
+        if self.total is None:
+            self.total = float(self.w.sum(dtype=torch.float64))
+        return self.total
 
     def draw(self, gen: torch.Generator) -> int | None:
         """A token with probability w / sum(w), by one uniform u: the first entry whose
         cumulative sum exceeds u * sum(w) (never one of weight 0); None if sum(w) is not > 0."""
-        u = torch.rand(1, generator=gen, dtype=torch.float64)
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
         cdf = torch.cumsum(self.w, 0, dtype=torch.float64)
-        total = cdf[-1:]
-        if not bool(total > 0) or not bool(torch.isfinite(total)):
+        total = self.total = float(cdf[-1])
+        if not (total > 0 and math.isfinite(total)):
             return None
         at = int(torch.searchsorted(cdf, u * total, right=True))
         if at >= len(cdf):  # u * total rounded up to total: the last entry with weight
@@ -137,6 +141,17 @@ class Dist:
             dense[self.tokens] = w
         return dense / dense.sum()
 
+    def head(self, k: int) -> tuple[list[int], list[float]] | None:
+        """(tokens, probabilities) of the k most likely tokens when the support is kept in
+        decreasing order (top-k, top-p), padded with -1; None for a whole vocabulary."""
+        if self.tokens is None:
+            return None
+        mass = self.mass()
+        probs = (self.w[:k].double() / mass).tolist() if mass > 0 else [0.0] * min(k, len(self.w))
+        tokens = self.tokens[:k].tolist()
+        pad = k - len(tokens)
+        return tokens + [-1] * pad, probs + [0.0] * pad
+
     def top(self, candidates: list[int]) -> tuple[list[int], list[float]]:
         """(tokens, probabilities) of `candidates` (the row's top tokens by logit) under this
         distribution; a candidate outside its support becomes -1."""
@@ -145,10 +160,19 @@ class Dist:
         return [t if p > 0 else -1 for t, p in got], [p for _, p in got]
 
 
-def successors_under(rows: list[Dist], candidates: Tensor) -> tuple[Tensor, Tensor]:
+def successors_under(
+    rows: list[Dist], candidates: Tensor | None, k: int
+) -> tuple[Tensor, Tensor] | None:
     """(tokens [n, k] i64, probabilities [n, k] f32): each row's `candidates` [n, k] (its top
-    tokens by logit) with their probabilities under its distribution (Dist.top)."""
-    pairs = [d.top(c) for d, c in zip(rows, candidates.tolist(), strict=True)]
+    tokens by logit) with their probabilities under its distribution (Dist.top). Without
+    candidates: each row's own k most likely (Dist.head), or None where a row covers the
+    whole vocabulary (the caller then finds candidates)."""
+    if candidates is None:
+        pairs = [d.head(k) for d in rows]
+        if any(x is None for x in pairs):
+            return None
+    else:
+        pairs = [d.top(c) for d, c in zip(rows, candidates.tolist(), strict=True)]
     tokens = torch.tensor([t for t, _ in pairs], dtype=torch.long)
     return tokens, torch.tensor([q for _, q in pairs], dtype=torch.float32)
 
@@ -161,7 +185,7 @@ def dists(logits: Tensor, p: SamplingParams) -> list[Dist]:
     n, vocab = x.shape
     top = x.amax(dim=1, keepdim=True)  # [n, 1]
     out: list[Dist | None] = [None] * n
-    fast = torch.isfinite(top[:, 0]).tolist() if p.temperature >= FAST_T else [False] * n
+    fast = [math.isfinite(t) and p.temperature >= FAST_T for t in top[:, 0].tolist()]
     for i, ok in enumerate(fast):
         if not ok:  # nan or inf logits, or a tiny temperature: exactly filter_logits' way
             out[i] = Dist(_filtered(x[i], p).exp_(), None, x[i])
@@ -192,7 +216,8 @@ def _nucleus(w: Tensor, tokens: Tensor | None, top_p: float) -> tuple[Tensor, Te
     """(weights, tokens, kept) with each row's weights in decreasing order and its first
     `kept` entries the top-p nucleus: the tokens before which less than top_p of the mass
     lies (at least one). The nucleus is found among the top NUCLEUS_K tokens when they hold
-    top_p of the mass, which sorts a few hundred weights instead of the vocabulary."""
+    top_p of the mass, which sorts a few hundred weights instead of the vocabulary (tried:
+    the tokens above the j-th largest of 128-token chunks' maxima, 0.1 ms slower in situ)."""
     total = w.sum(dim=1, keepdim=True, dtype=torch.float64)  # [r, 1]
     if tokens is None:
         width = w.shape[1]

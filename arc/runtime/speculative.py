@@ -500,11 +500,13 @@ class SpeculativeLoop:
         """Hand the drafter the model's top successors after every node (Token Recycling):
         by logit, with their probabilities under the sampling distribution `rows` (each
         node's `dists`) when sampling; a successor outside a row's support is left out."""
-        stats = getattr(self.steps, "logit_stats", None)
-        _, (tokens, probs) = argmax_and_successors(logits, TOPK, stats)
-        if rows is not None:
-            tokens, probs = successors_under(rows, tokens)
-        self.drafter.observe(tree, (tokens, probs))
+        top = None if rows is None else successors_under(rows, None, TOPK)  # sorted supports
+        if top is None:
+            stats = getattr(self.steps, "logit_stats", None)
+            _, top = argmax_and_successors(logits, TOPK, stats)
+            if rows is not None:
+                top = successors_under(rows, top[0], TOPK)
+        self.drafter.observe(tree, top)
 
 
 def _by_source(paths, sources: Mapping) -> dict[str, float]:

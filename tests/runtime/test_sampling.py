@@ -125,16 +125,16 @@ def _reference(rows: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         (50, 2.0, SamplingParams(temperature=1.3, top_k=5)),
         (50, 2.0, SamplingParams(temperature=1.0, top_p=0.9)),
         (50, 2.0, SamplingParams(temperature=0.8, top_k=20, top_p=0.7)),
-        (5000, 6.0, SamplingParams(temperature=1.0, top_p=0.95)),  # nucleus in the top 256
-        (5000, 3.0, SamplingParams(temperature=1.0, top_p=0.95)),  # in the top 4096, not 256
-        (5000, 0.05, SamplingParams(temperature=1.0, top_p=0.95)),  # past 4096: a full sort
+        (12800, 6.0, SamplingParams(temperature=1.0, top_p=0.95)),  # in the top 256
+        (12800, 3.0, SamplingParams(temperature=1.0, top_p=0.9)),  # in the top 4096
+        (12800, 0.05, SamplingParams(temperature=1.0, top_p=0.95)),  # a full sort
         (5000, 3.0, SamplingParams(temperature=0.5, top_k=300, top_p=0.99)),
     ],
 )
 def test_dists_are_filter_logits_distributions(vocab, scale, params):
-    """The fast distributions (float32 weights, top-k by topk, the nucleus among the top
-    256 / 4096 / all tokens) are filter_logits' softmax: same probabilities to 1e-6 and no
-    weight outside its support."""
+    """The fast distributions (float32 weights, top-k by topk, the nucleus among the top 256,
+    4096 or all tokens) are filter_logits' softmax: same probabilities to 1e-6 and no weight
+    outside its support."""
     gen = torch.Generator().manual_seed(vocab)
     rows = torch.randn(3, vocab, generator=gen) * scale
     want = _reference(rows, params)
