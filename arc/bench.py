@@ -2,12 +2,15 @@
 
     arc bench [ENGINE ...] [--model M] [--baselines hf,hf-compile,hf-prompt-lookup,llama.cpp]
         [--prompts FILE] [--new-tokens 128] [--rounds 3] [--threads N] [--json]
-        [--results FILE.md]
+        [--results FILE.md] [--temperature T [--top-p P] [--top-k K] [--seed S]]
 
 Every system decodes the same prompts (benchmarks/prompts.json by default) from the same token
 ids: arc's own, through the model's chat template (`arc.runtime.load.prompt_ids`), handed as
 ids to every baseline, so no system tokenizes differently. Greedy, batch 1, up to --new-tokens
-tokens, stopping at the model's EOS ids, the same thread count for all.
+tokens, stopping at the model's EOS ids, the same thread count for all. `--temperature` samples
+instead, every system with the same temperature, top-p and top-k (llama.cpp's min-p, typical-p
+and repeat penalty off; transformers' defaults from the model's generation config replaced) and
+prompt i seeded with S + i; the systems draw differently, so ids are not compared.
 
 Method (side by side, as Spec-Bench and gpt-fast measure, and benchmarks/spec_speed.py here):
 - each system runs in its own process, a fresh one per round (`python -m arc.bench --worker`),
@@ -97,6 +100,10 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--threads", type=_positive, help="CPU threads for every system (torch's)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--results", metavar="FILE.md", help="also write the table as Markdown here")
+    b.add_argument("--temperature", type=float, default=0.0, help="sample (default 0: greedy)")
+    b.add_argument("--top-p", type=float, default=1.0, help="nucleus when sampling (1: off)")
+    b.add_argument("--top-k", type=int, default=0, help="top-k when sampling (0: off)")
+    b.add_argument("--seed", type=int, default=0, help="prompt i samples with seed S + i")
     b.set_defaults(fn=cmd_bench)
 
 
@@ -117,6 +124,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         raise ArcError("nothing to measure: give ENGINE files or --baselines")
     if a.results and not Path(a.results).resolve().parent.is_dir():
         raise ArcError(f"--results: directory of {a.results} does not exist")
+    _sampling(_sampling_of(a), 0)  # bad values: one line now, not in every worker
     model = a.model or _engines_model(engines) or DEFAULT_MODEL
     job, settings = _setup(model, a, threads=a.threads or _torch_threads())
     for path, manifest in engines:
@@ -196,6 +204,7 @@ def _setup(model: str, a: argparse.Namespace, threads: int) -> tuple[dict, dict]
         "threads": threads,
         "max_len": longest + a.new_tokens + 1,  # cache slots a baseline needs (llama.cpp n_ctx)
         "directory": str(loaded.directory),  # the HF baselines' model
+        "sampling": _sampling_of(a),
     }
     settings = {
         "model": loaded.name,
@@ -205,7 +214,8 @@ def _setup(model: str, a: argparse.Namespace, threads: int) -> tuple[dict, dict]
         "new_tokens": a.new_tokens,
         "rounds": a.rounds,
         "threads": threads,
-        "greedy": True,
+        "greedy": a.temperature <= 0,
+        "sampling": None if a.temperature <= 0 else job["sampling"],
         "chat_template": bool(getattr(tok, "chat_template", None)),
         "eos_ids": job["eos"],
     }
@@ -260,7 +270,22 @@ def _command(a: argparse.Namespace) -> str:
     args += ["--new-tokens", str(a.new_tokens), "--rounds", str(a.rounds)]
     if a.threads:
         args += ["--threads", str(a.threads)]
+    if a.temperature > 0:
+        args += ["--temperature", str(a.temperature), "--top-p", str(a.top_p)]
+        args += ["--top-k", str(a.top_k), "--seed", str(a.seed)]
     return shlex.join(args)
+
+
+def _sampling_of(a: argparse.Namespace) -> dict:
+    return {"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k, "seed": a.seed}
+
+
+def _sampling(spec: dict, i: int):
+    """arc's SamplingParams of the job's `sampling` for prompt i (seed + i), validated."""
+    from arc.runtime.sampling import SamplingParams
+
+    seed = spec["seed"] + i if spec["temperature"] > 0 else None
+    return SamplingParams(spec["temperature"], spec["top_k"], spec["top_p"], seed).validate()
 
 
 # ---------------------------------------------------------------- driving the workers
@@ -413,7 +438,7 @@ def summarize(
         "rounds": raw,
         "medians": medians,
         "tokens_per_forward": {name: _tokens_per_forward(r) for name, r in raw.items()},
-        "same_ids_as_hf": _same_ids(raw, {s.name: s.kind for s in ran}),
+        "same_ids_as_hf": _same_ids(raw, {s.name: s.kind for s in ran}, settings["greedy"]),
         "ratios": ratios,
     }
 
@@ -442,10 +467,13 @@ def _tokens_per_forward(rounds: list[dict]) -> float | None:
     return sum(p["produced"] for p in rows) / forwards if forwards else None
 
 
-def _same_ids(raw: dict[str, list[dict]], kinds: dict[str, str]) -> dict[str, float | None]:
+def _same_ids(
+    raw: dict[str, list[dict]], kinds: dict[str, str], greedy: bool = True
+) -> dict[str, float | None]:
     """Fraction of (round, prompt) runs whose greedy ids equal hf's first round; None when hf
-    did not run, and for llama.cpp (4-bit weights: different ids are expected)."""
-    if "hf" not in raw:
+    did not run, for llama.cpp (4-bit weights: different ids are expected), and for every
+    system when sampling (each draws its own)."""
+    if "hf" not in raw or not greedy:
         return {name: None for name in raw}
     ref = [p["ids"] for p in raw["hf"][0]["prompts"]]
     out = {}
@@ -514,7 +542,7 @@ def header(report: dict) -> list[str]:
     llama = "".join(f", llama-cpp-python {v}" for v in versions if v)
     lines = [
         f"arc bench: {s['model']}, {s['prompts']} prompts ({Path(s['prompts_file']).name}), "
-        f"greedy, batch 1, up to {s['new_tokens']} new tokens, threads {s['threads']}, median "
+        f"{_how(s)}, batch 1, up to {s['new_tokens']} new tokens, threads {s['threads']}, median "
         f"of {s['rounds']} interleaved rounds, each system in its own process",
         f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, transformers "
         f"{m['transformers']}{llama}, python {m['python']}; {report['date']}",
@@ -523,10 +551,17 @@ def header(report: dict) -> list[str]:
     return lines
 
 
+def _how(settings: dict) -> str:
+    x = settings.get("sampling")
+    if not x:
+        return "greedy"
+    return f"sampled (temperature {x['temperature']}, top-p {x['top_p']}, top-k {x['top_k']})"
+
+
 FOOTER = (
     "tok/s: decode tokens after the first / decode time (prefill excluded); tok/forward: "
     "tokens per full-model forward (where counted); x B: tok/s over B's, same run; llama.cpp "
-    "runs the GGUF's quantized weights, so its ids are not compared"
+    "runs the GGUF's quantized weights, so its ids are not compared (nor anyone's when sampling)"
 )
 
 
@@ -625,8 +660,9 @@ def worker_arc(job: dict) -> dict:
         t = time.perf_counter()
         gen.generate(job["warmup"], max_new_tokens=job["warmup_tokens"])
         warmup_s = time.perf_counter() - t
-        for ids in job["prompts"]:
-            r = gen.generate(ids, max_new_tokens=job["new_tokens"])
+        for i, ids in enumerate(job["prompts"]):
+            sampling = _sampling(job["sampling"], i)
+            r = gen.generate(ids, max_new_tokens=job["new_tokens"], sampling=sampling)
             times = (r.prefill_ms / 1e3, r.decode_ms / 1e3)
             row = _row(r.token_ids, len(r.token_ids) - 1, *times, r.forward_passes, job["eos"])
             rows.append(row | {"stop_reason": r.stop_reason})
@@ -635,7 +671,7 @@ def worker_arc(job: dict) -> dict:
 
 
 def worker_hf(job: dict) -> dict:
-    """transformers' generate (hf, hf-compile, hf-prompt-lookup), fp32, greedy."""
+    """transformers' generate (hf, hf-compile, hf-prompt-lookup), fp32, greedy or sampled."""
     try:
         import torch
         import transformers
@@ -653,18 +689,30 @@ def worker_hf(job: dict) -> dict:
         model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     load_s = time.perf_counter() - t
 
-    def one(ids: list[int], n: int) -> dict:
+    def one(ids: list[int], n: int, i: int = 0) -> dict:
         calls[0] = 0
-        row = _hf_generate(model, ids, n, job["eos"], extra)
+        how = _hf_sampling(job["sampling"], i)
+        row = _hf_generate(model, ids, n, job["eos"], extra | how)
         counted = job["kind"] != "hf-compile" and calls[0] > 0
         return row | {"forwards": calls[0] - 1 if counted else None}
 
     t = time.perf_counter()
     one(job["warmup"], job["warmup_tokens"])  # hf-compile: torch.compile runs here
     warmup_s = time.perf_counter() - t
-    rows = [one(ids, job["new_tokens"]) for ids in job["prompts"]]
+    rows = [one(ids, job["new_tokens"], i) for i, ids in enumerate(job["prompts"])]
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     return {"load_s": load_s, "warmup_s": warmup_s, "versions": versions, "prompts": rows}
+
+
+def _hf_sampling(spec: dict, i: int) -> dict:
+    """generate's sampling arguments for prompt i, its generator seeded with seed + i."""
+    import torch
+
+    if spec["temperature"] <= 0:
+        return {"do_sample": False}
+    torch.manual_seed(spec["seed"] + i)
+    how = {"do_sample": True, "temperature": spec["temperature"], "top_p": spec["top_p"]}
+    return how | {"top_k": spec["top_k"]}  # 0 turns off the generation config's top-k
 
 
 def _hf_mode(model, job: dict) -> dict:
@@ -684,7 +732,8 @@ def _hf_mode(model, job: dict) -> dict:
 
 
 def _hf_generate(model, ids: list[int], n: int, eos: list[int], extra: dict) -> dict:
-    """One greedy generate; a streamer timestamps every emission (the first is the prompt)."""
+    """One generate (greedy unless `extra` samples); a streamer timestamps every emission (the
+    first is the prompt)."""
     import torch
     from transformers.generation.streamers import BaseStreamer
 
@@ -704,7 +753,6 @@ def _hf_generate(model, ids: list[int], n: int, eos: list[int], extra: dict) -> 
         out = model.generate(
             x,
             attention_mask=torch.ones_like(x),
-            do_sample=False,
             max_new_tokens=n,
             eos_token_id=eos or None,
             pad_token_id=eos[0] if eos else 0,
@@ -735,13 +783,20 @@ def worker_llama(job: dict) -> dict:
     )
     load_s = time.perf_counter() - t
     eos = set(job["eos"]) | {llm.token_eos()}
+    spec = job["sampling"]
+    if spec["temperature"] > 0:  # arc's filters, llama.cpp's others off
+        how = {"temp": spec["temperature"], "top_p": spec["top_p"], "top_k": spec["top_k"]}
+        how |= {"min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0}
+    else:
+        how = {"temp": 0.0, "top_k": 1}
 
-    def one(ids: list[int], limit: int) -> dict:
+    def one(ids: list[int], limit: int, i: int = 0) -> dict:
         llm.reset()
+        llm.set_seed(spec["seed"] + i)
         toks: list[int] = []
         t0 = time.perf_counter()
         first = t0
-        for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        for tok in llm.generate(ids, reset=True, **how):
             if not toks:
                 first = time.perf_counter()
             toks.append(int(tok))
@@ -753,7 +808,7 @@ def worker_llama(job: dict) -> dict:
     t = time.perf_counter()
     one(job["warmup"], job["warmup_tokens"])
     warmup_s = time.perf_counter() - t
-    rows = [one(ids, job["new_tokens"]) for ids in job["prompts"]]
+    rows = [one(ids, job["new_tokens"], i) for i, ids in enumerate(job["prompts"])]
     versions = {"llama_cpp": getattr(llama_cpp, "__version__", "?")}
     return {"load_s": load_s, "warmup_s": warmup_s, "versions": versions, "prompts": rows}
 

@@ -107,6 +107,28 @@ def test_lossless_engine_has_hf_ids(run):
         assert [p["ids"] for p in a["prompts"]] == [p["ids"] for p in h["prompts"]]
 
 
+def test_sampled_run_samples_every_system_and_compares_no_ids(files):
+    """--temperature: arc and hf both sample with the same settings, seeded per prompt (a
+    second round draws the same texts), the report says so and compares no ids."""
+    done = arc(
+        "bench", str(files["engine"]), *COMMON, "--baselines", "hf", "--prompts",
+        str(files["prompts"]), "--rounds", "2", "--temperature", "1.5", "--top-p", "0.95",
+        "--seed", "3", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout)
+    assert not r["settings"]["greedy"]
+    assert r["settings"]["sampling"] == {"temperature": 1.5, "top_p": 0.95, "top_k": 0, "seed": 3}
+    assert r["same_ids_as_hf"] == {"tiny-O2.arc": None, "hf": None}
+    assert "--temperature 1.5 --top-p 0.95 --top-k 0 --seed 3" in r["command"]
+    for name in ("tiny-O2.arc", "hf"):
+        first, second = ([p["ids"] for p in rnd["prompts"]] for rnd in r["rounds"][name])
+        assert first == second and r["medians"][name]["tok_s"] > 0  # seeded: the same draws
+    hf = [p["ids"] for p in r["rounds"]["hf"][0]["prompts"]]
+    assert hf != [p["ids"] for p in r["rounds"]["tiny-O2.arc"][0]["prompts"]]  # greedy: equal
+    assert "sampled (temperature 1.5, top-p 0.95, top-k 0)" in plain(r).splitlines()[0]
+
+
 def test_a_baseline_that_cannot_run_is_a_note(run):
     r, err, _ = run  # the fake llama_cpp is found; tiny-llama has no GGUF for it
     assert r["skipped"] == [{"system": "llama.cpp", "reason": "tiny-llama has no GGUF file"}]
@@ -167,6 +189,8 @@ def test_results_markdown_and_tables(run, capsys):
         (["--baselines", "hf,vllm"], "unknown baseline 'vllm'"),
         (["--baselines", ""], "nothing to measure"),
         (["--baselines", "hf", "--results", "/no/such/dir/r.md"], "does not exist"),
+        (["--baselines", "hf", "--temperature", "-1"], "--temperature must be"),
+        (["--baselines", "hf", "--temperature", "0.7", "--top-p", "2"], "--top-p must be in"),
     ],
 )
 def test_bad_input_is_one_line(files, args, fragment):
