@@ -87,7 +87,7 @@ def worker_arc(engine: str, prompts: list[str], n: int, threads: int, spec: str)
 
 
 def worker_paired(
-    engine: str, prompts: list[str], n: int, threads: int, reps: int, spec: str
+    engine: str, prompts: list[str], n: int, threads: int, reps: int, how: str
 ) -> list:
     """Per prompt, `reps` pairs of (speculative tok/s, plain tok/s, same ids). Each
     speculative run drafts cold (Generator.forget): the drafter's table would otherwise hold
@@ -100,7 +100,6 @@ def worker_paired(
     torch.set_num_threads(threads)
     eng = load_engine(engine)
     gen = eng.generator
-    sampled = spec
     out: list[list] = [[] for _ in prompts]
     with torch.inference_mode():
         gen.generate(eng.prompt_ids("Say hello."), max_new_tokens=16)  # warm-up
@@ -110,7 +109,7 @@ def worker_paired(
                 for spec in (True, False) if (r + i) % 2 == 0 else (False, True):
                     if spec:
                         gen.forget()
-                    sampling = _sampling(sampled, i)
+                    sampling = _sampling(how, i)
                     res = gen.generate(ids, max_new_tokens=n, speculative=spec, sampling=sampling)
                     got[spec] = ((len(res.token_ids) - 1) / (res.decode_ms / 1e3), res.token_ids)
                 out[i].append((got[True][0], got[False][0], got[True][1] == got[False][1]))

@@ -62,9 +62,10 @@ def accept_sampled(
         d = rows[node] if rows is not None else dists(logits[node], params)[0]
         # a copy to take rejected drafts out of (the caller's rows stay the model's); relaxed:
         # dense, since a neighbourhood is a set of vocabulary ids
-        d = Dist(d.probs() if group is not None else d.w.clone(), d.tokens, d.row)
-        if group is not None:
-            d.tokens = None
+        if group is None:
+            d = Dist(d.w.clone(), d.tokens, d.row)
+        else:
+            d = Dist(d.probs(), None, d.row)
         nxt = None
         for i, (token, child) in enumerate(tree.children(node).items()):
             mass = d.mass()

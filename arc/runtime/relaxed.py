@@ -101,11 +101,12 @@ def accept_relaxed_sampled(
     lat: Latents,
     delta: float,
     sim: float,
+    rows: list | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Like accept_sampled, relaxed for the first child at each node (module docstring)."""
-    return accept_sampled(
-        tree, logits, params, gen, group=lambda p, token: _neighbourhood(p, token, lat, delta, sim)
-    )
+    """Like accept_sampled, relaxed for the first child at each node (module docstring);
+    `rows`: each node's distribution when the caller has them."""
+    group = lambda p, token: _neighbourhood(p, token, lat, delta, sim)  # noqa: E731
+    return accept_sampled(tree, logits, params, gen, group=group, rows=rows)
 
 
 def _neighbourhood(p: Tensor, token: int, lat: Latents, delta: float, sim: float) -> list[int]:

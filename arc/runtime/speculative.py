@@ -417,7 +417,9 @@ class SpeculativeLoop:
             path, new = (
                 accept_relaxed_greedy(tree, logits, *self.relaxed)
                 if sample.params.greedy
-                else accept_relaxed_sampled(tree, logits, sample.params, sample.gen, *self.relaxed)
+                else accept_relaxed_sampled(
+                    tree, logits, sample.params, sample.gen, *self.relaxed, rows=rows
+                )
             )
         elif sample.params.greedy:
             best, top = argmax_and_successors(
