@@ -330,7 +330,7 @@ def test_int8_speculative_is_greedy_identical(tmp_path):
     from arc.runtime.load import load_engine
 
     out = tmp_path / "spec-int8.arc"
-    spec = "kv-fusion{kv-dtype=int8},spec-tree"
+    spec = "kv-fusion{kv-dtype=int8},spec-tree{adaptive=false}"  # verify whenever drafted
     opts = CompileOptions(spec=spec, max_seq_len=128, target_options={"mode": "eager"})
     compile_model("tiny-llama", out, opts)
     gen = load_engine(out).generator
