@@ -102,6 +102,7 @@ def _relax_module(
     chunk = _stats_chunk(module)
     if chunk:
         builder.add_stats(_vocab(module), chunk, TOPK)
+        builder.add_sample(_vocab(module), chunk)
     if _verifies(module):
         builder.add_move()
     return builder.get(), functions, list(builder.params)
@@ -157,7 +158,8 @@ def build(
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     import tvm
 
-    from arc.targets.tvm_graph import MOVE, STATS
+    from arc.targets.tvm_graph import MOVE, SAMPLE, STATS
+    from arc.targets.tvm_sample import OUTPUTS
 
     if options.get("mode"):
         raise UnsupportedError("--torch-mode applies to the torch target, not tvm")
@@ -189,6 +191,7 @@ def build(
 
         chunk = _stats_chunk(module)
         info["stats"] = {"function": STATS, "chunk": chunk, "k": TOPK, "outputs": STATS_OUT}
+        info["sample"] = {"function": SAMPLE, "chunk": chunk, "outputs": OUTPUTS}
     if _verifies(module):
         info["move"] = MOVE
     return info, {LIBRARY: path}
@@ -237,7 +240,8 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
     import tvm
     from tvm import relax
 
-    from arc.targets.tvm_graph import MOVE, STATS, param_specs
+    from arc.targets.tvm_graph import MOVE, SAMPLE, STATS, param_specs
+    from arc.targets.tvm_sample import OUTPUTS
 
     names = list(param_specs(module, _blocks(module)))
     if info["params"] != names:
@@ -277,6 +281,11 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
         if stats.get("k") != TOPK:
             raise EngineError(f"engine's {STATS} keeps top-{stats.get('k')}, not {TOPK}")
         steps.logit_stats = _Stats(_library_fn(vm, STATS), TOPK)
+    sample = info.get("sample")  # absent from engines built before it (2026-12-06)
+    if sample is not None:
+        if not isinstance(sample, dict) or sample.get("outputs") != OUTPUTS:
+            raise EngineError(f"engine records an unknown {SAMPLE}; rebuild it")
+        steps.sample_rows = _Sample(_library_fn(vm, SAMPLE))
     return steps
 
 
@@ -400,3 +409,20 @@ class _Stats:
 
         out = self.fn(tvm.runtime.from_dlpack(logits.contiguous()))
         return torch.from_dlpack(out[0]), torch.from_dlpack(out[1]), torch.from_dlpack(out[2])
+
+
+class _Sample:
+    """`(logits [V], temperature, top_p, u) -> [token or -1, max, cut, mass, total]` by the
+    library's sample_rows kernel (targets/tvm_sample.py), which arc/runtime/sampling.py's
+    Sampler.pick takes in place of its torch passes."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, logits: torch.Tensor, temperature: float, top_p: float, u: float):
+        import tvm
+
+        x = logits.reshape(1, -1).contiguous()
+        cfg = torch.tensor([[temperature, top_p, u]], dtype=torch.float64)
+        out = self.fn(tvm.runtime.from_dlpack(x), tvm.runtime.from_dlpack(cfg))
+        return torch.from_dlpack(out)[0].tolist()

@@ -44,6 +44,7 @@ INPUT_DTYPES = {"i64": "int64", "bool": "uint8"}  # bool tensors cross as u8 (se
 
 STATS = "logits_stats"  # the Relax function of the logits' argmax and top-k
 MOVE = "kv_move"  # the Relax function copying accepted tree nodes' K/V rows into place
+SAMPLE = "sample_rows"  # the Relax function drawing a sampled step's token (tvm_sample)
 
 
 def graph_key(graph: Graph) -> tuple:
@@ -233,6 +234,23 @@ class Builder:
         # only kernels with blocks (this one is TIR without blocks)
         with self.bb.function(STATS, [logits], attrs=attrs):
             self.bb.emit_func_output(self.bb.emit(relax.call_tir(gv, [logits], types)))
+
+    def add_sample(self, vocab: int, chunk: int) -> None:
+        """Relax function `sample_rows(logits [T, V], cfg f64[T, 3]) -> f64[T, 5]`
+        (tvm_sample.sample_rows): a sampled step's token drawn with temperature and top-p."""
+        from tvm import relax
+
+        from arc.targets import tvm_sample
+
+        t_len = self.dims["T"]
+        logits = relax.Var("logits", relax.TensorType([t_len, vocab], "float32"))
+        cfg = relax.Var("cfg", relax.TensorType([t_len, 3], "float64"))
+        attrs = {"tir_var_upper_bound": {"T": self.module.kv.max_seq_len}}
+        make = lambda: tvm_sample.sample_rows(vocab, chunk)  # noqa: E731
+        gv = self.kernel(("sample_rows", vocab, chunk), make)
+        out = relax.TensorType([t_len, len(tvm_sample.OUTPUTS)], "float64")
+        with self.bb.function(SAMPLE, [logits, cfg], attrs=attrs):  # no dataflow: add_stats
+            self.bb.emit_func_output(self.bb.emit(relax.call_tir(gv, [logits, cfg], out)))
 
     def add_move(self) -> None:
         """Relax function `kv_move(cache, src i64[P], dst i64[P]) -> cache`: the K/V rows of

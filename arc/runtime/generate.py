@@ -114,7 +114,8 @@ class Generator:
         """Generate after `prompt_ids`; `speculative=False` forces the plain loop; `trace`
         keeps one record per decode step (GenerationResult.trace)."""
         stats = getattr(self.steps, "logit_stats", None)  # a target's argmax kernel (tvm)
-        sample = Sampler(sampling, partial(argmax_rows, stats=stats) if stats else None)
+        argmax = partial(argmax_rows, stats=stats) if stats else None
+        sample = Sampler(sampling, argmax, getattr(self.steps, "sample_rows", None))
         t0 = time.perf_counter()
         logits, skipped = self._prefill_choosing(prompt_ids)
         out = [sample(logits)]

@@ -54,16 +54,34 @@ class SamplingParams:
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams, argmax=None):
+    def __init__(self, params: SamplingParams, argmax=None, kernel=None):
         """`argmax`: rows [n, V] -> their first maximal indices, by the target's kernel
-        (arc/runtime/topk.py `argmax_rows`); else torch's max."""
+        (arc/runtime/topk.py `argmax_rows`); else torch's max. `kernel` (Steps.sample_rows):
+        a target's draw of one row, `(logits [V], temperature, top_p, u) -> (token, max,
+        cut, mass, total)` (targets/tvm_sample.py), taken for temperature and top-p (not
+        top-k) where the row is one it answers for (token >= 0)."""
         self.params = params.validate()
         self.argmax = argmax
+        p = self.params
+        usable = not p.greedy and p.top_k == 0 and p.temperature >= FAST_T
+        self.kernel = kernel if usable else None
         self.gen = torch.Generator()
         if params.seed is not None:
             self.gen.manual_seed(params.seed)
         else:
             self.gen.seed()
+
+    def pick(self, logits: Tensor) -> tuple[int, Dist | CutDist]:
+        """A token drawn from logits [V] (not greedy) and the distribution it was drawn
+        from: the target kernel's where it has one, else `dists`'."""
+        if self.kernel is not None:
+            u = float(torch.rand((), generator=self.gen, dtype=torch.float64))
+            p = self.params
+            token, peak, cut, mass, _ = self.kernel(logits, p.temperature, p.top_p, u)
+            if token >= 0:
+                return int(token), CutDist(logits.reshape(-1), peak, cut, p.temperature, mass)
+        d = dists(logits, self.params)[0]
+        return self.draw(d), d
 
     def __call__(self, logits: Tensor) -> int:
         """Pick the next token from logits [vocab]."""
@@ -73,7 +91,7 @@ class Sampler:
             # max's index, which torch documents as the first maximal one as argmax's: the
             # same token, in 24 instead of 82 us over a 49k vocabulary on one thread
             return int(logits.max(dim=-1).indices)
-        return self.draw(dists(logits, self.params)[0])
+        return self.pick(logits)[0]
 
     def draw(self, d: Dist) -> int:
         """A token from `d` by this sampler's generator; the argmax of d's logits where d has
@@ -160,8 +178,36 @@ class Dist:
         return [t if p > 0 else -1 for t, p in got], [p for _, p in got]
 
 
+@dataclass
+class CutDist:
+    """One row's sampling distribution as a target kernel drew from it (Sampler.pick):
+    weights exp((x - peak) / temperature) over the tokens whose logit x >= cut (the top-p
+    nucleus; every token when cut is -inf), summing to `total`. Answers what Token
+    Recycling's teaching asks (`top`); nothing is materialized."""
+
+    row: Tensor
+    peak: float
+    cut: float
+    temperature: float
+    total: float
+
+    def mass(self) -> float:
+        return self.total
+
+    def head(self, k: int) -> None:
+        return None  # no sorted support: the caller finds the candidates
+
+    def top(self, candidates: list[int]) -> tuple[list[int], list[float]]:
+        """(tokens, probabilities) of `candidates` under this distribution; a candidate
+        outside the nucleus becomes -1."""
+        xs = self.row[candidates].tolist()
+        t, peak, cut, mass = self.temperature, self.peak, self.cut, self.total
+        probs = [math.exp((x - peak) / t) / mass if x >= cut and mass > 0 else 0.0 for x in xs]
+        return [c if q > 0 else -1 for c, q in zip(candidates, probs, strict=True)], probs
+
+
 def successors_under(
-    rows: list[Dist], candidates: Tensor | None, k: int
+    rows: list[Dist | CutDist], candidates: Tensor | None, k: int
 ) -> tuple[Tensor, Tensor] | None:
     """(tokens [n, k] i64, probabilities [n, k] f32): each row's `candidates` [n, k] (its top
     tokens by logit) with their probabilities under its distribution (Dist.top). Without

@@ -401,9 +401,8 @@ class SpeculativeLoop:
             out = best[0]
             self.drafter.observe(Tree(token), top)
         else:
-            rows = dists(logits, sample.params)
-            out = sample.draw(rows[0])
-            self._teach(Tree(token), logits[None], sample, rows)
+            out, row = sample.pick(logits)
+            self._teach(Tree(token), logits[None], sample, [row])
         self.step_s = time.perf_counter() - t
         self.cost[1].add(self.step_s)
         return out

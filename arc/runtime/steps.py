@@ -49,6 +49,8 @@ class Steps:
         self.latents = None  # output embeddings for relaxed acceptance (arc/runtime/relaxed.py)
         # logits [n, V] -> (chunk maxima, logsumexp) by the target's kernel (tvm), or None
         self.logit_stats = None
+        # a sampled step's draw by the target's kernel (tvm: targets/tvm_sample.py), or None
+        self.sample_rows = None
         self.bucket, self._reset, self._move = bucket, reset, move
         self._positions = torch.arange(max_seq_len, dtype=torch.long, device=device)
         self._verify_feeds: dict[tuple[int, int], tuple] = {}  # (B, width) -> _tree_buffers

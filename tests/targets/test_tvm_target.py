@@ -130,8 +130,9 @@ def test_logits_stats_kernel_serves_the_speculative_top_k(engines, tmp_path, mon
     logits_stats function (built outside a dataflow block: tvm.compile's RewriteDataflowReshape
     refuses block-less kernels there), the runtime calls it on every verify's logits and on
     decode steps' (greedy argmax, Token Recycling's successors), and greedy ids stay the torch
-    engine's. The tiny vocabulary (320) splits into chunks of
-    32, so the chunk is made 32 here (smollm2's 49152 takes the real 128)."""
+    engine's; and its sample_rows draws sampled steps (below). The tiny vocabulary (320)
+    splits into chunks of 32, so the chunk is made 32 here (smollm2's 49152 takes the real
+    128)."""
     from arc.compiler import CompileOptions, compile_model
     from arc.engine import read_manifest
     from arc.presets import preset_spec
@@ -157,3 +158,53 @@ def test_logits_stats_kernel_serves_the_speculative_top_k(engines, tmp_path, mon
         got = eng.generator.generate(eng.prompt_ids(prompt), max_new_tokens=N, ignore_eos=True)
         assert got.token_ids == _greedy(engines["torch"][0], prompt).token_ids, prompt
     assert 1 in calls and any(n > 1 for n in calls)
+    _sample_kernel_serves_sampled_steps(path, eng)
+
+
+def _sample_kernel_serves_sampled_steps(path, eng):
+    """The same engine's sample_rows (recorded; chunk 32 of the 320-token vocabulary): the
+    runtime draws every plain sampled step with it, plain and speculative, seeded runs
+    repeat, and its draws from a prefill's logits follow filter_logits' distribution
+    (chi-square, 6000 draws)."""
+    import math
+
+    import torch
+
+    from arc.engine import read_manifest
+    from arc.runtime.sampling import Sampler, SamplingParams, filter_logits
+
+    want = {
+        "function": "sample_rows",
+        "chunk": 32,
+        "outputs": ["token", "max", "cut", "mass", "total"],
+    }
+    assert read_manifest(path)["target"]["sample"] == want
+    gen = eng.generator
+    kernel, calls = gen.steps.sample_rows, []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return kernel(*args)
+
+    gen.steps.sample_rows = counted
+    ids = eng.prompt_ids(PROMPTS[1])
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
+    for spec in (False, True):
+        calls.clear()
+        a = gen.generate(ids, max_new_tokens=N, sampling=params, ignore_eos=True, speculative=spec)
+        b = gen.generate(ids, max_new_tokens=N, sampling=params, ignore_eos=True, speculative=spec)
+        assert a.token_ids == b.token_ids and len(a.token_ids) == N
+        assert len(calls) >= 2 * (a.forward_passes - a.verify_passes) > 0  # every plain step
+    with torch.inference_mode():
+        gen.steps.reset()
+        logits = gen.steps.prefill(ids, 0).reshape(-1)
+    probs = filter_logits(logits.double(), params).softmax(-1)
+    sampler, counts = Sampler(params, kernel=kernel), torch.zeros(len(probs))
+    for _ in range(6000):
+        counts[sampler.pick(logits)[0]] += 1
+    support = (probs > 0).nonzero().flatten()
+    assert counts.sum() == counts[support].sum()
+    expected = probs[support] * 6000
+    stat = float(((counts[support] - expected) ** 2 / expected).sum())
+    df = max(len(support) - 1, 1)
+    assert stat < df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3  # p ~ 0.001
