@@ -412,17 +412,18 @@ class _Stats:
 
 
 class _Sample:
-    """`(logits [V], temperature, top_p, u) -> [token or -1, max, cut, mass, total]` by the
-    library's sample_rows kernel (targets/tvm_sample.py), which arc/runtime/sampling.py's
-    Sampler.pick takes in place of its torch passes."""
+    """`(logits [n, V], temperature, top_p, us) -> [[token or -1, max, cut, mass, total]] *
+    n`, row i drawn with the uniform us[i], by the library's sample_rows kernel
+    (targets/tvm_sample.py), which arc/runtime/sampling.py's Sampler takes in place of its
+    torch passes."""
 
     def __init__(self, fn):
         self.fn = fn
 
-    def __call__(self, logits: torch.Tensor, temperature: float, top_p: float, u: float):
+    def __call__(self, logits: torch.Tensor, temperature: float, top_p: float, us: list[float]):
         import tvm
 
-        x = logits.reshape(1, -1).contiguous()
-        cfg = torch.tensor([[temperature, top_p, u]], dtype=torch.float64)
+        x = logits.reshape(len(us), -1).contiguous()
+        cfg = torch.tensor([[temperature, top_p, u] for u in us], dtype=torch.float64)
         out = self.fn(tvm.runtime.from_dlpack(x), tvm.runtime.from_dlpack(cfg))
-        return torch.from_dlpack(out)[0].tolist()
+        return torch.from_dlpack(out).tolist()

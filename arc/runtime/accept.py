@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from arc.runtime.sampling import Dist, SamplingParams, dists
+from arc.runtime.sampling import CutDist, Dist, SamplingParams, dists
 from arc.runtime.tree import Tree
 
 
@@ -51,7 +51,7 @@ def accept_sampled(
     params: SamplingParams,
     gen: torch.Generator,
     group: Callable[[Tensor, int], list[int]] | None = None,
-    rows: list[Dist] | None = None,
+    rows: list[Dist | CutDist] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Like accept_greedy, for sampling: distribution-preserving multi-branch acceptance.
     `group(p, token)`: the tokens whose mass the first child is accepted with (relaxed
@@ -63,7 +63,7 @@ def accept_sampled(
         # a copy to take rejected drafts out of (the caller's rows stay the model's); relaxed:
         # dense, since a neighbourhood is a set of vocabulary ids
         if group is None:
-            d = Dist(d.w.clone(), d.tokens, d.row)
+            d = d.copy()
         else:
             d = Dist(d.probs(), None, d.row)
         nxt = None

@@ -17,7 +17,7 @@ below FAST_T, take the float64 path of `filter_logits`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -71,18 +71,6 @@ class Sampler:
         else:
             self.gen.seed()
 
-    def pick(self, logits: Tensor) -> tuple[int, Dist | CutDist]:
-        """A token drawn from logits [V] (not greedy) and the distribution it was drawn
-        from: the target kernel's where it has one, else `dists`'."""
-        if self.kernel is not None:
-            u = float(torch.rand((), generator=self.gen, dtype=torch.float64))
-            p = self.params
-            token, peak, cut, mass, _ = self.kernel(logits, p.temperature, p.top_p, u)
-            if token >= 0:
-                return int(token), CutDist(logits.reshape(-1), peak, cut, p.temperature, mass)
-        d = dists(logits, self.params)[0]
-        return self.draw(d), d
-
     def __call__(self, logits: Tensor) -> int:
         """Pick the next token from logits [vocab]."""
         if self.params.greedy:
@@ -92,6 +80,32 @@ class Sampler:
             # same token, in 24 instead of 82 us over a 49k vocabulary on one thread
             return int(logits.max(dim=-1).indices)
         return self.pick(logits)[0]
+
+    def pick(self, logits: Tensor) -> tuple[int, Dist | CutDist]:
+        """A token drawn from logits [V] (not greedy) and the distribution it was drawn
+        from: the target kernel's where it has one, else `dists`'."""
+        d = self.dists(logits.reshape(1, -1))[0]
+        token = d.draw(self.gen)
+        return (int(torch.argmax(d.row)) if token is None else token), d
+
+    def dists(self, logits: Tensor) -> list[Dist | CutDist]:
+        """Each row's distribution of logits [n, V] (not greedy): a CutDist where the
+        target's kernel answers for the row, with a token drawn from it by a uniform of this
+        sampler's; else `dists`'."""
+        if self.kernel is None:
+            return dists(logits, self.params)
+        p, n = self.params, logits.shape[0]
+        us = torch.rand(n, generator=self.gen, dtype=torch.float64).tolist()
+        got = self.kernel(logits, p.temperature, p.top_p, us)
+        out = [
+            CutDist(logits[i], peak, cut, p.temperature, mass, int(token))
+            for i, (token, peak, cut, mass, _) in enumerate(got)
+        ]
+        left = [i for i, (token, *_) in enumerate(got) if token < 0]  # nan, inf, all -inf
+        if left:
+            for i, d in zip(left, dists(logits[left], p), strict=True):
+                out[i] = d
+        return out
 
     def draw(self, d: Dist) -> int:
         """A token from `d` by this sampler's generator; the argmax of d's logits where d has
@@ -113,6 +127,10 @@ class Dist:
     tokens: Tensor | None
     row: Tensor
     total: float | None = None  # sum(w) when known (drawn from, nothing removed since)
+
+    def copy(self) -> Dist:
+        """A copy whose weights `remove` may change (the caller's stay the model's)."""
+        return Dist(self.w.clone(), self.tokens, self.row)
 
     def _at(self, token: int) -> int | None:
         if self.tokens is None:
@@ -180,19 +198,47 @@ class Dist:
 
 @dataclass
 class CutDist:
-    """One row's sampling distribution as a target kernel drew from it (Sampler.pick):
-    weights exp((x - peak) / temperature) over the tokens whose logit x >= cut (the top-p
-    nucleus; every token when cut is -inf), summing to `total`. Answers what Token
-    Recycling's teaching asks (`top`); nothing is materialized."""
+    """One row's sampling distribution as a target kernel found it (Sampler.dists): weights
+    exp((x - peak) / temperature) over the tokens whose logit x >= cut (the top-p nucleus;
+    every token when cut is -inf), summing to `total`, and `drawn`, a token the kernel drew
+    from it with a uniform of its own (the first draw takes it). Nothing is materialized
+    until a draw after `remove` (a rejected draft's residual: one torch pass)."""
 
     row: Tensor
     peak: float
     cut: float
     temperature: float
     total: float
+    drawn: int | None = None
+    removed: dict[int, float] = field(default_factory=dict)
+
+    def copy(self) -> CutDist:
+        return CutDist(self.row, self.peak, self.cut, self.temperature, self.total, self.drawn)
+
+    def _w(self, x: float) -> float:
+        return math.exp((x - self.peak) / self.temperature) if x >= self.cut else 0.0
+
+    def weight(self, token: int) -> float:
+        return 0.0 if token in self.removed else self._w(float(self.row[token]))
+
+    def remove(self, token: int) -> None:
+        w = self.weight(token)
+        if w > 0:
+            self.removed[token] = w
 
     def mass(self) -> float:
-        return self.total
+        return max(self.total - sum(self.removed.values()), 0.0)
+
+    def draw(self, gen: torch.Generator) -> int | None:
+        """The kernel's token while nothing is removed; else a draw from the residual."""
+        if not self.removed and self.drawn is not None:
+            token, self.drawn = self.drawn, None
+            return token
+        x = self.row.float()
+        w = torch.where(x >= self.cut, (x - self.peak).div_(self.temperature).exp_(), 0.0)
+        if self.removed:
+            w[list(self.removed)] = 0.0
+        return Dist(w, None, self.row).draw(gen)
 
     def head(self, k: int) -> None:
         return None  # no sorted support: the caller finds the candidates
@@ -200,9 +246,8 @@ class CutDist:
     def top(self, candidates: list[int]) -> tuple[list[int], list[float]]:
         """(tokens, probabilities) of `candidates` under this distribution; a candidate
         outside the nucleus becomes -1."""
-        xs = self.row[candidates].tolist()
-        t, peak, cut, mass = self.temperature, self.peak, self.cut, self.total
-        probs = [math.exp((x - peak) / t) / mass if x >= cut and mass > 0 else 0.0 for x in xs]
+        mass = self.total
+        probs = [self._w(x) / mass if mass > 0 else 0.0 for x in self.row[candidates].tolist()]
         return [c if q > 0 else -1 for c, q in zip(candidates, probs, strict=True)], probs
 
 

@@ -411,7 +411,9 @@ class SpeculativeLoop:
         t = time.perf_counter()
         tree = build(root, [p for p, _ in paths])
         logits = self.steps.verify_tree(tree, pos, size)[: len(tree)]  # [n, V]
-        rows = None if sample.params.greedy else dists(logits, sample.params)
+        rows = None  # each node's sampling distribution (relaxed acceptance: dense Dists)
+        if not sample.params.greedy:
+            rows = dists(logits, sample.params) if self.relaxed else sample.dists(logits)
         if self.relaxed is not None:
             path, new = (
                 accept_relaxed_greedy(tree, logits, *self.relaxed)

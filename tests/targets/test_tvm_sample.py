@@ -27,10 +27,12 @@ def kernel():
     fn = tvm.compile(mod, target=target)["main"]
 
     def run(x, temperature, top_p, us):
-        """out [len(us), 5] for the row x [V] drawn with each uniform of `us`."""
+        """out [len(us), 5]: row x [V] drawn with each uniform of `us`, or rows x [n, V]
+        each with its own."""
         import torch
 
-        rows = x.reshape(1, -1).expand(len(us), -1).contiguous()
+        rows = x if x.dim() == 2 else x.reshape(1, -1).expand(len(us), -1)
+        rows = rows.contiguous()
         cfg = torch.tensor([[temperature, top_p, u] for u in us], dtype=torch.float64)
         out = torch.zeros(len(us), 5, dtype=torch.float64)
         args = [rows, cfg, out]
@@ -131,11 +133,11 @@ def test_sampler_draws_follow_the_distribution(kernel):
     kept, w = _reference(x, 0.8, 0.9)
     probs = w / w.sum()
 
-    def call(logits, t, p, u):
-        return kernel(logits, t, p, [u])[0].tolist()
+    def call(logits, t, p, us):
+        return kernel(logits, t, p, us).tolist()
 
-    def squared(logits, t, p, u):
-        return kernel(logits, t, p, [u * u])[0].tolist()
+    def squared(logits, t, p, us):
+        return kernel(logits, t, p, [u * u for u in us]).tolist()
 
     def chi2(fn):
         sampler = Sampler(params, kernel=fn)
@@ -162,3 +164,47 @@ def test_sampler_draws_follow_the_distribution(kernel):
     counts, _ = chi2(squared)
     biased = float(((counts[support] - expected) ** 2 / expected).sum())
     assert biased > critical
+
+
+def test_speculative_acceptance_over_kernel_rows_preserves_the_distribution(kernel):
+    """Multi-branch acceptance (accept_sampled) over the kernel's rows (CutDist: the kernel's
+    own draw at a node with nothing rejected, a residual drawn after a rejection) yields
+    two-token outcomes with the model's joint distribution p(a) p(b | a): chi-square."""
+    import torch
+
+    from arc.runtime.accept import accept_sampled
+    from arc.runtime.sampling import Sampler, SamplingParams, filter_logits
+    from arc.runtime.tree import Tree
+
+    g = torch.Generator().manual_seed(0)
+    strong = [11, 300, 2000, 4100, 7000, 9000]  # every other token ~30 below: no mass
+    logits = torch.full((8, VOCAB), -30.0)
+    logits[:, strong] = torch.randn(8, len(strong), generator=g) * 1.5
+    tree = Tree(0)
+    for path in ([2000, 300], [2000, 7000], [4100, 4100], [9000]):
+        tree.add_path(path)
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=5)
+    probs = filter_logits(logits.double(), params).softmax(-1)
+    expect = {}
+    for a in strong:
+        child = tree.child(0, a)
+        for b in strong:
+            if child is None:  # a bonus token: nothing after it is sampled this step
+                expect[(a,)] = float(probs[0, a])
+                continue
+            expect[(a, b)] = float(probs[0, a] * probs[child, b])
+
+    def call(x, t, p, us):
+        return kernel(x, t, p, us).tolist()
+
+    sampler = Sampler(params, kernel=call)
+    counts, n = dict.fromkeys(expect, 0), 6000
+    for _ in range(n):
+        rows = sampler.dists(logits)
+        _, tokens = accept_sampled(tree, logits, params, sampler.gen, rows=rows)
+        key = tuple(tokens[:2]) if tree.child(0, tokens[0]) is not None else (tokens[0],)
+        counts[key] += 1
+    cells = [k for k in expect if expect[k] * n >= 5]
+    chi2 = sum((counts[k] - n * expect[k]) ** 2 / (n * expect[k]) for k in cells)
+    df = len(cells) - 1
+    assert chi2 < df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3, (chi2, df)
