@@ -236,8 +236,9 @@ class Builder:
             self.bb.emit_func_output(self.bb.emit(relax.call_tir(gv, [logits], types)))
 
     def add_sample(self, vocab: int, chunk: int) -> None:
-        """Relax function `sample_rows(logits [T, V], cfg f64[T, 3]) -> f64[T, 5]`
-        (tvm_sample.sample_rows): a sampled step's token drawn with temperature and top-p."""
+        """Relax function `sample_rows(logits [T, V], cfg f64[T, 3], out f64[T, 5]) -> out`
+        (tvm_sample.sample_rows), written in place: the runtime keeps cfg and out and reads
+        them through NumPy (torch calls right after a step cost 10-60 us each, cold)."""
         from tvm import relax
 
         from arc.targets import tvm_sample
@@ -245,12 +246,14 @@ class Builder:
         t_len = self.dims["T"]
         logits = relax.Var("logits", relax.TensorType([t_len, vocab], "float32"))
         cfg = relax.Var("cfg", relax.TensorType([t_len, 3], "float64"))
+        out_ty = relax.TensorType([t_len, len(tvm_sample.OUTPUTS)], "float64")
+        out = relax.Var("out", out_ty)
         attrs = {"tir_var_upper_bound": {"T": self.module.kv.max_seq_len}}
         make = lambda: tvm_sample.sample_rows(vocab, chunk)  # noqa: E731
         gv = self.kernel(("sample_rows", vocab, chunk), make)
-        out = relax.TensorType([t_len, len(tvm_sample.OUTPUTS)], "float64")
-        with self.bb.function(SAMPLE, [logits, cfg], attrs=attrs):  # no dataflow: add_stats
-            self.bb.emit_func_output(self.bb.emit(relax.call_tir(gv, [logits, cfg], out)))
+        with self.bb.function(SAMPLE, [logits, cfg, out], attrs=attrs):  # no dataflow: stats
+            call = relax.call_tir_inplace(gv, [logits, cfg, out], 2, out_ty)
+            self.bb.emit_func_output(self.bb.emit(call))
 
     def add_move(self) -> None:
         """Relax function `kv_move(cache, src i64[P], dst i64[P]) -> cache`: the K/V rows of
