@@ -102,7 +102,7 @@ def _relax_module(
     chunk = _stats_chunk(module)
     if chunk:
         builder.add_stats(_vocab(module), chunk, TOPK)
-        builder.add_sample(_vocab(module), chunk)
+        builder.add_sample(_vocab(module), chunk, TOPK)
     if _verifies(module):
         builder.add_move()
     return builder.get(), functions, list(builder.params)
@@ -191,7 +191,7 @@ def build(
 
         chunk = _stats_chunk(module)
         info["stats"] = {"function": STATS, "chunk": chunk, "k": TOPK, "outputs": STATS_OUT}
-        info["sample"] = {"function": SAMPLE, "chunk": chunk, "outputs": OUTPUTS}
+        info["sample"] = {"function": SAMPLE, "chunk": chunk, "k": TOPK, "outputs": OUTPUTS}
     if _verifies(module):
         info["move"] = MOVE
     return info, {LIBRARY: path}
@@ -283,9 +283,13 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
         steps.logit_stats = _Stats(_library_fn(vm, STATS), TOPK)
     sample = info.get("sample")  # absent from engines built before it (2026-12-06)
     if sample is not None:
+        from arc.runtime.topk import TOPK
+
         if not isinstance(sample, dict) or sample.get("outputs") != OUTPUTS:
             raise EngineError(f"engine records an unknown {SAMPLE}; rebuild it")
-        steps.sample_rows = _Sample(_library_fn(vm, SAMPLE))
+        if sample.get("k") != TOPK:
+            raise EngineError(f"engine's {SAMPLE} keeps top-{sample.get('k')}, not {TOPK}")
+        steps.sample_rows = _Sample(_library_fn(vm, SAMPLE), TOPK)
     return steps
 
 
@@ -412,15 +416,15 @@ class _Stats:
 
 
 class _Sample:
-    """`(logits [n, V], temperature, top_p, us) -> [[token or -1, max, cut, mass, total]] *
-    n`, row i drawn with the uniform us[i], by the library's sample_rows kernel
-    (targets/tvm_sample.py), which arc/runtime/sampling.py's Sampler takes in place of its
-    torch passes. Settings and results go through buffers kept per row count, written and
-    read by NumPy: right after a decode step each torch call costs 10-60 us (cold caches),
-    and making them per call took 0.07 of the call's 0.12 ms."""
+    """`(logits [n, V], temperature, top_p, us) -> [[token or -1, max, cut, mass, total,
+    k top tokens, their probabilities]] * n`, row i drawn with the uniform us[i], by the
+    library's sample_rows kernel (targets/tvm_sample.py), which arc/runtime/sampling.py's
+    Sampler takes in place of its torch passes. Settings and results go through buffers kept
+    per row count, written and read by NumPy: right after a decode step each torch call costs
+    10-60 us (cold caches), and making them per call took 0.07 of the call's 0.12 ms."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, k: int):
+        self.fn, self.k = fn, k
         self.bufs: dict[int, tuple] = {}  # rows -> (cfg, out) as (tvm view, NumPy view)
 
     def __call__(self, logits: torch.Tensor, temperature: float, top_p: float, us: list[float]):
@@ -428,10 +432,8 @@ class _Sample:
 
         n = len(us)
         if n not in self.bufs:
-            cfg, out = (
-                torch.zeros(n, 3, dtype=torch.float64),
-                torch.zeros(n, 5, dtype=torch.float64),
-            )
+            cfg = torch.zeros(n, 3, dtype=torch.float64)
+            out = torch.zeros(n, 5 + 2 * self.k, dtype=torch.float64)
             self.bufs[n] = tuple((tvm.runtime.from_dlpack(t), t.numpy()) for t in (cfg, out))
         (cfg, cfg_np), (out, out_np) = self.bufs[n]
         cfg_np[:, 0], cfg_np[:, 1], cfg_np[:, 2] = temperature, top_p, us

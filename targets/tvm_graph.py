@@ -235,8 +235,8 @@ class Builder:
         with self.bb.function(STATS, [logits], attrs=attrs):
             self.bb.emit_func_output(self.bb.emit(relax.call_tir(gv, [logits], types)))
 
-    def add_sample(self, vocab: int, chunk: int) -> None:
-        """Relax function `sample_rows(logits [T, V], cfg f64[T, 3], out f64[T, 5]) -> out`
+    def add_sample(self, vocab: int, chunk: int, k: int) -> None:
+        """Relax function `sample_rows(logits [T, V], cfg f64[T, 3], out f64[T, 5 + 2k]) -> out`
         (tvm_sample.sample_rows), written in place: the runtime keeps cfg and out and reads
         them through NumPy (torch calls right after a step cost 10-60 us each, cold)."""
         from tvm import relax
@@ -246,11 +246,11 @@ class Builder:
         t_len = self.dims["T"]
         logits = relax.Var("logits", relax.TensorType([t_len, vocab], "float32"))
         cfg = relax.Var("cfg", relax.TensorType([t_len, 3], "float64"))
-        out_ty = relax.TensorType([t_len, len(tvm_sample.OUTPUTS)], "float64")
+        out_ty = relax.TensorType([t_len, 5 + 2 * k], "float64")
         out = relax.Var("out", out_ty)
         attrs = {"tir_var_upper_bound": {"T": self.module.kv.max_seq_len}}
-        make = lambda: tvm_sample.sample_rows(vocab, chunk)  # noqa: E731
-        gv = self.kernel(("sample_rows", vocab, chunk), make)
+        make = lambda: tvm_sample.sample_rows(vocab, chunk, k)  # noqa: E731
+        gv = self.kernel(("sample_rows", vocab, chunk, k), make)
         with self.bb.function(SAMPLE, [logits, cfg, out], attrs=attrs):  # no dataflow: stats
             call = relax.call_tir_inplace(gv, [logits, cfg, out], 2, out_ty)
             self.bb.emit_func_output(self.bb.emit(call))

@@ -891,6 +891,29 @@ def panel_embed(kind: str, vocab: int, hidden: int, group: int, scale: str = "fl
     return te.create_prim_func([tokens, *comps, out])
 
 
+def topk_insert(k: int):
+    """T.macro `insert(topv, topi, value, index)`: into topv/topi (k entries, decreasing)
+    `value` if it beats the last, bubbled up past smaller entries (a tie stays below: the
+    earlier index wins)."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def insert(topv, topi, value, index):
+        if value > topv[k - 1]:
+            topv[k - 1] = value
+            topi[k - 1] = index
+            for jj in range(k - 1):
+                if topv[k - 1 - jj] > topv[k - 2 - jj]:
+                    sv = topv[k - 2 - jj]
+                    si = topi[k - 2 - jj]
+                    topv[k - 2 - jj] = topv[k - 1 - jj]
+                    topi[k - 2 - jj] = topi[k - 1 - jj]
+                    topv[k - 1 - jj] = sv
+                    topi[k - 1 - jj] = si
+
+    return insert
+
+
 def logits_stats(vocab: int, chunk: int, k: int):
     """PrimFunc (best i64[T], tokens i64[T, k], probs [T, k]) of logits [T, V]: each row's
     argmax (the first maximal index, torch.argmax's), its k most probable tokens in
@@ -933,21 +956,7 @@ def logits_stats(vocab: int, chunk: int, k: int):
     nan = T.float32(float("nan"))
     exp, sum16, max16 = exp_lane(), sum16_lanes(), sum16_lanes(T.max)
 
-    @T.macro
-    def insert(topv, topi, value, index):
-        """Into topv/topi (k entries, decreasing): `value` if it beats the last, bubbled up
-        past smaller entries (a tie stays below: the earlier index wins)."""
-        if value > topv[k - 1]:
-            topv[k - 1] = value
-            topi[k - 1] = index
-            for jj in range(k - 1):
-                if topv[k - 1 - jj] > topv[k - 2 - jj]:
-                    sv = topv[k - 2 - jj]
-                    si = topi[k - 2 - jj]
-                    topv[k - 2 - jj] = topv[k - 1 - jj]
-                    topi[k - 2 - jj] = topi[k - 1 - jj]
-                    topv[k - 1 - jj] = sv
-                    topi[k - 1 - jj] = si
+    insert = topk_insert(k)
 
     @T.prim_func(private=True)
     def logits_stats_kernel(

@@ -35,16 +35,21 @@ out[t] = (token, M, cut, nucleus mass, S) as float64; token -1 for a row holding
 from __future__ import annotations
 
 from arc.errors import UnsupportedError
-from arc.targets.tvm_kernels import LANES, STAT_PARTS, exp_lane, sum16_lanes
+from arc.targets.tvm_kernels import LANES, STAT_PARTS, exp_lane, sum16_lanes, topk_insert
 
-OUTPUTS = ["token", "max", "cut", "mass", "total"]  # out[t, :] of sample_rows
+# out[t, :] of sample_rows: then the k most likely tokens (-1 outside the nucleus) and their
+# probabilities, Token Recycling's successors (arc/runtime/topk.py TOPK)
+OUTPUTS = ["token", "max", "cut", "mass", "total", "top_tokens", "top_probs"]
 HALVINGS = 34  # bisection steps: 2^32 float keys between lo0 and M at most
 
 
-def sample_rows(vocab: int, chunk: int):
-    """PrimFunc out f64[T, 5] of logits x [T, V] and cfg f64[T, 3] = (temperature, top_p,
-    u) for each row, u uniform in [0, 1): see the module docstring. temperature >= 1e-30
-    (arc/runtime/sampling.py FAST_T), 0 < top_p <= 1."""
+def sample_rows(vocab: int, chunk: int, k: int):
+    """PrimFunc out f64[T, 5 + 2k] of logits x [T, V] and cfg f64[T, 3] = (temperature,
+    top_p, u) for each row, u uniform in [0, 1): see the module docstring; then the row's k
+    largest logits' tokens (from the k chunks of largest max, as tvm_kernels.logits_stats
+    finds them) and their probabilities under the distribution, a token outside the nucleus
+    -1 with probability 0. temperature >= 1e-30 (arc/runtime/sampling.py FAST_T), 0 < top_p
+    <= 1."""
     from tvm.script import tirx as T
 
     lanes = LANES
@@ -59,6 +64,7 @@ def sample_rows(vocab: int, chunk: int):
     neg, inf = T.float32(float("-inf")), T.float32(float("inf"))
     exp, sum16, max16 = exp_lane(), sum16_lanes(), sum16_lanes(T.max)
     sign = T.int64(-(2**31))
+    insert = topk_insert(k)
 
     @T.macro
     def row_max(m, mv, cmax, t):
@@ -81,7 +87,7 @@ def sample_rows(vocab: int, chunk: int):
         t_len = T.int64()
         x = T.match_buffer(var_x, (t_len, vocab), "float32")
         cfg = T.match_buffer(var_cfg, (t_len, 3), "float64")
-        out = T.match_buffer(var_out, (t_len, 5), "float64")
+        out = T.match_buffer(var_out, (t_len, 5 + 2 * k), "float64")
         w = T.alloc_buffer((t_len, vocab), "float32")
         cmax = T.alloc_buffer((t_len, chunks), "float32")
         csum = T.alloc_buffer((t_len, chunks), "float32")
@@ -137,6 +143,10 @@ def sample_rows(vocab: int, chunk: int):
             cand = T.alloc_buffer((chunks,), "int32")  # chunks that may hold nucleus tokens
             cs = T.alloc_buffer((chunks,), "float64")  # their nucleus mass
             n = T.alloc_buffer((4,), "int32")  # candidates, kept, token, last chunk with mass
+            cv = T.alloc_buffer((k,), "float32")  # the k largest chunk maxima
+            ci = T.alloc_buffer((k,), "int64")  # their chunks
+            tv = T.alloc_buffer((k,), "float32")  # the k largest logits
+            ti = T.alloc_buffer((k,), "int64")  # their tokens
             row_max(m, mv, cmax, t)
             red[0] = T.float64(0)
             red[1] = T.float64(0)
@@ -227,6 +237,27 @@ def sample_rows(vocab: int, chunk: int):
                         if x[t, n[3] * chunk + i] >= f[1] and w[t, n[3] * chunk + i] > T.float32(0):
                             n[2] = n[3] * chunk + i
                 out[t, 0] = T.Cast("float64", n[2])
+                for j in range(k):  # Token Recycling's successors: the k largest logits
+                    cv[j] = neg
+                    ci[j] = T.int64(-1)
+                    tv[j] = neg
+                    ti[j] = T.int64(-1)
+                for c in range(chunks):
+                    insert(cv, ci, cmax[t, c], T.int64(c))
+                for j in range(k):
+                    if ci[j] >= T.int64(0):  # a chunk with a finite max (each chunk once)
+                        for i in range(chunk):
+                            insert(tv, ti, x[t, ci[j] * chunk + i], ci[j] * chunk + i)
+                for j in range(k):
+                    out[t, 5 + j] = T.float64(-1)
+                    out[t, 5 + k + j] = T.float64(0)
+                    if ti[j] >= T.int64(0) and tv[j] >= f[1] and red[2] > T.float64(0):
+                        red[0] = T.Cast(
+                            "float64", T.exp((tv[j] - m[0]) / T.Cast("float32", cfg[t, 0]))
+                        )
+                        if red[0] > T.float64(0):
+                            out[t, 5 + j] = T.Cast("float64", ti[j])
+                            out[t, 5 + k + j] = red[0] / red[2]
 
     return sample_rows_kernel
 

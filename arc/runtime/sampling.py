@@ -100,11 +100,20 @@ class Sampler:
         p, n = self.params, logits.shape[0]
         us = [self.rng.random() for _ in range(n)]
         got = self.kernel(logits, p.temperature, p.top_p, us)
+        k = (len(got[0]) - 5) // 2  # the kernel's successors per row
         out = [
-            CutDist(logits[i], peak, cut, p.temperature, mass, int(token))
-            for i, (token, peak, cut, mass, _) in enumerate(got)
+            CutDist(
+                logits[i],
+                r[1],
+                r[2],
+                p.temperature,
+                r[3],
+                int(r[0]),
+                ([int(t) for t in r[5 : 5 + k]], r[5 + k :]),
+            )
+            for i, r in enumerate(got)
         ]
-        left = [i for i, (token, *_) in enumerate(got) if token < 0]  # nan, inf, all -inf
+        left = [i for i, r in enumerate(got) if r[0] < 0]  # nan, inf, all -inf
         if left:
             for i, d in zip(left, dists(logits[left], p), strict=True):
                 out[i] = d
@@ -204,8 +213,9 @@ class CutDist:
     """One row's sampling distribution as a target kernel found it (Sampler.dists): weights
     exp((x - peak) / temperature) over the tokens whose logit x >= cut (the top-p nucleus;
     every token when cut is -inf), summing to `total`, and `drawn`, a token the kernel drew
-    from it with a uniform of its own (the first draw takes it). Nothing is materialized
-    until a draw after `remove` (a rejected draft's residual: one torch pass)."""
+    from it with a uniform of its own (the first draw takes it), and `succ`, its top tokens
+    (Token Recycling's successors). Nothing is materialized until a draw after `remove` (a
+    rejected draft's residual: one torch pass)."""
 
     row: Tensor
     peak: float
@@ -213,10 +223,12 @@ class CutDist:
     temperature: float
     total: float
     drawn: int | None = None
+    succ: tuple[list[int], list[float]] | None = None  # the kernel's top tokens (`head`)
     removed: dict[int, float] = field(default_factory=dict)
 
     def copy(self) -> CutDist:
-        return CutDist(self.row, self.peak, self.cut, self.temperature, self.total, self.drawn)
+        t, p, c = self.temperature, self.peak, self.cut
+        return CutDist(self.row, p, c, t, self.total, self.drawn, self.succ)
 
     def _w(self, x: float) -> float:
         return math.exp((x - self.peak) / self.temperature) if x >= self.cut else 0.0
@@ -243,8 +255,11 @@ class CutDist:
             w[list(self.removed)] = 0.0
         return Dist(w, None, self.row).draw(gen)
 
-    def head(self, k: int) -> None:
-        return None  # no sorted support: the caller finds the candidates
+    def head(self, k: int) -> tuple[list[int], list[float]] | None:
+        """The kernel's k most likely tokens and their probabilities (-1 and 0 past the
+        nucleus), or None (the caller finds candidates) where it kept another k."""
+        succ = self.succ
+        return succ if succ is not None and len(succ[0]) == k else None
 
     def top(self, candidates: list[int]) -> tuple[list[int], list[float]]:
         """(tokens, probabilities) of `candidates` under this distribution; a candidate

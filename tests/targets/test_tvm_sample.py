@@ -14,6 +14,7 @@ pytest.importorskip("tvm", reason="target tvm needs the [tvm] extra (apache-tvm)
 pytestmark = pytest.mark.extra
 
 VOCAB, CHUNK = 71 * 128, 128  # 71 chunks: the row maximum's vector loop has a tail of 7
+K = 4  # top tokens per row (Token Recycling's successors)
 
 
 @pytest.fixture(scope="module")
@@ -23,18 +24,18 @@ def kernel():
     from arc.targets.tvm_sample import sample_rows
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
-    mod = tvm.IRModule({"main": sample_rows(VOCAB, CHUNK).with_attr("global_symbol", "main")})
+    mod = tvm.IRModule({"main": sample_rows(VOCAB, CHUNK, K).with_attr("global_symbol", "main")})
     fn = tvm.compile(mod, target=target)["main"]
 
     def run(x, temperature, top_p, us):
-        """out [len(us), 5]: row x [V] drawn with each uniform of `us`, or rows x [n, V]
+        """out [len(us), 5 + 2K]: row x [V] drawn with each uniform of `us`, or rows x [n, V]
         each with its own."""
         import torch
 
         rows = x if x.dim() == 2 else x.reshape(1, -1).expand(len(us), -1)
         rows = rows.contiguous()
         cfg = torch.tensor([[temperature, top_p, u] for u in us], dtype=torch.float64)
-        out = torch.zeros(len(us), 5, dtype=torch.float64)
+        out = torch.zeros(len(us), 5 + 2 * K, dtype=torch.float64)
         args = [rows, cfg, out]
         fn(*[tvm.runtime.from_dlpack(a) for a in args])
         return out
@@ -91,6 +92,11 @@ def test_nucleus_draws_and_masses_equal_the_reference(kernel, temperature, top_p
         assert math.isclose(out[0, 3].item(), float(w.sum()), rel_tol=2e-6)
         total = float(((x.double() - x.max()) / temperature).exp().sum())
         assert math.isclose(out[0, 4].item(), total, rel_tol=2e-6)
+        top = torch.topk(x, K).indices  # the successors: by logit, -1 past the nucleus
+        want = [int(t) if kept[t] else -1 for t in top]
+        assert out[0, 5 : 5 + K].long().tolist() == want
+        probs = [float(w[t] / w.sum()) if kept[t] else 0.0 for t in top]
+        torch.testing.assert_close(out[0, 5 + K :], torch.tensor(probs).double(), rtol=1e-5, atol=0)
 
 
 def test_ties_at_the_cut_are_all_kept_and_tiny_temperatures_pick_the_max(kernel):

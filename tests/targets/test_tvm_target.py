@@ -163,8 +163,8 @@ def test_logits_stats_kernel_serves_the_speculative_top_k(engines, tmp_path, mon
 
 def _sample_kernel_serves_sampled_steps(path, eng):
     """The same engine's sample_rows (recorded; chunk 32 of the 320-token vocabulary): the
-    runtime draws every plain sampled step with it, plain and speculative, seeded runs
-    repeat, and its draws from a prefill's logits follow filter_logits' distribution
+    runtime draws every plain sampled step with it, plain and speculative, Token Recycling
+    learns its top tokens (no logits_stats call), seeded runs repeat, and its draws from a prefill's logits follow filter_logits' distribution
     (chi-square, 6000 draws)."""
     import math
 
@@ -173,11 +173,8 @@ def _sample_kernel_serves_sampled_steps(path, eng):
     from arc.engine import read_manifest
     from arc.runtime.sampling import Sampler, SamplingParams, filter_logits
 
-    want = {
-        "function": "sample_rows",
-        "chunk": 32,
-        "outputs": ["token", "max", "cut", "mass", "total"],
-    }
+    outputs = ["token", "max", "cut", "mass", "total", "top_tokens", "top_probs"]
+    want = {"function": "sample_rows", "chunk": 32, "k": 4, "outputs": outputs}
     assert read_manifest(path)["target"]["sample"] == want
     gen = eng.generator
     kernel, calls = gen.steps.sample_rows, []
@@ -187,6 +184,12 @@ def _sample_kernel_serves_sampled_steps(path, eng):
         return kernel(*args)
 
     gen.steps.sample_rows = counted
+
+    def unused(x):
+        raise AssertionError("sampled teaching asked logits_stats, not the kernel's top tokens")
+
+    unused.k = 4
+    gen.steps.logit_stats = unused
     ids = eng.prompt_ids(PROMPTS[1])
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
     for spec in (False, True):
