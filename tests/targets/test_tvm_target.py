@@ -164,8 +164,8 @@ def test_logits_stats_kernel_serves_the_speculative_top_k(engines, tmp_path, mon
 def _sample_kernel_serves_sampled_steps(path, eng):
     """The same engine's sample_rows (recorded; chunk 32 of the 320-token vocabulary): the
     runtime draws every plain sampled step with it, plain and speculative, Token Recycling
-    learns its top tokens (no logits_stats call), seeded runs repeat, and its draws from a prefill's logits follow filter_logits' distribution
-    (chi-square, 6000 draws)."""
+    learns its top tokens (no logits_stats call), seeded runs repeat, and its draws from a
+    prefill's logits follow filter_logits' distribution (chi-square, 6000 draws)."""
     import math
 
     import torch
