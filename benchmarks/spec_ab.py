@@ -9,7 +9,9 @@ prompt; arms and the plain run rotate order per prompt and rep.
 An arm is NAME=VALUE[,NAME=VALUE...]; a dotted NAME is a module's under arc.runtime
 (`drafters.ngram.COPY_LENGTH=0`). Prints per prompt each arm's median over reps of its
 tok/s over the same rep's plain tok/s, and tokens per forward; then each arm's geomean, worst
-prompt and how many prompts fall below 0.95x. Settings that differ by a few percent cannot be
+prompt and how many prompts fall below 0.95x. `--temperature T [--top-p P]` samples (each
+prompt and rep seeded alike in every arm; ids are then not compared). Settings that differ by
+a few percent cannot be
 told apart across separate runs on a shared machine (spec_speed.py's rounds move by ~10%);
 in one process, interleaved, they can. Ids must equal the plain run's: '!' marks a loss of
 losslessness.
@@ -54,12 +56,22 @@ def parse_arm(text: str) -> dict[str, float]:
     return out
 
 
-def run(engine: str, prompts: list[str], arms: list[str], n: int, threads: int, reps: int):
+def run(
+    engine: str,
+    prompts: list[str],
+    arms: list[str],
+    n: int,
+    threads: int,
+    reps: int,
+    sampling: tuple[float, float] = (0.0, 1.0),
+):
     """{(prompt index, arm): [(tok/s over plain, tokens per forward, same ids, verifies),
-    ...reps]}."""
+    ...reps]}. `sampling` (temperature, top_p): temperature > 0 samples, every run of prompt
+    i in rep r seeded 1000 i + r (texts differ between arms: same ids is then None)."""
     import torch
 
     from arc.runtime.load import load_engine
+    from arc.runtime.sampling import SamplingParams
 
     settings = {a: parse_arm(a) for a in arms}
     default = {k: getattr(*owner(k)) for s in settings.values() for k in s}
@@ -82,7 +94,11 @@ def run(engine: str, prompts: list[str], arms: list[str], n: int, threads: int, 
                             kind = type(default[name])
                             setattr(*owner(name), kind(value))
                         gen.forget()
-                        res = gen.generate(ids, max_new_tokens=n, speculative=arm != "plain")
+                        t, top_p = sampling
+                        params = SamplingParams(t, top_p=top_p, seed=1000 * i + r)
+                        res = gen.generate(
+                            ids, max_new_tokens=n, sampling=params, speculative=arm != "plain"
+                        )
                         tps = (len(res.token_ids) - 1) / (res.decode_ms / 1e3)
                         got[arm] = (tps, res.accepted_per_step, res.token_ids, res.verify_passes)
                     plain = got["plain"]
@@ -97,7 +113,7 @@ def run(engine: str, prompts: list[str], arms: list[str], n: int, threads: int, 
     return out
 
 
-def report(out: dict, prompts: list[str], arms: list[str]) -> dict[str, float]:
+def report(out: dict, prompts: list[str], arms: list[str], sampled: bool = False) -> dict:
     geo = {}
     for i in range(len(prompts)):
         row = f"{i:>2}"
@@ -105,7 +121,7 @@ def report(out: dict, prompts: list[str], arms: list[str]) -> dict[str, float]:
             reps = out[(i, a)]
             ratio = statistics.median(x[0] for x in reps)
             per_fwd = statistics.median(x[1] for x in reps)
-            same = "=" if all(x[2] for x in reps) else "!"
+            same = "~" if sampled else "=" if all(x[2] for x in reps) else "!"
             row += f"  {a}: {ratio:.3f}x {per_fwd:.2f} t/f {same}"
         print(row)
     for a in arms:
@@ -128,16 +144,19 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", default=str(HERE / "prompts.json"))
+    ap.add_argument("--temperature", type=float, default=0.0, help="sample (0: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0)
     a = ap.parse_args()
     prompts = [p["prompt"] for p in json.loads(Path(a.prompts).read_text())]
     for arm in a.arm:
         parse_arm(arm)  # bad names fail before the engine loads
-    out = run(a.engine, prompts, a.arm, a.new_tokens, a.threads, a.reps)
+    sampling = (a.temperature, a.top_p)
+    out = run(a.engine, prompts, a.arm, a.new_tokens, a.threads, a.reps, sampling)
     print(
         f"{a.engine}: {len(prompts)} prompts x {a.reps} reps, {a.new_tokens} new tokens, "
         "each arm's tok/s over the same rep's plain run, cold drafts"
     )
-    report(out, prompts, a.arm)
+    report(out, prompts, a.arm, a.temperature > 0)
 
 
 if __name__ == "__main__":
