@@ -5,7 +5,7 @@ on one engine in one process: plain and speculative sampled decoding, the kernel
 engine and process, so the ratio is what the kernel buys; sampled texts differ between arms,
 so their lengths do too (each arm's tok/s is over all its tokens).
 
-    python benchmarks/sample_kernel.py ENGINE.arc --temperature 0.7 --top-p 0.9 --reps 2
+    python benchmarks/sample_kernel.py ENGINE.arc --temperature 0.7 [--top-p 0.9] [--top-k 40]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> None:
     )
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     a = ap.parse_args()
@@ -52,7 +53,7 @@ def main() -> None:
                 for mode, on in arms if (r + i) % 2 == 0 else arms[::-1]:
                     gen.steps.sample_rows = kernel if on else None
                     gen.forget()  # cold drafter tables: each run starts alike
-                    params = SamplingParams(a.temperature, top_p=a.top_p, seed=1000 * i + r)
+                    params = SamplingParams(a.temperature, a.top_k, a.top_p, seed=1000 * i + r)
                     res = gen.generate(
                         ids,
                         max_new_tokens=a.new_tokens,
@@ -61,7 +62,9 @@ def main() -> None:
                     )
                     tot[mode, on][0] += res.decode_ms
                     tot[mode, on][1] += max(len(res.token_ids) - 1, 1)
-    print(f"temperature {a.temperature}, top-p {a.top_p}, {len(prompts)} prompts x {a.reps}")
+    print(
+        f"temperature {a.temperature}, top-k {a.top_k}, top-p {a.top_p}, {len(prompts)} x {a.reps}"
+    )
     for (mode, on), (ms, n) in tot.items():
         print(f"{mode:5s} {'kernel' if on else 'torch ':6s} {1e3 * n / ms:7.1f} tok/s ({n} tokens)")
     for mode in modes:

@@ -159,7 +159,7 @@ def build(
     import tvm
 
     from arc.targets.tvm_graph import MOVE, SAMPLE, STATS
-    from arc.targets.tvm_sample import OUTPUTS
+    from arc.targets.tvm_sample import OUTPUTS, SETTINGS
 
     if options.get("mode"):
         raise UnsupportedError("--torch-mode applies to the torch target, not tvm")
@@ -191,7 +191,13 @@ def build(
 
         chunk = _stats_chunk(module)
         info["stats"] = {"function": STATS, "chunk": chunk, "k": TOPK, "outputs": STATS_OUT}
-        info["sample"] = {"function": SAMPLE, "chunk": chunk, "k": TOPK, "outputs": OUTPUTS}
+        info["sample"] = {
+            "function": SAMPLE,
+            "chunk": chunk,
+            "k": TOPK,
+            "settings": SETTINGS,
+            "outputs": OUTPUTS,
+        }
     if _verifies(module):
         info["move"] = MOVE
     return info, {LIBRARY: path}
@@ -241,7 +247,7 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
     from tvm import relax
 
     from arc.targets.tvm_graph import MOVE, SAMPLE, STATS, param_specs
-    from arc.targets.tvm_sample import OUTPUTS
+    from arc.targets.tvm_sample import OUTPUTS, SETTINGS
 
     names = list(param_specs(module, _blocks(module)))
     if info["params"] != names:
@@ -285,7 +291,8 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
     if sample is not None:
         from arc.runtime.topk import TOPK
 
-        if not isinstance(sample, dict) or sample.get("outputs") != OUTPUTS:
+        known = isinstance(sample, dict) and sample.get("settings") == SETTINGS
+        if not known or sample.get("outputs") != OUTPUTS:
             raise EngineError(f"engine records an unknown {SAMPLE}; rebuild it")
         if sample.get("k") != TOPK:
             raise EngineError(f"engine's {SAMPLE} keeps top-{sample.get('k')}, not {TOPK}")
@@ -416,9 +423,9 @@ class _Stats:
 
 
 class _Sample:
-    """`(logits [n, V], temperature, top_p, us) -> [[token or -1, max, cut, mass, total,
-    k top tokens, their probabilities]] * n`, row i drawn with the uniform us[i], by the
-    library's sample_rows kernel (targets/tvm_sample.py), which arc/runtime/sampling.py's
+    """`(logits [n, V], temperature, top_p, top_k, us) -> [[token or -1, max, cut, mass,
+    total, k top tokens, their probabilities]] * n`, row i drawn with the uniform us[i], by
+    the library's sample_rows kernel (targets/tvm_sample.py), which arc/runtime/sampling.py's
     Sampler takes in place of its torch passes. Settings and results go through buffers kept
     per row count, written and read by NumPy: right after a decode step each torch call costs
     10-60 us (cold caches), and making them per call took 0.07 of the call's 0.12 ms."""
@@ -427,16 +434,16 @@ class _Sample:
         self.fn, self.k = fn, k
         self.bufs: dict[int, tuple] = {}  # rows -> (cfg, out) as (tvm view, NumPy view)
 
-    def __call__(self, logits: torch.Tensor, temperature: float, top_p: float, us: list[float]):
+    def __call__(self, logits: torch.Tensor, temperature, top_p, top_k, us: list[float]):
         import tvm
 
         n = len(us)
         if n not in self.bufs:
-            cfg = torch.zeros(n, 3, dtype=torch.float64)
+            cfg = torch.zeros(n, 4, dtype=torch.float64)
             out = torch.zeros(n, 5 + 2 * self.k, dtype=torch.float64)
             self.bufs[n] = tuple((tvm.runtime.from_dlpack(t), t.numpy()) for t in (cfg, out))
         (cfg, cfg_np), (out, out_np) = self.bufs[n]
-        cfg_np[:, 0], cfg_np[:, 1], cfg_np[:, 2] = temperature, top_p, us
+        cfg_np[:, 0], cfg_np[:, 1], cfg_np[:, 2], cfg_np[:, 3] = temperature, top_p, us, top_k
         x = logits if logits.dim() == 2 else logits.reshape(n, -1)
         self.fn(tvm.runtime.from_dlpack(x.contiguous()), cfg, out)
         return out_np.tolist()

@@ -236,7 +236,7 @@ class Builder:
             self.bb.emit_func_output(self.bb.emit(relax.call_tir(gv, [logits], types)))
 
     def add_sample(self, vocab: int, chunk: int, k: int) -> None:
-        """Relax function `sample_rows(logits [T, V], cfg f64[T, 3], out f64[T, 5 + 2k]) -> out`
+        """Relax function `sample_rows(logits [T, V], cfg f64[T, 4], out f64[T, 5 + 2k]) -> out`
         (tvm_sample.sample_rows), written in place: the runtime keeps cfg and out and reads
         them through NumPy (torch calls right after a step cost 10-60 us each, cold)."""
         from tvm import relax
@@ -245,7 +245,7 @@ class Builder:
 
         t_len = self.dims["T"]
         logits = relax.Var("logits", relax.TensorType([t_len, vocab], "float32"))
-        cfg = relax.Var("cfg", relax.TensorType([t_len, 3], "float64"))
+        cfg = relax.Var("cfg", relax.TensorType([t_len, len(tvm_sample.SETTINGS)], "float64"))
         out_ty = relax.TensorType([t_len, 5 + 2 * k], "float64")
         out = relax.Var("out", out_ty)
         attrs = {"tir_var_upper_bound": {"T": self.module.kv.max_seq_len}}

@@ -40,6 +40,7 @@ from arc.targets.tvm_kernels import LANES, STAT_PARTS, exp_lane, sum16_lanes, to
 # out[t, :] of sample_rows: then the k most likely tokens (-1 outside the nucleus) and their
 # probabilities, Token Recycling's successors (arc/runtime/topk.py TOPK)
 OUTPUTS = ["token", "max", "cut", "mass", "total", "top_tokens", "top_probs"]
+SETTINGS = ["temperature", "top_p", "u", "top_k"]  # cfg[t, :] (top_k 0: off)
 HALVINGS = 34  # bisection steps: 2^32 float keys between lo0 and M at most
 
 
@@ -80,13 +81,29 @@ def sample_rows(vocab: int, chunk: int, k: int):
             m[0] = T.max(m[0], cmax[t, c])
 
     gt, ge = _masked_sum(chunk, lambda a, b: a > b), _masked_sum(chunk, lambda a, b: a >= b)
+    count_ge = _count_ge(chunk)
+
+    @T.macro
+    def to_key(key, i, value):
+        """key[i] = the float32 `value`'s place in the floats' order, as an integer."""
+        key[i] = T.Cast("int64", T.reinterpret("int32", value))
+        if key[i] < T.int64(0):
+            key[i] = T.int64(0) - (key[i] - sign)
+
+    @T.macro
+    def from_key(f, i, kv):
+        """f[i] = the float32 whose place in the floats' order is the integer kv."""
+        if kv >= T.int64(0):
+            f[i] = T.reinterpret("float32", T.Cast("int32", kv))
+        else:
+            f[i] = T.reinterpret("float32", T.Cast("int32", T.int64(0) - kv + sign))
 
     @T.prim_func(private=True)
     def sample_rows_kernel(var_x: T.handle, var_cfg: T.handle, var_out: T.handle):
         T.func_attr({"tirx.noalias": True})
         t_len = T.int64()
         x = T.match_buffer(var_x, (t_len, vocab), "float32")
-        cfg = T.match_buffer(var_cfg, (t_len, 3), "float64")
+        cfg = T.match_buffer(var_cfg, (t_len, 4), "float64")
         out = T.match_buffer(var_out, (t_len, 5 + 2 * k), "float64")
         w = T.alloc_buffer((t_len, vocab), "float32")
         cmax = T.alloc_buffer((t_len, chunks), "float32")
@@ -158,7 +175,31 @@ def sample_rows(vocab: int, chunk: int, k: int):
             out[t, 4] = red[0]
             if m[0] > neg and m[0] < inf and red[1] < T.float64(float("inf")):
                 n[0] = 0
-                f[1] = neg
+                f[1] = neg  # the cut: the nucleus is x >= f[1]
+                key[0] = T.int64(0)  # top-p's lowest key (0: none from top-k)
+                if cfg[t, 3] >= T.float64(1) and cfg[t, 3] < T.float64(vocab):
+                    # top-k: the k-th largest logit, the largest v with count(x >= v) >= k
+                    to_key(key, 0, neg)
+                    to_key(key, 1, m[0])
+                    key[1] = key[1] + T.int64(1)  # count(x >= the float above M) = 0
+                    for _ in range(HALVINGS):
+                        if key[1] - key[0] > T.int64(1):
+                            key[2] = key[0] + (key[1] - key[0]) // T.int64(2)
+                            from_key(f, 0, key[2])
+                            red[2] = T.float64(0)
+                            for c in range(chunks):
+                                if cmax[t, c] >= f[0]:
+                                    count_ge(red, 2, x, t, c, f[0], acc)
+                            if red[2] >= cfg[t, 3]:
+                                key[0] = key[2]
+                            else:
+                                key[1] = key[2]
+                    from_key(f, 1, key[0])
+                    red[0] = T.float64(0)  # the mass top-p takes its share of: the top k's
+                    for c in range(chunks):
+                        if cmax[t, c] >= f[1]:
+                            ge(red, x, w, t, c, f[1], acc)
+                    key[0] = key[0] - T.int64(1)  # just below the k-th: G there is all of it
                 if cfg[t, 1] < T.float64(1):
                     red[1] = cfg[t, 1] * red[0]  # the mass the tokens before the cut stay under
                     f[0] = T.Cast(
@@ -166,26 +207,20 @@ def sample_rows(vocab: int, chunk: int, k: int):
                         T.Cast("float64", m[0])
                         + cfg[t, 0] * T.log((T.float64(1) - cfg[t, 1]) / T.float64(2 * vocab)),
                     )
+                    f[0] = T.max(f[0], f[1])  # top-k's cut, where it is the higher
                     for c in range(chunks):  # >=: a tiny T puts lo0 at M
                         if cmax[t, c] >= f[0]:
                             cand[n[0]] = T.int32(c)
                             n[0] = n[0] + 1
-                    for q in range(2):  # key[0] = key(lo0), key[1] = key(M)
-                        if q == 1:
-                            f[0] = m[0]
-                        key[2] = T.Cast("int64", T.reinterpret("int32", f[0]))
-                        if key[2] < T.int64(0):
-                            key[2] = T.int64(0) - (key[2] - sign)
-                        key[q] = key[2]
+                    key[2] = key[0]
+                    to_key(key, 0, f[0])
+                    if f[1] > neg:
+                        key[0] = T.max(key[0] - T.int64(1), key[2])
+                    to_key(key, 1, m[0])
                     for _ in range(HALVINGS):
                         if key[1] - key[0] > T.int64(1):
                             key[2] = key[0] + (key[1] - key[0]) // T.int64(2)
-                            if key[2] >= T.int64(0):
-                                f[0] = T.reinterpret("float32", T.Cast("int32", key[2]))
-                            else:
-                                f[0] = T.reinterpret(
-                                    "float32", T.Cast("int32", T.int64(0) - key[2] + sign)
-                                )
+                            from_key(f, 0, key[2])
                             red[0] = T.float64(0)
                             for q in range(n[0]):
                                 if cmax[t, cand[q]] > f[0]:
@@ -200,14 +235,12 @@ def sample_rows(vocab: int, chunk: int, k: int):
                                         cand[n[1]] = cand[q]
                                         n[1] = n[1] + 1
                                 n[0] = n[1]
-                    if key[1] >= T.int64(0):
-                        f[1] = T.reinterpret("float32", T.Cast("int32", key[1]))
-                    else:
-                        f[1] = T.reinterpret("float32", T.Cast("int32", T.int64(0) - key[1] + sign))
+                    from_key(f, 1, key[1])
                 else:
                     for c in range(chunks):
-                        cand[c] = T.int32(c)
-                    n[0] = T.int32(chunks)
+                        if cmax[t, c] >= f[1]:
+                            cand[n[0]] = T.int32(c)
+                            n[0] = n[0] + 1
                 red[2] = T.float64(0)  # the nucleus' mass
                 for q in range(n[0]):
                     red[0] = T.float64(0)
@@ -282,5 +315,27 @@ def _masked_sum(chunk: int, cmp):
                 )
         sum16(acc)
         red[0] = red[0] + T.Cast("float64", acc[0] + acc[1])
+
+    return f
+
+
+def _count_ge(chunk: int):
+    """T.macro `f(red, i, x, t, c, value, acc)`: red[i] += how many of chunk c's logits are
+    >= value (exact: float32 counts to 2^24)."""
+    from tvm.script import tirx as T
+
+    lanes, sum16 = LANES, sum16_lanes()
+
+    @T.macro
+    def f(red, i0, x, t, c, value, acc):
+        for i in T.vectorized(lanes):
+            acc[i] = T.float32(0)
+        for j in range(chunk // lanes):
+            for i in T.vectorized(lanes):
+                acc[i] = acc[i] + T.Select(
+                    x[t, c * chunk + j * lanes + i] >= value, T.float32(1), T.float32(0)
+                )
+        sum16(acc)
+        red[i0] = red[i0] + T.Cast("float64", acc[0] + acc[1])
 
     return f

@@ -58,13 +58,13 @@ class Sampler:
     def __init__(self, params: SamplingParams, argmax=None, kernel=None):
         """`argmax`: rows [n, V] -> their first maximal indices, by the target's kernel
         (arc/runtime/topk.py `argmax_rows`); else torch's max. `kernel` (Steps.sample_rows):
-        a target's draw of one row, `(logits [V], temperature, top_p, u) -> (token, max,
-        cut, mass, total)` (targets/tvm_sample.py), taken for temperature and top-p (not
-        top-k) where the row is one it answers for (token >= 0)."""
+        a target's draw of rows, `(logits [n, V], temperature, top_p, top_k, us) -> [(token,
+        max, cut, mass, total, top tokens, their probabilities)] * n` (targets/tvm_sample.py),
+        taken where a row is one it answers for (token >= 0)."""
         self.params = params.validate()
         self.argmax = argmax
         p = self.params
-        usable = not p.greedy and p.top_k == 0 and p.temperature >= FAST_T
+        usable = not p.greedy and p.temperature >= FAST_T
         self.kernel = kernel if usable else None
         self.gen = torch.Generator()
         if params.seed is not None:
@@ -99,7 +99,7 @@ class Sampler:
             return dists(logits, self.params)
         p, n = self.params, logits.shape[0]
         us = [self.rng.random() for _ in range(n)]
-        got = self.kernel(logits, p.temperature, p.top_p, us)
+        got = self.kernel(logits, p.temperature, p.top_p, p.top_k, us)
         k = (len(got[0]) - 5) // 2  # the kernel's successors per row
         out = [
             CutDist(

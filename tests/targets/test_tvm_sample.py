@@ -27,14 +27,14 @@ def kernel():
     mod = tvm.IRModule({"main": sample_rows(VOCAB, CHUNK, K).with_attr("global_symbol", "main")})
     fn = tvm.compile(mod, target=target)["main"]
 
-    def run(x, temperature, top_p, us):
+    def run(x, temperature, top_p, us, top_k=0):
         """out [len(us), 5 + 2K]: row x [V] drawn with each uniform of `us`, or rows x [n, V]
         each with its own."""
         import torch
 
         rows = x if x.dim() == 2 else x.reshape(1, -1).expand(len(us), -1)
         rows = rows.contiguous()
-        cfg = torch.tensor([[temperature, top_p, u] for u in us], dtype=torch.float64)
+        cfg = torch.tensor([[temperature, top_p, u, top_k] for u in us], dtype=torch.float64)
         out = torch.zeros(len(us), 5 + 2 * K, dtype=torch.float64)
         args = [rows, cfg, out]
         fn(*[tvm.runtime.from_dlpack(a) for a in args])
@@ -43,13 +43,14 @@ def kernel():
     return run
 
 
-def _reference(x, temperature, top_p):
+def _reference(x, temperature, top_p, top_k=0):
     """(kept [V] bool, weights [V] float64 over the kept tokens) by filter_logits."""
     import torch
 
     from arc.runtime.sampling import SamplingParams, filter_logits
 
-    f = filter_logits(x.double(), SamplingParams(temperature=temperature, top_p=top_p))
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    f = filter_logits(x.double(), params)
     kept = torch.isfinite(f) & torch.isfinite(x)  # (filter_logits takes -inf as -1.8e308)
     return kept, torch.where(kept, f.exp(), torch.zeros_like(f))
 
@@ -67,9 +68,10 @@ def _rows():
     yield x
 
 
+@pytest.mark.parametrize("top_k", [0, 1, 40, VOCAB - 1])
 @pytest.mark.parametrize("top_p", [1.0, 0.99, 0.9, 0.5, 0.05])
 @pytest.mark.parametrize("temperature", [0.3, 0.7, 1.5])
-def test_nucleus_draws_and_masses_equal_the_reference(kernel, temperature, top_p):
+def test_nucleus_draws_and_masses_equal_the_reference(kernel, temperature, top_p, top_k):
     """Every token the reference keeps and no other (x >= cut); the drawn token is the first
     whose running sum of kept weights exceeds u * their sum (u = 0, 1 - 2^-53 and random);
     the nucleus mass and the total to float32 rounding; never a token of weight 0. Random
@@ -78,8 +80,8 @@ def test_nucleus_draws_and_masses_equal_the_reference(kernel, temperature, top_p
 
     us = [0.0, 1 - 2**-53, *torch.rand(30, generator=torch.Generator().manual_seed(1)).tolist()]
     for x in _rows():
-        kept, w = _reference(x, temperature, top_p)
-        out = kernel(x, temperature, top_p, us)
+        kept, w = _reference(x, temperature, top_p, top_k)
+        out = kernel(x, temperature, top_p, us, top_k)
         assert torch.equal((x >= out[0, 2].item()) & (x > -math.inf), kept)
         cdf = torch.cumsum(w, 0)
         got = out[:, 0].long().tolist()
@@ -139,11 +141,11 @@ def test_sampler_draws_follow_the_distribution(kernel):
     kept, w = _reference(x, 0.8, 0.9)
     probs = w / w.sum()
 
-    def call(logits, t, p, us):
-        return kernel(logits, t, p, us).tolist()
+    def call(logits, t, p, k, us):
+        return kernel(logits, t, p, us, k).tolist()
 
-    def squared(logits, t, p, us):
-        return kernel(logits, t, p, [u * u for u in us]).tolist()
+    def squared(logits, t, p, k, us):
+        return kernel(logits, t, p, [u * u for u in us], k).tolist()
 
     def chi2(fn):
         sampler = Sampler(params, kernel=fn)
@@ -200,8 +202,8 @@ def test_speculative_acceptance_over_kernel_rows_preserves_the_distribution(kern
                 continue
             expect[(a, b)] = float(probs[0, a] * probs[child, b])
 
-    def call(x, t, p, us):
-        return kernel(x, t, p, us).tolist()
+    def call(x, t, p, k, us):
+        return kernel(x, t, p, us, k).tolist()
 
     sampler = Sampler(params, kernel=call)
     counts, n = dict.fromkeys(expect, 0), 6000

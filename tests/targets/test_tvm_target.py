@@ -174,7 +174,14 @@ def _sample_kernel_serves_sampled_steps(path, eng):
     from arc.runtime.sampling import Sampler, SamplingParams, filter_logits
 
     outputs = ["token", "max", "cut", "mass", "total", "top_tokens", "top_probs"]
-    want = {"function": "sample_rows", "chunk": 32, "k": 4, "outputs": outputs}
+    settings = ["temperature", "top_p", "u", "top_k"]
+    want = {
+        "function": "sample_rows",
+        "chunk": 32,
+        "k": 4,
+        "settings": settings,
+        "outputs": outputs,
+    }
     assert read_manifest(path)["target"]["sample"] == want
     gen = eng.generator
     kernel, calls = gen.steps.sample_rows, []
@@ -191,7 +198,7 @@ def _sample_kernel_serves_sampled_steps(path, eng):
     unused.k = 4
     gen.steps.logit_stats = unused
     ids = eng.prompt_ids(PROMPTS[1])
-    params = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
+    params = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, seed=3)
     for spec in (False, True):
         calls.clear()
         a = gen.generate(ids, max_new_tokens=N, sampling=params, ignore_eos=True, speculative=spec)
