@@ -891,6 +891,54 @@ def panel_embed(kind: str, vocab: int, hidden: int, group: int, scale: str = "fl
     return te.create_prim_func([tokens, *comps, out])
 
 
+def chunk_max_sum(chunk: int):
+    """T.macro `scan(x, t, c, acc, tot)`: chunk c of row t, 16 lanes at a time: acc[0] = its
+    max, tot[0] = its plain sum (nan iff it holds a nan or +inf, or +inf and -inf)."""
+    from tvm.script import tirx as T
+
+    lanes = LANES
+    sum16, max16 = sum16_lanes(), sum16_lanes(T.max)
+
+    @T.macro
+    def scan(x, t, c, acc, tot):
+        for i in T.vectorized(lanes):
+            acc[i] = x[t, c * chunk + i]
+            tot[i] = x[t, c * chunk + i]
+        for j in range(1, chunk // lanes):
+            for i in T.vectorized(lanes):
+                acc[i] = T.max(acc[i], x[t, c * chunk + j * lanes + i])
+                tot[i] = tot[i] + x[t, c * chunk + j * lanes + i]
+        max16(acc)
+        sum16(tot)
+        acc[0] = T.max(acc[0], acc[1])
+        tot[0] = tot[0] + tot[1]
+
+    return scan
+
+
+def row_max(chunks: int):
+    """T.macro `fold(m, mv, cmax, t)`: m[0] = max_c cmax[t, c] over `chunks` chunk maxima, 16
+    at a time, then the tail of a count not a multiple of 16."""
+    from tvm.script import tirx as T
+
+    lanes, cvecs = LANES, chunks // LANES
+    max16 = sum16_lanes(T.max)
+
+    @T.macro
+    def fold(m, mv, cmax, t):
+        for i in T.vectorized(lanes):
+            mv[i] = T.float32(float("-inf"))
+        for j in range(cvecs):
+            for i in T.vectorized(lanes):
+                mv[i] = T.max(mv[i], cmax[t, j * lanes + i])
+        max16(mv)
+        m[0] = T.max(mv[0], mv[1])
+        for c in range(cvecs * lanes, chunks):
+            m[0] = T.max(m[0], cmax[t, c])
+
+    return fold
+
+
 def topk_insert(k: int):
     """T.macro `insert(topv, topi, value, index)`: into topv/topi (k entries, decreasing)
     `value` if it beats the last, bubbled up past smaller entries (a tie stays below: the
@@ -954,9 +1002,10 @@ def logits_stats(vocab: int, chunk: int, k: int):
     parts = -(-chunks // per)
     neg, inf = T.float32(float("-inf")), T.float32(float("inf"))
     nan = T.float32(float("nan"))
-    exp, sum16, max16 = exp_lane(), sum16_lanes(), sum16_lanes(T.max)
+    exp, sum16 = exp_lane(), sum16_lanes()
 
     insert = topk_insert(k)
+    scan, fold = chunk_max_sum(chunk), row_max(chunks)
 
     @T.prim_func(private=True)
     def logits_stats_kernel(
@@ -978,16 +1027,8 @@ def logits_stats(vocab: int, chunk: int, k: int):
             for t, cc in T.grid(t_len, per):
                 c = part * per + cc
                 if c < chunks:
-                    for i in T.vectorized(lanes):
-                        acc[i] = x[t, c * chunk + i]
-                        tot[i] = x[t, c * chunk + i]
-                    for j in range(1, vecs):
-                        for i in T.vectorized(lanes):
-                            acc[i] = T.max(acc[i], x[t, c * chunk + j * lanes + i])
-                            tot[i] = tot[i] + x[t, c * chunk + j * lanes + i]
-                    max16(acc)
-                    sum16(tot)
-                    cmax[t, c] = T.max(acc[0], acc[1])
+                    scan(x, t, c, acc, tot)
+                    cmax[t, c] = acc[0]
                     for i in T.vectorized(lanes):
                         acc[i] = T.float32(0)
                     if cmax[t, c] > neg:  # else every logit of the chunk is -inf: it adds 0
@@ -997,7 +1038,7 @@ def logits_stats(vocab: int, chunk: int, k: int):
                                 exp(xs, ev, i)
                                 acc[i] = acc[i] + ev[i]
                     sum16(acc)
-                    if tot[0] + tot[1] < inf:  # false for nan (+inf and -inf make nan)
+                    if tot[0] < inf:  # false for nan (+inf and -inf make nan)
                         csum[t, c] = acc[0] + acc[1]
                     else:
                         csum[t, c] = nan
@@ -1011,15 +1052,7 @@ def logits_stats(vocab: int, chunk: int, k: int):
             ci = T.alloc_buffer((k,), "int64")  # their chunks
             tv = T.alloc_buffer((k,), "float32")  # the k largest logits
             ti = T.alloc_buffer((k,), "int64")  # their tokens
-            for i in T.vectorized(lanes):
-                mv[i] = neg
-            for j in range(cvecs):
-                for i in T.vectorized(lanes):
-                    mv[i] = T.max(mv[i], cmax[t, j * lanes + i])
-            max16(mv)
-            red[0] = T.max(mv[0], mv[1])
-            for c in range(cvecs * lanes, chunks):  # a vocabulary of chunks not 16 | C
-                red[0] = T.max(red[0], cmax[t, c])
+            fold(red, mv, cmax, t)  # red[0] = M
             red[1] = T.float32(0)
             if red[0] > neg:
                 for i in T.vectorized(lanes):

@@ -35,7 +35,15 @@ out[t] = (token, M, cut, nucleus mass, S) as float64; token -1 for a row holding
 from __future__ import annotations
 
 from arc.errors import UnsupportedError
-from arc.targets.tvm_kernels import LANES, STAT_PARTS, exp_lane, sum16_lanes, topk_insert
+from arc.targets.tvm_kernels import (
+    LANES,
+    STAT_PARTS,
+    chunk_max_sum,
+    exp_lane,
+    sum16_lanes,
+    topk_insert,
+)
+from arc.targets.tvm_kernels import row_max as row_max_of
 
 # out[t, :] of sample_rows: then the k most likely tokens (-1 outside the nucleus) and their
 # probabilities, Token Recycling's successors (arc/runtime/topk.py TOPK)
@@ -59,29 +67,16 @@ def sample_rows(vocab: int, chunk: int, k: int):
             f"target tvm: sample_rows needs {chunk} | {vocab}, {lanes} | {chunk}"
         )
     chunks, vecs = vocab // chunk, chunk // lanes
-    cvecs = chunks // lanes
     per = -(-chunks // STAT_PARTS)  # chunks per part
     parts = -(-chunks // per)
     neg, inf = T.float32(float("-inf")), T.float32(float("inf"))
-    exp, sum16, max16 = exp_lane(), sum16_lanes(), sum16_lanes(T.max)
+    exp, sum16 = exp_lane(), sum16_lanes()
     sign = T.int64(-(2**31))
     insert = topk_insert(k)
 
-    @T.macro
-    def row_max(m, mv, cmax, t):
-        """m[0] = max_c cmax[t, c], 16 chunks at a time."""
-        for i in T.vectorized(lanes):
-            mv[i] = neg
-        for j in range(cvecs):
-            for i in T.vectorized(lanes):
-                mv[i] = T.max(mv[i], cmax[t, j * lanes + i])
-        max16(mv)
-        m[0] = T.max(mv[0], mv[1])
-        for c in range(cvecs * lanes, chunks):
-            m[0] = T.max(m[0], cmax[t, c])
-
     gt, ge = _masked_sum(chunk, lambda a, b: a > b), _masked_sum(chunk, lambda a, b: a >= b)
-    count_ge = _count_ge(chunk)
+    count_ge = _masked_sum(chunk, lambda a, b: a >= b, ones=True)
+    scan, row_max = chunk_max_sum(chunk), row_max_of(chunks)
 
     @T.macro
     def to_key(key, i, value):
@@ -115,17 +110,9 @@ def sample_rows(vocab: int, chunk: int, k: int):
             for t, cc in T.grid(t_len, per):
                 c = part * per + cc
                 if c < chunks:
-                    for i in T.vectorized(lanes):
-                        acc[i] = x[t, c * chunk + i]
-                        tot[i] = x[t, c * chunk + i]
-                    for j in range(1, vecs):
-                        for i in T.vectorized(lanes):
-                            acc[i] = T.max(acc[i], x[t, c * chunk + j * lanes + i])
-                            tot[i] = tot[i] + x[t, c * chunk + j * lanes + i]
-                    max16(acc)
-                    sum16(tot)
-                    cmax[t, c] = T.max(acc[0], acc[1])
-                    bad[t, c] = tot[0] + tot[1]
+                    scan(x, t, c, acc, tot)
+                    cmax[t, c] = acc[0]
+                    bad[t, c] = tot[0]
         for part in T.parallel(parts):
             m = T.alloc_buffer((1,), "float32")
             mv = T.alloc_buffer((lanes,), "float32")
@@ -189,7 +176,7 @@ def sample_rows(vocab: int, chunk: int, k: int):
                             red[2] = T.float64(0)
                             for c in range(chunks):
                                 if cmax[t, c] >= f[0]:
-                                    count_ge(red, 2, x, t, c, f[0], acc)
+                                    count_ge(red, 2, x, w, t, c, f[0], acc)
                             if red[2] >= cfg[t, 3]:
                                 key[0] = key[2]
                             else:
@@ -198,7 +185,7 @@ def sample_rows(vocab: int, chunk: int, k: int):
                     red[0] = T.float64(0)  # the mass top-p takes its share of: the top k's
                     for c in range(chunks):
                         if cmax[t, c] >= f[1]:
-                            ge(red, x, w, t, c, f[1], acc)
+                            ge(red, 0, x, w, t, c, f[1], acc)
                     key[0] = key[0] - T.int64(1)  # just below the k-th: G there is all of it
                 if cfg[t, 1] < T.float64(1):
                     red[1] = cfg[t, 1] * red[0]  # the mass the tokens before the cut stay under
@@ -224,7 +211,7 @@ def sample_rows(vocab: int, chunk: int, k: int):
                             red[0] = T.float64(0)
                             for q in range(n[0]):
                                 if cmax[t, cand[q]] > f[0]:
-                                    gt(red, x, w, t, cand[q], f[0], acc)
+                                    gt(red, 0, x, w, t, cand[q], f[0], acc)
                             if red[0] < red[1]:
                                 key[1] = key[2]
                             else:
@@ -245,7 +232,7 @@ def sample_rows(vocab: int, chunk: int, k: int):
                 for q in range(n[0]):
                     red[0] = T.float64(0)
                     if cmax[t, cand[q]] >= f[1]:
-                        ge(red, x, w, t, cand[q], f[1], acc)
+                        ge(red, 0, x, w, t, cand[q], f[1], acc)
                     cs[q] = red[0]
                     red[2] = red[2] + red[0]
                 out[t, 2] = T.Cast("float64", f[1])
@@ -295,47 +282,27 @@ def sample_rows(vocab: int, chunk: int, k: int):
     return sample_rows_kernel
 
 
-def _masked_sum(chunk: int, cmp):
-    """T.macro `f(red, x, w, t, c, value, acc)`: red[0] += the sum of w[t, i] over chunk c's
-    tokens i with cmp(x[t, i], value), 16 lanes at a time (float32 within the chunk)."""
+def _masked_sum(chunk: int, cmp, ones: bool = False):
+    """T.macro `f(red, r, x, w, t, c, value, acc)`: red[r] += the sum of w[t, i] (of 1 with
+    `ones`: a count, exact to 2^24) over chunk c's tokens i with cmp(x[t, i], value), 16 lanes
+    at a time (float32 within the chunk)."""
     from tvm.script import tirx as T
 
     lanes, sum16 = LANES, sum16_lanes()
+    term = (lambda w, t, i: T.float32(1)) if ones else (lambda w, t, i: w[t, i])
 
     @T.macro
-    def f(red, x, w, t, c, value, acc):
+    def f(red, r, x, w, t, c, value, acc):
         for i in T.vectorized(lanes):
             acc[i] = T.float32(0)
         for j in range(chunk // lanes):
             for i in T.vectorized(lanes):
                 acc[i] = acc[i] + T.Select(
                     cmp(x[t, c * chunk + j * lanes + i], value),
-                    w[t, c * chunk + j * lanes + i],
+                    term(w, t, c * chunk + j * lanes + i),
                     T.float32(0),
                 )
         sum16(acc)
-        red[0] = red[0] + T.Cast("float64", acc[0] + acc[1])
-
-    return f
-
-
-def _count_ge(chunk: int):
-    """T.macro `f(red, i, x, t, c, value, acc)`: red[i] += how many of chunk c's logits are
-    >= value (exact: float32 counts to 2^24)."""
-    from tvm.script import tirx as T
-
-    lanes, sum16 = LANES, sum16_lanes()
-
-    @T.macro
-    def f(red, i0, x, t, c, value, acc):
-        for i in T.vectorized(lanes):
-            acc[i] = T.float32(0)
-        for j in range(chunk // lanes):
-            for i in T.vectorized(lanes):
-                acc[i] = acc[i] + T.Select(
-                    x[t, c * chunk + j * lanes + i] >= value, T.float32(1), T.float32(0)
-                )
-        sum16(acc)
-        red[i0] = red[i0] + T.Cast("float64", acc[0] + acc[1])
+        red[r] = red[r] + T.Cast("float64", acc[0] + acc[1])
 
     return f

@@ -88,8 +88,7 @@ class Sampler:
         """A token drawn from logits [V] (not greedy) and the distribution it was drawn
         from: the target kernel's where it has one, else `dists`'."""
         d = self.dists(logits.reshape(1, -1))[0]
-        token = d.draw(self.gen)
-        return (int(torch.argmax(d.row)) if token is None else token), d
+        return self.draw(d), d
 
     def dists(self, logits: Tensor) -> list[Dist | CutDist]:
         """Each row's distribution of logits [n, V] (not greedy): a CutDist where the
@@ -100,26 +99,17 @@ class Sampler:
         p, n = self.params, logits.shape[0]
         us = [self.rng.random() for _ in range(n)]
         got = self.kernel(logits, p.temperature, p.top_p, p.top_k, us)
-        k = (len(got[0]) - 5) // 2  # the kernel's successors per row
         out = [
-            CutDist(
-                logits[i],
-                r[1],
-                r[2],
-                p.temperature,
-                r[3],
-                int(r[0]),
-                ([int(t) for t in r[5 : 5 + k]], r[5 + k :]),
-            )
+            CutDist.of(logits[i], r, p.temperature) if r[0] >= 0 else None
             for i, r in enumerate(got)
         ]
-        left = [i for i, r in enumerate(got) if r[0] < 0]  # nan, inf, all -inf
+        left = [i for i, d in enumerate(out) if d is None]  # nan, inf, all -inf: torch's
         if left:
             for i, d in zip(left, dists(logits[left], p), strict=True):
                 out[i] = d
         return out
 
-    def draw(self, d: Dist) -> int:
+    def draw(self, d: Dist | CutDist) -> int:
         """A token from `d` by this sampler's generator; the argmax of d's logits where d has
         no mass (no finite logit at all: nothing to sample from)."""
         token = d.draw(self.gen)
@@ -225,6 +215,14 @@ class CutDist:
     drawn: int | None = None
     succ: tuple[list[int], list[float]] | None = None  # the kernel's top tokens (`head`)
     removed: dict[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, row: Tensor, got: list[float], temperature: float) -> CutDist:
+        """From a kernel row `got` = (token, max, cut, mass, total, k top tokens, their
+        probabilities) drawn from logits `row`."""
+        k = (len(got) - 5) // 2
+        succ = [int(t) for t in got[5 : 5 + k]], got[5 + k :]
+        return cls(row, got[1], got[2], temperature, got[3], int(got[0]), succ)
 
     def copy(self) -> CutDist:
         t, p, c = self.temperature, self.peak, self.cut
