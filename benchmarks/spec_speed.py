@@ -6,6 +6,7 @@ plain decoding of the same GGUF when llama-cpp-python is installed, on a shipped
         [--target torch|tvm|onnx]  # the target of every arc system without its own @TARGET
         [--paired N]  # also: each speculative engine against itself with speculation off
         [--temperature T [--top-p P] [--top-k K] [--seed S]]  # sampled instead of greedy
+        [--prompts benchmarks/prompts_long.json --new-tokens 256]  # ~500-token inputs
 
 Every system runs in its own process (one worker per system per round; threads and allocators
 of one library never slow another), rounds are interleaved (O1, O2, llama.cpp, O1, ...), each
@@ -18,6 +19,12 @@ llama.cpp runs the 4-bit GGUF, so its ids differ and only its speed is compared.
 settings (llama.cpp's other samplers off: min-p 0, typical-p 1, no repeat penalty) and a
 seed per prompt; speculative sampling keeps the model's distribution, not its draws, so ids
 are not compared ("~") and texts, and their lengths, differ from run to run.
+
+`--prompts` takes another set: `prompts_long.json` holds 8 tasks over a given text of ~460-520
+tokens (summaries of an article and an email, questions answered from a text, code edits that
+rewrite a 60-line file, a code explanation, a rewrite of an email), the work of retrieval-
+augmented and editing requests, where a draft can copy from the input; run it with
+`--new-tokens 256` (the engines hold 1024 tokens).
 
 `--paired N` adds a paired measurement for the per-prompt criterion (no prompt more than 5%
 below -O1): on a shared machine the same decode function's speed moves by +-5-10% from one
@@ -200,6 +207,7 @@ def main(defaults: dict[str, str] | None = None, doc: str = __doc__) -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0, help="prompt i samples with seed S + i")
+    ap.add_argument("--prompts", default=str(PROMPTS), help="prompt set (JSON: kind, prompt)")
     a = ap.parse_args()
     from arc.presets import preset_spec
 
@@ -216,7 +224,7 @@ def main(defaults: dict[str, str] | None = None, doc: str = __doc__) -> None:
         prefix = "" if target == "torch" else f"{target}-"  # torch engines keep their old names
         paths[name] = engines / f"{a.model}-{prefix}{_slug(spec)}.arc"
         _compile(a.model, spec, target, paths[name])
-    prompts = [p["prompt"] for p in json.loads(PROMPTS.read_text())]
+    prompts = [p["prompt"] for p in json.loads(Path(a.prompts).read_text())]
     gguf = None if a.no_llama or a.model != "smollm2-135m" else _llama_gguf()
 
     runs: dict[str, list[list[dict]]] = {name: [] for name in paths}
@@ -226,7 +234,7 @@ def main(defaults: dict[str, str] | None = None, doc: str = __doc__) -> None:
     a.sampling["seed"] = a.seed
     _sampling(json.dumps(a.sampling), 0).validate()
     sampling = json.dumps(a.sampling)
-    common = [str(a.new_tokens), str(a.threads)]
+    common = [a.prompts, str(a.new_tokens), str(a.threads)]
     for r in range(a.rounds):
         for name, path in paths.items():
             runs[name].append(_spawn(["--worker-arc", str(path), *common, sampling]))
@@ -245,7 +253,7 @@ def main(defaults: dict[str, str] | None = None, doc: str = __doc__) -> None:
 
 
 def report_paired(name: str, rows: list, a) -> None:
-    kinds = [p["kind"] for p in json.loads(PROMPTS.read_text())]
+    kinds = [p["kind"] for p in json.loads(Path(getattr(a, "prompts", PROMPTS)).read_text())]
     print(
         f"\n{name}, paired in one process: speculation on vs off on the same engine, "
         f"{a.paired} pairs per prompt (median of per-pair ratios; spread = min..max)"
@@ -277,7 +285,7 @@ def _slug(spec: str) -> str:
 
 
 def report(runs: dict, prompts: list[str], a) -> None:
-    kinds = [p["kind"] for p in json.loads(PROMPTS.read_text())]
+    kinds = [p["kind"] for p in json.loads(Path(getattr(a, "prompts", PROMPTS)).read_text())]
     base = runs[a.base]
     names = list(runs)
 
@@ -342,15 +350,15 @@ def report(runs: dict, prompts: list[str], a) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker-arc":
-        _, _, engine, n, threads, spec = sys.argv
-        prompts = [p["prompt"] for p in json.loads(PROMPTS.read_text())]
+        _, _, engine, prompts_file, n, threads, spec = sys.argv
+        prompts = [p["prompt"] for p in json.loads(Path(prompts_file).read_text())]
         print(json.dumps(worker_arc(engine, prompts, int(n), int(threads), spec)))
     elif len(sys.argv) > 1 and sys.argv[1] == "--worker-paired":
-        _, _, engine, n, threads, reps, spec = sys.argv
-        prompts = [p["prompt"] for p in json.loads(PROMPTS.read_text())]
+        _, _, engine, prompts_file, n, threads, reps, spec = sys.argv
+        prompts = [p["prompt"] for p in json.loads(Path(prompts_file).read_text())]
         print(json.dumps(worker_paired(engine, prompts, int(n), int(threads), int(reps), spec)))
     elif len(sys.argv) > 1 and sys.argv[1] == "--worker-llama":
-        _, _, gguf, ids_file, n, threads, spec = sys.argv
+        _, _, gguf, ids_file, _prompts, n, threads, spec = sys.argv
         ids = json.loads(Path(ids_file).read_text())
         print(json.dumps(worker_llama(gguf, ids, int(n), int(threads), spec)))
     else:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -66,3 +67,31 @@ def test_paired_report_names_the_worst_prompt(capsys):
     assert "geomean 1.039x" in out  # (1.01^8 * 0.90 * 1.50)^(1/10)
     line5 = next(line for line in out.splitlines() if line.startswith(" 5 "))
     assert "1.500x" in line5 and line5.rstrip().endswith("!")
+
+
+def test_reports_take_the_prompt_set_asked_for(capsys):
+    """--prompts: the per-prompt rows are the long set's kinds, not the default set's."""
+    mod = _module()
+    long = BENCH / "prompts_long.json"
+    kinds = [p["kind"] for p in json.loads(long.read_text())]
+    rows = [[(110.0, 100.0, True)] for _ in kinds]
+    mod.report_paired("arc -O2", rows, SimpleNamespace(paired=1, prompts=str(long)))
+    out = capsys.readouterr().out
+    assert f"{len(kinds) - 1} {kinds[-1]}" in out.replace("  ", " ")
+    assert "geomean 1.100x" in out
+
+
+@pytest.mark.real
+def test_long_prompt_set_fits_the_benchmark_engines():
+    """prompts_long.json: each prompt, through SmolLM2's chat template, leaves room for 256 new
+    tokens in the 1024-token cache spec_speed builds its engines with, and is long (400+
+    tokens: the set is about decoding after a given text)."""
+    from arc.runtime.load import prompt_ids
+    from models.loader import load
+
+    tok = load("smollm2-135m", weights=False).tokenizer
+    prompts = json.loads((BENCH / "prompts_long.json").read_text())
+    assert len(prompts) >= 8 and len({p["kind"] for p in prompts}) >= 5
+    for p in prompts:
+        n = len(prompt_ids(tok, p["prompt"]))
+        assert 400 <= n <= 1024 - 256 - 1, (p["kind"], n)
