@@ -64,3 +64,24 @@ def test_hint_is_the_best_next_token_score():
     text = list(range(100, 140))
     assert NGram().hint([*text, 7, *text[:20]]) == pytest.approx(_at(FIRST, 20))
     assert NGram().hint([1, 2, 3, 4]) == 0.0  # nothing repeats: nothing to draft
+
+
+def test_an_appended_history_drafts_as_a_fresh_index_would():
+    """The index follows one list the loop appends to without re-reading it, and starts over
+    for another request's list (or the same list rewritten): each proposal equals a fresh
+    drafter's on the same history."""
+    import random
+
+    rng = random.Random(3)
+    d = NGram()
+    history = [rng.randrange(12) for _ in range(30)]
+    for _ in range(40):
+        history.extend(rng.randrange(12) for _ in range(rng.randrange(1, 4)))
+        assert d.propose(history, 4, 8) == NGram().propose(history, 4, 8)
+        assert d.hint(history) == NGram().hint(list(history))
+    other = [rng.randrange(12) for _ in range(50)]  # a new request: another list
+    assert d.propose(other, 4, 8) == NGram().propose(other, 4, 8)
+    other[-1] = (other[-1] + 1) % 12  # the same list with its last token rewritten
+    assert d.propose(other, 4, 8) == NGram().propose(other, 4, 8)
+    del other[-5:]  # and shortened
+    assert d.propose(other, 4, 8) == NGram().propose(other, 4, 8)
