@@ -121,7 +121,7 @@ def report(out: dict, prompts: list[str], arms: list[str], sampled: bool = False
             reps = out[(i, a)]
             ratio = statistics.median(x[0] for x in reps)
             per_fwd = statistics.median(x[1] for x in reps)
-            same = "~" if sampled else "=" if all(x[2] for x in reps) else "!"
+            same = "=" if all(x[2] for x in reps) else "!"  # sampled too: same uniforms
             row += f"  {a}: {ratio:.3f}x {per_fwd:.2f} t/f {same}"
         print(row)
     for a in arms:

@@ -4,12 +4,21 @@ Greedy: walk from the root, following the child whose token is the model's argma
 on that path plus the argmax after its last node (the bonus token) are exactly what plain
 greedy decoding would produce.
 
-Sampling: multi-branch rejection sampling over the tree (SpecInfer, Miao et al. 2024; the
-deterministic-draft case of Chen et al. 2023 / Leviathan et al. 2023). At a node with target
-distribution p and drafted children c1..cm: accept c_j with probability p(c_j) (renormalized);
-on rejection set p(c_j) = 0 and renormalize; if no child is accepted, sample the bonus token
-from what is left of p. Each step draws exactly from p, so the output distribution is the
-model's own (tested by a chi-square test in tests/runtime/test_speculative.py).
+Sampling, as the speculative loop runs it: sample-then-match (`accept_matched`). At each node
+the model's token is drawn from the node's distribution with the uniform number of the
+sequence position it would fill (arc/runtime/sampling.py `position_uniform`), and the walk
+follows the child equal to it. Every emitted token is then exactly the token plain sampling
+draws at that position with the same seed, whatever trees were verified, so a seeded run
+repeats and equals -O1's. For drafted tokens (deterministic drafts) it accepts as often as
+multi-branch rejection sampling does: children c1..cm with probability p(c1) + ... + p(cm).
+
+`accept_sampled`: multi-branch rejection sampling over the tree (SpecInfer, Miao et al. 2024;
+the deterministic-draft case of Chen et al. 2023 / Leviathan et al. 2023), which LANTERN's
+relaxed acceptance (arc/runtime/relaxed.py) builds on. At a node with target distribution p
+and drafted children c1..cm: accept c_j with probability p(c_j) (renormalized); on rejection
+set p(c_j) = 0 and renormalize; if no child is accepted, sample the bonus token from what is
+left of p. Each step draws exactly from p, so the output distribution is the model's own
+(tested by a chi-square test in tests/runtime/test_speculative.py).
 """
 
 from __future__ import annotations
@@ -39,6 +48,22 @@ def accept_greedy(
         if nxt is None and instead is not None and tree.children(node):
             nxt = instead(node, best[node])
         tokens.append(best[node] if nxt is None else tree.tokens[nxt])
+        if nxt is None:
+            return path, tokens
+        path.append(nxt)
+        node = nxt
+
+
+def accept_matched(tree: Tree, draw: Callable[[int], int]) -> tuple[list[int], list[int]]:
+    """(accepted nodes below the root, new tokens incl. the last draw) by sample-then-match:
+    `draw(node)` is the model's token after `node`, drawn from the node's distribution with
+    the uniform of the position it fills; the walk follows the child equal to it and stops
+    at the first draw no child holds (that draw is the last new token)."""
+    node, path, tokens = 0, [], []
+    while True:
+        token = draw(node)
+        tokens.append(token)
+        nxt = tree.child(node, token)
         if nxt is None:
             return path, tokens
         path.append(nxt)
@@ -77,7 +102,7 @@ def accept_sampled(
             for t in kept:  # rejected: the rest of the weights, renormalized, is the residual
                 d.remove(t)
         if nxt is None:
-            bonus = d.draw(gen)
+            bonus = d.draw(float(torch.rand((), generator=gen, dtype=torch.float64)))
             tokens.append(int(torch.argmax(d.row)) if bonus is None else bonus)
             return path, tokens
         tokens.append(tree.tokens[nxt])

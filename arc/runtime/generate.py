@@ -118,7 +118,7 @@ class Generator:
         sample = Sampler(sampling, argmax, getattr(self.steps, "sample_rows", None))
         t0 = time.perf_counter()
         logits, skipped = self._prefill_choosing(prompt_ids)
-        out = [sample(logits)]
+        out = [sample(logits, len(prompt_ids))]
         t1 = time.perf_counter()
         text = _TextTracker(self.tok, on_text, stop)
         stopper = Stopper(self, out, text, max_new_tokens, ignore_eos)
@@ -186,7 +186,7 @@ class Generator:
             if pos >= self.steps.max_seq_len and not ring:
                 return "cache_full", forwards
             t = clock()
-            tok = sample(self.steps.decode(out[-1], pos))
+            tok = sample(self.steps.decode(out[-1], pos), pos + 1)
             profile.step(pos, 1, [tok], clock() - t)
             pos, forwards = pos + 1, forwards + 1
             reason = stopper(tok)

@@ -71,33 +71,42 @@ class Sampler:
             self.gen.manual_seed(params.seed)
         else:
             self.gen.seed()
-        # the kernel's uniforms: one torch.rand right after a decode step took ~50 us (cold)
-        self.rng = random.Random(self.gen.initial_seed())
+        # the uniforms: per sequence position from the seed (position_uniform), else (no
+        # position given) from this stream; a torch.rand right after a decode step took ~50 us
+        self.key = self.gen.initial_seed()
+        self.rng = random.Random(self.key)
 
-    def __call__(self, logits: Tensor) -> int:
-        """Pick the next token from logits [vocab]."""
+    def __call__(self, logits: Tensor, at: int | None = None) -> int:
+        """Pick the next token from logits [vocab]; `at`: its sequence position (sampling
+        then uses that position's uniform, so any loop draws the same token there)."""
         if self.params.greedy:
             if self.argmax is not None:
                 return self.argmax(logits[None])[0]
             # max's index, which torch documents as the first maximal one as argmax's: the
             # same token, in 24 instead of 82 us over a 49k vocabulary on one thread
             return int(logits.max(dim=-1).indices)
-        return self.pick(logits)[0]
+        return self.pick(logits, at)[0]
 
-    def pick(self, logits: Tensor) -> tuple[int, Dist | CutDist]:
-        """A token drawn from logits [V] (not greedy) and the distribution it was drawn
-        from: the target kernel's where it has one, else `dists`'."""
-        d = self.dists(logits.reshape(1, -1))[0]
-        return self.draw(d), d
+    def uniform(self, at: int | None) -> float:
+        """Position `at`'s uniform (position_uniform of this sampler's seed), or the next
+        of this sampler's stream when no position is given."""
+        return self.rng.random() if at is None else position_uniform(self.key, at)
 
-    def dists(self, logits: Tensor) -> list[Dist | CutDist]:
+    def pick(self, logits: Tensor, at: int | None = None) -> tuple[int, Dist | CutDist]:
+        """A token drawn from logits [V] (not greedy) with position `at`'s uniform, and the
+        distribution it was drawn from: the target kernel's where it has one, else
+        `dists`'."""
+        d = self.dists(logits.reshape(1, -1), [at])[0]
+        return self.draw(d, at), d
+
+    def dists(self, logits: Tensor, ats: list | None = None) -> list[Dist | CutDist]:
         """Each row's distribution of logits [n, V] (not greedy): a CutDist where the
-        target's kernel answers for the row, with a token drawn from it by a uniform of this
-        sampler's; else `dists`'."""
+        target's kernel answers for the row, with a token drawn from it by row i's uniform
+        (position ats[i]'s; this sampler's stream where None or no `ats`); else `dists`'."""
         if self.kernel is None:
             return dists(logits, self.params)
         p, n = self.params, logits.shape[0]
-        us = [self.rng.random() for _ in range(n)]
+        us = [self.uniform(at) for at in (ats or [None] * n)]
         got = self.kernel(logits, p.temperature, p.top_p, p.top_k, us)
         out = [
             CutDist.of(logits[i], r, p.temperature) if r[0] >= 0 else None
@@ -109,14 +118,31 @@ class Sampler:
                 out[i] = d
         return out
 
-    def draw(self, d: Dist | CutDist) -> int:
-        """A token from `d` by this sampler's generator; the argmax of d's logits where d has
-        no mass (no finite logit at all: nothing to sample from)."""
-        token = d.draw(self.gen)
+    def draw(self, d: Dist | CutDist, at: int | None = None) -> int:
+        """A token from `d` by position `at`'s uniform (a kernel row: the token the kernel drew
+        with it); the argmax of d's logits where d has no mass (no finite logit at all:
+        nothing to sample from)."""
+        token = d.draw(self.uniform(at))
         return int(torch.argmax(d.row)) if token is None else token
 
 
 FAST_T = 1e-30  # below: the float64 path (x / T leaves float32's range)
+_M64 = 2**64 - 1
+
+
+def position_uniform(key: int, at: int) -> float:
+    """A uniform number in [0, 1) for the token at sequence position `at` of a run keyed `key`
+    (the sampler's seed): SplitMix64's output function (Steele et al. 2014, "Fast splittable
+    pseudorandom number generators") of key + (at + 1) x its golden-ratio increment, top 53
+    bits. The token at each position is drawn with its own number whatever the decoding loop
+    did before it, so a speculative loop, whichever trees it verifies, draws the tokens plain
+    decoding draws with the same seed (sample-then-match, arc/runtime/accept.py)."""
+    z = (key + (at + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return ((z ^ (z >> 31)) >> 11) * 2.0**-53
+
+
 NUCLEUS_K = (256, 4096)  # top-p: the nucleus is looked for among these many top tokens first
 
 
@@ -156,10 +182,10 @@ class Dist:
             self.total = float(self.w.sum(dtype=torch.float64))
         return self.total
 
-    def draw(self, gen: torch.Generator) -> int | None:
-        """A token with probability w / sum(w), by one uniform u: the first entry whose
-        cumulative sum exceeds u * sum(w) (never one of weight 0); None if sum(w) is not > 0."""
-        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+    def draw(self, u: float) -> int | None:
+        """A token with probability w / sum(w), by the uniform u in [0, 1): the first entry
+        whose cumulative sum exceeds u * sum(w) (never one of weight 0); None if sum(w) is
+        not > 0."""
         cdf = torch.cumsum(self.w, 0, dtype=torch.float64)
         total = self.total = float(cdf[-1])
         if not (total > 0 and math.isfinite(total)):
@@ -242,8 +268,9 @@ class CutDist:
     def mass(self) -> float:
         return max(self.total - sum(self.removed.values()), 0.0)
 
-    def draw(self, gen: torch.Generator) -> int | None:
-        """The kernel's token while nothing is removed; else a draw from the residual."""
+    def draw(self, u: float) -> int | None:
+        """The kernel's token (drawn with the row's own uniform) while nothing is removed, once;
+        else a draw by `u` from the residual."""
         if not self.removed and self.drawn is not None:
             token, self.drawn = self.drawn, None
             return token
@@ -251,7 +278,7 @@ class CutDist:
         w = torch.where(x >= self.cut, (x - self.peak).div_(self.temperature).exp_(), 0.0)
         if self.removed:
             w[list(self.removed)] = 0.0
-        return Dist(w, None, self.row).draw(gen)
+        return Dist(w, None, self.row).draw(u)
 
     def head(self, k: int) -> tuple[list[int], list[float]] | None:
         """The kernel's k most likely tokens and their probabilities (-1 and 0 past the

@@ -46,7 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from arc.runtime.accept import accept_greedy, accept_sampled
+from arc.runtime.accept import accept_greedy, accept_matched
 from arc.runtime.drafters import Drafter
 from arc.runtime.relaxed import accept_relaxed_greedy, accept_relaxed_sampled
 from arc.runtime.sampling import Sampler, dists, successors_under
@@ -393,7 +393,7 @@ class SpeculativeLoop:
         t = time.perf_counter()
         logits = self.steps.decode(token, pos)
         if not teach:
-            out = sample(logits)
+            out = sample(logits, pos + 1)
         elif sample.params.greedy:  # the argmax and the drafter's successors from shared passes
             best, top = argmax_and_successors(
                 logits[None], TOPK, getattr(self.steps, "logit_stats", None)
@@ -401,7 +401,7 @@ class SpeculativeLoop:
             out = best[0]
             self.drafter.observe(Tree(token), top)
         else:
-            out, row = sample.pick(logits)
+            out, row = sample.pick(logits, pos + 1)
             self._teach(Tree(token), logits[None], sample, [row])
         self.step_s = time.perf_counter() - t
         self.cost[1].add(self.step_s)
@@ -412,8 +412,9 @@ class SpeculativeLoop:
         tree = build(root, [p for p, _ in paths])
         logits = self.steps.verify_tree(tree, pos, size)[: len(tree)]  # [n, V]
         rows = None  # each node's sampling distribution (relaxed acceptance: dense Dists)
+        ats = [pos + 1 + d for d in tree.depths[: len(tree)]]  # the position after each node
         if not sample.params.greedy:
-            rows = dists(logits, sample.params) if self.relaxed else sample.dists(logits)
+            rows = dists(logits, sample.params) if self.relaxed else sample.dists(logits, ats)
         if self.relaxed is not None:
             path, new = (
                 accept_relaxed_greedy(tree, logits, *self.relaxed)
@@ -427,8 +428,8 @@ class SpeculativeLoop:
                 logits, TOPK, getattr(self.steps, "logit_stats", None)
             )
             path, new = accept_greedy(tree, logits, best)
-        else:
-            path, new = accept_sampled(tree, logits, sample.params, sample.gen, rows=rows)
+        else:  # each node's token drawn as plain sampling draws it there (same uniform)
+            path, new = accept_matched(tree, lambda node: sample.draw(rows[node], ats[node]))
         src = [pos + node for node in path]
         dst = [pos + 1 + i for i in range(len(path))]
         if src != dst:

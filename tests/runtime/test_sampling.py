@@ -158,11 +158,12 @@ def test_dists_keep_every_tie_of_the_kth_logit():
 
 def test_draws_never_pick_a_token_without_weight():
     d = Dist(torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0, 0.0]), None, torch.zeros(6))
-    gen = torch.Generator().manual_seed(0)
-    assert {d.draw(gen) for _ in range(300)} == {1, 4}
+    us = [0.0, 1 - 2**-53, *torch.rand(300, generator=torch.Generator().manual_seed(0)).tolist()]
+    assert {d.draw(u) for u in us} == {1, 4}
+    assert d.draw(0.0) == 1 and d.draw(1 / 3) == 4 and d.draw(1 - 2**-53) == 4
     sparse = Dist(torch.tensor([0.5, 0.0, 0.25]), torch.tensor([9, 3, 7]), torch.zeros(12))
-    assert {sparse.draw(gen) for _ in range(300)} == {9, 7}
-    assert Dist(torch.zeros(3), None, torch.zeros(3)).draw(gen) is None
+    assert {sparse.draw(u) for u in us} == {9, 7}
+    assert Dist(torch.zeros(3), None, torch.zeros(3)).draw(0.5) is None
 
 
 @pytest.mark.parametrize(
@@ -173,17 +174,37 @@ def test_draws_never_pick_a_token_without_weight():
         SamplingParams(temperature=1.0, top_p=0.8, seed=5),
     ],
 )
-def test_sampler_draws_follow_the_distribution(params):
-    """Chi-square over seeded draws of the Sampler against filter_logits' softmax."""
+@pytest.mark.parametrize("by_position", [False, True])
+def test_sampler_draws_follow_the_distribution(params, by_position):
+    """Chi-square over seeded draws of the Sampler against filter_logits' softmax: from its
+    stream, and (by_position) with each position's own uniform, as the decoding loops draw."""
     logits = torch.tensor([2.0, 1.5, 0.3, -0.2, 1.1, -1.0, 0.0, 0.7])
     expect = _reference(logits, params).tolist()
     sampler, n = Sampler(params), 20000
     counts = [0] * len(expect)
-    for _ in range(n):
-        counts[sampler(logits)] += 1
+    for i in range(n):
+        counts[sampler(logits, 7 + i if by_position else None)] += 1
     assert all(c == 0 for c, e in zip(counts, expect, strict=True) if e == 0)
     cells = [i for i, e in enumerate(expect) if e * n >= 5]
     chi2 = sum((counts[i] - n * expect[i]) ** 2 / (n * expect[i]) for i in cells)
     df = len(cells) - 1
     critical = df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3  # p ~ 0.001
     assert chi2 < critical, (chi2, counts, expect)
+
+
+def test_position_uniforms_are_uniform_and_keyed():
+    """position_uniform: in [0, 1), the same for the same (seed, position), another for
+    another seed or position, and evenly spread (deciles of 20000 positions, chi-square)."""
+    from arc.runtime.sampling import position_uniform
+
+    us = [position_uniform(123, at) for at in range(20000)]
+    assert all(0.0 <= u < 1.0 for u in us) and len(set(us)) == len(us)
+    assert us[:50] == [position_uniform(123, at) for at in range(50)]
+    other = [position_uniform(124, at) for at in range(20000)]
+    assert sum(a == b for a, b in zip(us, other, strict=True)) == 0
+    counts = [0] * 10
+    for u in us:
+        counts[int(u * 10)] += 1
+    chi2 = sum((c - 2000) ** 2 / 2000 for c in counts)
+    assert chi2 < 27.9  # 9 degrees of freedom, p ~ 0.001
+    assert position_uniform(2**64 - 1, 2**40) < 1.0
