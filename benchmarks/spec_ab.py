@@ -113,7 +113,7 @@ def run(
     return out
 
 
-def report(out: dict, prompts: list[str], arms: list[str], sampled: bool = False) -> dict:
+def report(out: dict, prompts: list[str], arms: list[str]) -> dict:
     geo = {}
     for i in range(len(prompts)):
         row = f"{i:>2}"
@@ -156,7 +156,7 @@ def main() -> None:
         f"{a.engine}: {len(prompts)} prompts x {a.reps} reps, {a.new_tokens} new tokens, "
         "each arm's tok/s over the same rep's plain run, cold drafts"
     )
-    report(out, prompts, a.arm, a.temperature > 0)
+    report(out, prompts, a.arm)
 
 
 if __name__ == "__main__":

@@ -254,7 +254,7 @@ def main(defaults: dict[str, str] | None = None, doc: str = __doc__) -> None:
 
 
 def report_paired(name: str, rows: list, a) -> None:
-    kinds = [p["kind"] for p in json.loads(Path(getattr(a, "prompts", PROMPTS)).read_text())]
+    kinds = _kinds(a)
     print(
         f"\n{name}, paired in one process: speculation on vs off on the same engine, "
         f"{a.paired} pairs per prompt (median of per-pair ratios; spread = min..max)"
@@ -280,12 +280,17 @@ def report_paired(name: str, rows: list, a) -> None:
     )
 
 
+def _kinds(a) -> list[str]:
+    """The prompt set's kinds, in order (`--prompts`, the shipped set by default)."""
+    return [p["kind"] for p in json.loads(Path(getattr(a, "prompts", PROMPTS)).read_text())]
+
+
 def _slug(spec: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in spec).strip("-") or "O0"
 
 
 def report(runs: dict, prompts: list[str], a) -> None:
-    kinds = [p["kind"] for p in json.loads(Path(getattr(a, "prompts", PROMPTS)).read_text())]
+    kinds = _kinds(a)
     base = runs[a.base]
     names = list(runs)
 

@@ -156,18 +156,20 @@ def test_seeded_sampling_draws_what_plain_decoding_draws(traced, spec):
         SamplingParams(temperature=0.5, seed=2),
         SamplingParams(temperature=1.0, top_k=5, top_p=0.9, seed=3),
     ]
+    plains = []
     for p in settings:
         kw = {"max_new_tokens": 48, "sampling": p, "ignore_eos": True}
         plain, first, again = _both(gen, ids, **kw)
         assert first.token_ids == plain.token_ids == again.token_ids, p
+        plains.append(plain.token_ids)
         fixed = "adaptive=false" in spec  # the cost-aware loop may not verify on a tiny model
         assert first.verify_passes > 0 or not fixed
         accepted = max(accepted, first.accepted_per_step, again.accepted_per_step)
     assert accepted > 1.0 or not fixed  # drafted tokens were accepted, not only last draws
-    other = SamplingParams(temperature=0.8, top_p=0.95, seed=9)
+    other = SamplingParams(temperature=0.8, top_p=0.95, seed=9)  # settings[0], another seed
     with torch.inference_mode():
         b = gen.generate(ids, max_new_tokens=48, sampling=other, ignore_eos=True)
-    assert b.token_ids != plain.token_ids or settings[0].seed == other.seed
+    assert b.token_ids != plains[0]
 
 
 def test_memory_outlives_a_request(traced):
