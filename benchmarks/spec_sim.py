@@ -165,27 +165,32 @@ class Replay:
 
 
 class Clock:
-    """time.perf_counter plus the modeled forwards' time."""
+    """time.perf_counter plus the modeled forwards' time; `wall=False`: the modeled time alone,
+    so a replay's speed and its loop's timing choices do not depend on the machine's load."""
 
-    def __init__(self):
+    def __init__(self, wall: bool = True):
         self.extra = 0.0
+        self.wall = wall
 
     def spend(self, ms):
         self.extra += ms / 1e3
 
     def perf_counter(self):
-        return time.perf_counter() + self.extra
+        return (time.perf_counter() if self.wall else 0.0) + self.extra
 
 
-def replay(rec: dict, options: dict, cost: dict[int, float], memory) -> tuple[float, float, bool]:
+def replay(
+    rec: dict, options: dict, cost: dict[int, float], memory, wall: bool = True
+) -> tuple[float, float, bool]:
     """(speedup over plain at the cost model, tokens per forward, output identical); `memory`
-    (SpecMemory) carries step times across requests, as a Generator's does."""
+    (SpecMemory) carries step times across requests, as a Generator's does; `wall=False` leaves
+    the loop's own Python time out (see Clock)."""
     import arc.runtime.speculative as S
     from arc.runtime import drafters
     from arc.runtime.sampling import Sampler, SamplingParams
     from arc.runtime.topk import TOPK
 
-    clock = Clock()
+    clock = Clock(wall)
     sizes = [b for b in options["verify_sizes"] if b in cost]
     steps = Replay(rec, sizes, cost, clock, TOPK)
     drafter = drafters.make(options["draft"], options, 49152, steps)
