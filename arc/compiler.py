@@ -15,11 +15,14 @@ from types import MappingProxyType
 from typing import Any
 
 from arc import autotarget, targets
-from arc.engine import WEIGHTS, write_engine
+from arc.corpus import self_instruct
+from arc.engine import CORPUS, WEIGHTS, write_engine
 from arc.errors import ArcError
 from arc.ir import DecodePlan, module_to_json
 from arc.lowering import materialize
 from arc.pipeline import Instrument, PassContext, PassManager, format_spec, record_dicts
+from arc.runtime.drafters.corpus import CorpusIndex
+from arc.runtime.generate import Generator
 from arc.trace import trace
 from arc.tune import tune_tree
 
@@ -122,9 +125,18 @@ def compile_model(
             )
         build_s = time.perf_counter() - tb
         plan = {"kind": module.plan.kind, "options": dict(module.plan.options)}
+        corpus = None
+        if plan["kind"] == "speculative" and plan["options"].get("corpus"):
+            n = plan["options"]["corpus"]
+            stage(f"write the drafting corpus ({n} questions)")
+            steps = target.load(module, weights, built, info, device)
+            eos = list(module.meta.get("eos_ids", []))
+            corpus = self_instruct(Generator(steps, loaded.tokenizer, eos), n)
+            del steps
         if plan["kind"] == "speculative" and plan["options"].get("tune"):
             stage("tune the tree on this device")
             steps = target.load(module, weights, built, info, device)
+            steps.corpus = None if corpus is None else CorpusIndex(corpus)
             eos = list(module.meta.get("eos_ids", []))
             plan["options"] = tune_tree(steps, loaded.tokenizer, eos, plan["options"])
             del steps
@@ -136,6 +148,8 @@ def compile_model(
         payloads = {WEIGHTS: _save_weights(weights, work / WEIGHTS)}
         payloads |= {f"artifacts/{k}": v for k, v in artifacts.items()}
         payloads |= _save_tokenizer(loaded.tokenizer, work / "tokenizer")
+        if corpus is not None:
+            payloads[CORPUS] = _save_corpus(corpus, work / CORPUS)
         compile_s = time.perf_counter() - t0
         manifest = {
             "model": {"name": loaded.name, "config": loaded.hf_config.to_dict(), **module.meta},
@@ -231,6 +245,14 @@ def _save_weights(weights, path: Path) -> Path:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+    return path
+
+
+def _save_corpus(tokens, path: Path) -> Path:
+    """The `corpus` drafter's datastore: one int32 tensor `tokens` [T] (safetensors)."""
+    from safetensors.numpy import save_file
+
+    save_file({"tokens": tokens}, str(path))
     return path
 
 

@@ -41,12 +41,13 @@ FORMAT_VERSION = 4
 READS = (3, 4)  # format 3 engines hold nothing this arc cannot run
 MANIFEST, MANIFEST_SHA = "manifest.json", "manifest.sha256"
 WEIGHTS = "weights.safetensors"
+CORPUS = "corpus.safetensors"  # the `corpus` drafter's datastore (spec-tree{corpus=N})
 ARTIFACTS, TOKENIZER = "artifacts", "tokenizer"
 MAX_MANIFEST = 64 << 20  # the IR of a 70B model is a few MB; this is read into memory
 
 # The payload names arc writes: top-level files, and one level of files in these directories.
 # A new target that stores more adds its names here, and nowhere else.
-PAYLOAD_FILES = frozenset({WEIGHTS})
+PAYLOAD_FILES = frozenset({WEIGHTS, CORPUS})
 PAYLOAD_DIRS = frozenset({ARTIFACTS, TOKENIZER})
 _PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")  # no '/', '\\', NUL, leading dot
 # zip errors that mean "damaged file" (zipfile raises all of these on crafted input)

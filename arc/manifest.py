@@ -114,7 +114,7 @@ def _files(files: dict[str, Any]) -> None:
 def _layout(m: dict[str, Any]) -> None:
     """The payloads the readers open are listed: weights, the tokenizer (from the engine's own
     `tokenizer/` payloads, never a directory named elsewhere), an aot engine's artifacts."""
-    from arc.engine import ARTIFACTS, TOKENIZER, WEIGHTS
+    from arc.engine import ARTIFACTS, CORPUS, TOKENIZER, WEIGHTS
 
     files, target = m["files"], m["target"]
     if WEIGHTS not in files:
@@ -123,6 +123,9 @@ def _layout(m: dict[str, Any]) -> None:
         raise _SchemaError(f"tokenizer.dir is {m['tokenizer']['dir'][:60]!r}, not {TOKENIZER!r}")
     if not any(name.startswith(TOKENIZER + "/") for name in files):
         raise _SchemaError(f"files lists no {TOKENIZER}/ payload")
+    opts = m["decode_plan"].get("options") if isinstance(m.get("decode_plan"), dict) else None
+    if isinstance(opts, dict) and opts.get("corpus") and CORPUS not in files:
+        raise _SchemaError(f"decode_plan asks for a corpus but files lacks {CORPUS}")
     if target.get("mode") == "aot" and not any(name.startswith(ARTIFACTS + "/") for name in files):
         raise _SchemaError(f"target is aot but files lists no {ARTIFACTS}/ payload")
     if "device" in target and target["device"] != m["device"]:

@@ -45,7 +45,8 @@ from arc.ir import DecodePlan, GraphBuilder, Module, Node, rebuild
 from arc.ops import Op
 from arc.pipeline import PassContext, register_pass
 
-DRAFTERS = ("ngram", "recycle", "jacobi", "self", "auto")
+DRAFTERS = ("ngram", "recycle", "jacobi", "self", "corpus", "auto")
+MAX_CORPUS = 20000  # self-written questions answered for the `corpus` datastore
 SHAPES = ("static", "dynamic")
 MAX_BUDGET = 31  # verify compiles with static T = budget + 1; the small-T kernels go to 32
 
@@ -73,6 +74,7 @@ def spec_tree(
     accept: str = "exact",
     delta: float = 0.1,
     sim: float = 0.65,
+    corpus: int = 0,
 ) -> Module:
     """Add `verify_B` functions (trees of B nodes: budget + 1 and the `ladder` below it, so
     the runtime can fit the tree to the draft) and a speculative plan. `depth`: the longest
@@ -92,9 +94,13 @@ def spec_tree(
     per tree size on this device and caps the plan's tree there (arc/tune.py).
     `accept=relaxed` (lossy): LANTERN's relaxed acceptance of a drafted token whose latent
     neighbourhood (output-embedding cosine >= `sim`) carries the model's choice, within
-    total variation `delta` (arc/runtime/relaxed.py)."""
+    total variation `delta` (arc/runtime/relaxed.py).
+    `corpus` (N > 0): after the build, arc compile has the model write N questions and answer
+    them greedily (arc/corpus.py); the answers become a datastore the `corpus` drafter
+    retrieves phrases from (REST, He et al. 2023), merged by `auto`."""
     depth = depth or budget
     _check_options(module, draft, budget, depth, shape)
+    _check_corpus(draft, corpus)
     _check_accept(accept, delta, sim)
     if module.kv.merged:  # see passes/kv_fusion.py, merge=slerp
         raise ArcError(
@@ -121,6 +127,7 @@ def spec_tree(
                 "verify_sizes": sizes,
                 "tune": tune,
                 **({"accept": accept, "delta": delta, "sim": sim} if accept != "exact" else {}),
+                **({"corpus": corpus} if corpus else {}),
             }
         ),
     )
@@ -145,6 +152,15 @@ def verify_sizes(budget: int, ladder: str) -> list[int]:
     top = budget + 1
     below = {"pow2": (2, 4, 8, 16), "dense": range(2, top), "none": ()}[ladder]
     return sorted({top, *(b for b in below if b < top)})
+
+
+def _check_corpus(draft: str, corpus: int) -> None:
+    if not 0 <= corpus <= MAX_CORPUS:
+        raise ArcError(f"spec-tree: corpus={corpus} must be 0..{MAX_CORPUS} questions")
+    if corpus and draft not in ("corpus", "auto"):
+        raise ArcError(f"spec-tree: corpus={corpus} needs draft=corpus or auto (not {draft})")
+    if draft == "corpus" and not corpus:
+        raise ArcError("spec-tree: draft=corpus needs corpus=N (questions to write, N > 0)")
 
 
 def _check_accept(accept: str, delta: float, sim: float) -> None:

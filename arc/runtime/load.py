@@ -9,7 +9,7 @@ from typing import Any
 
 from arc import targets
 from arc.cache import EntryGone, EntryLock
-from arc.engine import ARTIFACTS, TOKENIZER, WEIGHTS, open_engine, read_manifest
+from arc.engine import ARTIFACTS, CORPUS, TOKENIZER, WEIGHTS, open_engine, read_manifest
 from arc.errors import ArcError, EngineError
 from arc.ir import Module
 from arc.lowering import weight_tensors
@@ -85,6 +85,10 @@ def load_engine(path: str | Path, *, progress: bool = False) -> LoadedEngine:
         from arc.runtime.relaxed import latents_of
 
         steps.latents = latents_of(module, weights)
+    if plan["options"].get("corpus"):
+        from arc.runtime.drafters.corpus import CorpusIndex
+
+        steps.corpus = CorpusIndex(_corpus(engine, module, path))
     tok = _tokenizer(engine.root / TOKENIZER, path)  # the verified payloads, nowhere else
     rt = manifest["runtime"]
     gen = Generator(
@@ -138,6 +142,27 @@ def _weights(engine, module: Module, path) -> dict:
                     f"{path}: weight {t[:60]!r} is {got}, the IR wants {dtype} {shape}"
                 )
     return weights
+
+
+def _corpus(engine, module: Module, path):
+    """The `corpus` drafter's datastore: a 1-D int32 array of token ids in the vocabulary, -1
+    between documents (a crafted one could otherwise draft ids the embedding cannot look up)."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    try:
+        tokens = load_file(str(engine.file(CORPUS))).get("tokens")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise EngineError(f"{path}: {CORPUS} unreadable ({_why(e)})") from None
+    from arc.ops import Op
+
+    embeds = [n.attrs["w"] for n in module.functions["decode"].nodes if n.op is Op.EMBED]
+    vocab = module.weight_shapes()[embeds[0]][0] if embeds else None  # rows of the embedding
+    if tokens is None or tokens.dtype != np.int32 or tokens.ndim != 1:
+        raise EngineError(f"{path}: {CORPUS} holds no 1-D int32 tensor `tokens`")
+    if len(tokens) and (tokens.min() < -1 or (vocab is not None and tokens.max() >= vocab)):
+        raise EngineError(f"{path}: {CORPUS} holds token ids outside the vocabulary")
+    return tokens
 
 
 def _tokenizer(directory: Path, path):

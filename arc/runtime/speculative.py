@@ -535,7 +535,7 @@ def _between(points: Mapping[int, float], x: int) -> float | None:
     return points[lo] + (points[hi] - points[lo]) * (x - lo) / (hi - lo)
 
 
-DRAFTERS = ("ngram", "recycle", "jacobi", "self", "auto")  # what this runtime drives
+DRAFTERS = ("ngram", "recycle", "jacobi", "self", "corpus", "auto")  # what this runtime drives
 
 
 def check_plan(kind: Any, options: Any, module) -> None:
@@ -567,6 +567,11 @@ def check_plan(kind: Any, options: Any, module) -> None:
         raise ArcError(f"speculative plan: drafter {str(opts.get('draft'))[:40]!r} unknown")
     if opts.get("draft") == "self" and "draft" not in module.functions:
         raise ArcError("speculative plan: drafter self needs the engine's draft function")
+    n = opts.get("corpus", 0)
+    if type(n) is not int or n < 0:
+        raise ArcError("speculative plan: corpus must be a count of questions (0 or more)")
+    if opts.get("draft") == "corpus" and not n:
+        raise ArcError("speculative plan: drafter corpus needs the engine's corpus")
     if opts.get("shape") not in ("static", "dynamic"):
         raise ArcError("speculative plan: shape must be static or dynamic")
     if opts.get("accept", "exact") not in ("exact", "relaxed"):

@@ -47,6 +47,7 @@ class Steps:
         self.ring = ring  # (sink, window) of a ring cache, or None
         self.decode_fn = "decode"  # adaptive layer-skip: the request's decode_skip<k>
         self.latents = None  # output embeddings for relaxed acceptance (arc/runtime/relaxed.py)
+        self.corpus = None  # the `corpus` drafter's datastore, indexed (drafters/corpus.py)
         # logits [n, V] -> (chunk maxima, logsumexp) by the target's kernel (tvm), or None
         self.logit_stats = None
         # a sampled step's draw by the target's kernel (tvm: targets/tvm_sample.py), or None

@@ -25,6 +25,7 @@ Scored = dict[tuple[int, ...], float]
 # 1.190 vs 1.173x and 1.166 vs 1.161x (AMD EPYC, two runs). So `auto` leaves it out;
 # `draft=jacobi` still runs it alone
 AUTO_JACOBI = 0
+AUTO_CORPUS = 1  # whether `auto` merges the engine's corpus drafter, where it has one (A/B)
 
 
 class Drafter(Protocol):
@@ -37,11 +38,15 @@ class Drafter(Protocol):
 
 def make(name: str, options: Mapping[str, Any], vocab: int, steps=None) -> Drafter:
     """Drafter `name`; `self` (and `auto`, when the engine has a `draft` function) drafts
-    with `steps.draft`."""
-    from arc.runtime.drafters import auto, jacobi, ngram, recycle, selfdraft
+    with `steps.draft`; `corpus` (and `auto`, when the engine has one) retrieves from
+    `steps.corpus`."""
+    from arc.runtime.drafters import auto, corpus, jacobi, ngram, recycle, selfdraft
 
     static = options.get("shape") == "static"
     has_draft = steps is not None and "draft" in steps.functions
+    store = getattr(steps, "corpus", None)  # the engine's datastore (spec-tree{corpus=N})
+    if name == "corpus" and store is not None:
+        return corpus.Corpus(store)
     if name == "ngram":
         return ngram.NGram()
     if name == "jacobi":
@@ -53,5 +58,6 @@ def make(name: str, options: Mapping[str, Any], vocab: int, steps=None) -> Draft
     if name == "auto":
         merged = [ngram.NGram(), recycle.Recycle(vocab, static=static)]
         merged += [jacobi.Jacobi()] if AUTO_JACOBI else []
+        merged += [corpus.Corpus(store)] if store is not None and AUTO_CORPUS else []
         return auto.Merge(merged + ([selfdraft.SelfDraft(steps)] if has_draft else []))
     raise ArcError(f"drafter {name!r} is not available in this runtime or engine")
