@@ -53,12 +53,18 @@ def _suffix_hashes(history: list[int], n_max: int) -> list[int]:
 
 
 class CorpusIndex:
-    """Where each n-gram (N_MIN <= n <= N_MAX) of a token array ends, oldest first."""
+    """Where each n-gram (N_MIN <= n <= N_MAX) of a token array ends, oldest first.
+
+    Per n: one flat list of end positions grouped by hash (ascending position within a group)
+    and a dict hash -> start << 32 | stop into it. A dict of ints is not tracked by Python's
+    garbage collector; a dict of lists was (~350k lists for a 600-question corpus), and every
+    full collection then walked them all: plain decoding in such a process ran ~7% slower."""
 
     def __init__(self, tokens: np.ndarray):
         arr = np.ascontiguousarray(tokens, dtype=np.int64)  # [T], SEP between documents
         self.tokens: list[int] = arr.tolist()
-        self._by_n: list[dict[int, list[int]]] = [{} for _ in range(N_MAX + 1)]
+        self._groups: list[dict[int, int]] = [{} for _ in range(N_MAX + 1)]
+        self._ends: list[list[int]] = [[] for _ in range(N_MAX + 1)]
         t = (arr + 1).astype(np.uint64)  # SEP folds in as 0
         sep = arr == SEP
         h = np.zeros(len(arr), dtype=np.uint64)  # h[i]: the n tokens ending at i, newest first
@@ -73,18 +79,23 @@ class CorpusIndex:
                 bad |= np.concatenate([np.ones(n - 1, bool), sep[: len(sep) - n + 1]])
                 if n < N_MIN:
                     continue
-                index: dict[int, list[int]] = {}
-                for end, key in zip(np.nonzero(~bad)[0].tolist(), h[~bad].tolist(), strict=True):
-                    index.setdefault(key, []).append(end)
-                self._by_n[n] = index
+                ends = np.nonzero(~bad)[0]
+                keys = h[~bad]
+                order = np.argsort(keys, kind="stable")  # a group keeps position order
+                keys, ends = keys[order], ends[order]
+                uniq, first, count = np.unique(keys, return_index=True, return_counts=True)
+                span = (first.astype(np.int64) << 32) | (first + count).astype(np.int64)
+                self._groups[n] = dict(zip(uniq.tolist(), span.tolist(), strict=True))
+                self._ends[n] = ends.tolist()
 
     def longest(self, history: list[int]) -> tuple[int, list[int]]:
         """(n, newest MAX_HITS ends) of the longest n-gram ending `history` that occurs."""
         hashes = _suffix_hashes(history, N_MAX)
         for n in range(len(hashes), N_MIN - 1, -1):
-            ends = self._by_n[n].get(hashes[n - 1])
-            if ends:
-                return n, ends[-MAX_HITS:]
+            span = self._groups[n].get(hashes[n - 1])
+            if span is not None:
+                start, stop = span >> 32, span & 0xFFFFFFFF
+                return n, self._ends[n][max(start, stop - MAX_HITS) : stop]
         return 0, []
 
 
