@@ -6,6 +6,7 @@ each other.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+
+from tqdm import tqdm
 
 from arc import autotarget, targets
 from arc.corpus import self_instruct
@@ -131,7 +134,13 @@ def compile_model(
             stage(f"write the drafting corpus ({n} questions)")
             steps = target.load(module, weights, built, info, device)
             eos = list(module.meta.get("eos_ids", []))
-            corpus = self_instruct(Generator(steps, loaded.tokenizer, eos), n)
+            with tqdm(
+                total=n, desc="corpus", unit="q", leave=False, file=sys.stderr,
+                disable=not sys.stderr.isatty(),
+            ) as bar:  # fmt: skip
+                corpus = self_instruct(
+                    Generator(steps, loaded.tokenizer, eos), n, lambda i: bar.update(1)
+                )
             del steps
         if plan["kind"] == "speculative" and plan["options"].get("tune"):
             stage("tune the tree on this device")

@@ -96,6 +96,7 @@ def corpus_engine(tmp_path_factory):
 def test_engine_drafts_from_its_corpus_losslessly(corpus_engine):
     from arc.runtime.generate import Generator
     from arc.runtime.load import load_engine
+    from arc.runtime.sampling import SamplingParams
 
     eng = load_engine(corpus_engine)
     store = np.array(eng.generator.steps.corpus.tokens)
@@ -110,9 +111,11 @@ def test_engine_drafts_from_its_corpus_losslessly(corpus_engine):
     with torch.inference_mode():
         for gen in (eng.generator, alone):
             for ids in (doc[:-30], eng.prompt_ids("Tell me something else.")):
-                plain = gen.generate(ids, max_new_tokens=48, ignore_eos=True, speculative=False)
-                spec = gen.generate(ids, max_new_tokens=48, ignore_eos=True)
-                assert spec.token_ids == plain.token_ids
+                for sampling in (SamplingParams(), SamplingParams(0.8, top_p=0.95, seed=3)):
+                    kw = dict(max_new_tokens=48, ignore_eos=True, sampling=sampling)
+                    plain = gen.generate(ids, speculative=False, **kw)
+                    spec = gen.generate(ids, **kw)
+                    assert spec.token_ids == plain.token_ids  # sampled: the same draws
         # inside an answer the corpus holds: what follows is drafted from it and accepted
         alone.forget()
         spec = alone.generate(doc[:-30], max_new_tokens=24, ignore_eos=True)

@@ -57,8 +57,8 @@ class CorpusIndex:
 
     Per n: one flat list of end positions grouped by hash (ascending position within a group)
     and a dict hash -> start << 32 | stop into it. A dict of ints is not tracked by Python's
-    garbage collector; a dict of lists was (~350k lists for a 600-question corpus), and every
-    full collection then walked them all: plain decoding in such a process ran ~7% slower."""
+    garbage collector, where a dict of lists (~350k lists for a 600-question corpus) would be
+    walked by every full collection; it also builds in 0.1 s instead of 0.34."""
 
     def __init__(self, tokens: np.ndarray):
         arr = np.ascontiguousarray(tokens, dtype=np.int64)  # [T], SEP between documents
