@@ -192,3 +192,18 @@ def test_auto_asks_the_corpus_only_where_the_others_draft_little():
     merged = Merge([unsure, store])
     assert merged.propose([1], 2, 4) == {(5,): FALLBACK_BELOW / 2, (7,): 0.3}
     assert store.asked == 1 and merged.sources[(7,)] == "corpus"
+
+
+def test_tuning_drafts_with_the_corpus(tmp_path):
+    """-O3's tuning (arc/tune.py) with a corpus: written first, both kept in the plan."""
+    from arc.runtime.load import load_engine
+
+    out = tmp_path / "tuned.arc"
+    arc_json(
+        "compile", "tiny-llama", "--passes", "kv-fusion,spec-tree{tune=true,corpus=2}",
+        "--torch-mode", "eager", "--max-seq-len", "512", "-o", str(out),
+    )  # fmt: skip
+    eng = load_engine(out)
+    opts = eng.manifest["decode_plan"]["options"]
+    assert opts["corpus"] == 2 and opts["tune"]["chosen"] in opts["verify_sizes"]
+    assert len(eng.generator.steps.corpus.tokens) > 10
