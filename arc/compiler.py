@@ -129,25 +129,23 @@ def compile_model(
         build_s = time.perf_counter() - tb
         plan = {"kind": module.plan.kind, "options": dict(module.plan.options)}
         corpus = None
-        if plan["kind"] == "speculative" and plan["options"].get("corpus"):
-            n = plan["options"]["corpus"]
-            stage(f"write the drafting corpus ({n} questions)")
+        spec = plan["options"] if plan["kind"] == "speculative" else {}
+        if spec.get("corpus") or spec.get("tune"):  # both run the built engine: load it once
             steps = target.load(module, weights, built, info, device)
             eos = list(module.meta.get("eos_ids", []))
-            with tqdm(
-                total=n, desc="corpus", unit="q", leave=False, file=sys.stderr,
-                disable=not sys.stderr.isatty(),
-            ) as bar:  # fmt: skip
-                corpus = self_instruct(
-                    Generator(steps, loaded.tokenizer, eos), n, lambda i: bar.update(1)
-                )
-            del steps
-        if plan["kind"] == "speculative" and plan["options"].get("tune"):
-            stage("tune the tree on this device")
-            steps = target.load(module, weights, built, info, device)
-            steps.corpus = None if corpus is None else CorpusIndex(corpus)
-            eos = list(module.meta.get("eos_ids", []))
-            plan["options"] = tune_tree(steps, loaded.tokenizer, eos, plan["options"])
+            if spec.get("corpus"):
+                stage(f"write the drafting corpus ({spec['corpus']} questions)")
+                with tqdm(
+                    total=spec["corpus"], desc="corpus", unit="q", leave=False,
+                    file=sys.stderr, disable=not sys.stderr.isatty(),
+                ) as bar:  # fmt: skip
+                    corpus = self_instruct(
+                        Generator(steps, loaded.tokenizer, eos), spec["corpus"], bar.update
+                    )  # bar.update() advances by one
+                steps.corpus = CorpusIndex(corpus)  # tuning drafts with it, as runs will
+            if spec.get("tune"):
+                stage("tune the tree on this device")
+                plan["options"] = tune_tree(steps, loaded.tokenizer, eos, plan["options"])
             del steps
             tuned = DecodePlan(plan["kind"], MappingProxyType(plan["options"]))
             module = module.with_functions(module.functions, plan=tuned)

@@ -28,10 +28,9 @@ MARK = "\x00ARC\x00"  # stands in for the question in the chat template, to find
 SEED = 1000
 
 
-def self_instruct(
-    generator, n: int, progress: Callable[[int], None] = lambda i: None
-) -> np.ndarray:
-    """[T] int32: `n` questions written and answered by `generator`'s model, -1 between."""
+def self_instruct(generator, n: int, progress: Callable[[], object] = lambda: None) -> np.ndarray:
+    """[T] int32: `n` questions written and answered by `generator`'s model, -1 between;
+    `progress()` after each question."""
     tok = generator.tok
     head = _question_head(tok)
     out: list[int] = []
@@ -48,14 +47,12 @@ def self_instruct(
                 ids = _chat_ids(tok, text) if text else []
             else:
                 ids = head + q.token_ids
-            if not ids or len(ids) >= room:
-                progress(i)
-                continue
-            a = generator.generate(
-                ids, max_new_tokens=min(ANSWER_TOKENS, room - len(ids)), speculative=False
-            )
-            out += ids + a.token_ids + [SEP]
-            progress(i)
+            if ids and len(ids) < room:
+                a = generator.generate(
+                    ids, max_new_tokens=min(ANSWER_TOKENS, room - len(ids)), speculative=False
+                )
+                out += ids + a.token_ids + [SEP]
+            progress()
     return np.asarray(out, dtype=np.int32)
 
 

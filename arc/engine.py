@@ -36,9 +36,11 @@ FORMAT = "arc-engine"
 # 2: CPU ISA record, payload allowlist, speculative plans (verify_B); 3: tvm libraries write and
 # move K/V rows in the cache themselves and their logits_stats returns argmax and top-k; 4: a
 # tvm library may run AMX tiles (manifest `amx`), which the loader must first ask Linux for:
-# an arc that reads only format 3 would die of SIGILL on one, so it must refuse it instead
-FORMAT_VERSION = 4
-READS = (3, 4)  # format 3 engines hold nothing this arc cannot run
+# an arc that reads only format 3 would die of SIGILL on one, so it must refuse it instead; 5:
+# an engine may hold a drafting corpus (corpus.safetensors, spec-tree{corpus=N}), which an arc
+# reading 3-4 would refuse as an unknown payload name, as if the file were tampered with
+FORMAT_VERSION = 5
+READS = (3, 4, 5)  # format 3 and 4 engines hold nothing this arc cannot run
 MANIFEST, MANIFEST_SHA = "manifest.json", "manifest.sha256"
 WEIGHTS = "weights.safetensors"
 CORPUS = "corpus.safetensors"  # the `corpus` drafter's datastore (spec-tree{corpus=N})

@@ -150,12 +150,12 @@ def _corpus(engine, module: Module, path):
     import numpy as np
     from safetensors.numpy import load_file
 
+    from arc.ops import Op
+
     try:
         tokens = load_file(str(engine.file(CORPUS))).get("tokens")
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise EngineError(f"{path}: {CORPUS} unreadable ({_why(e)})") from None
-    from arc.ops import Op
-
     embeds = [n.attrs["w"] for n in module.functions["decode"].nodes if n.op is Op.EMBED]
     vocab = module.weight_shapes()[embeds[0]][0] if embeds else None  # rows of the embedding
     if tokens is None or tokens.dtype != np.int32 or tokens.ndim != 1:

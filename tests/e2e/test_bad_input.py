@@ -82,14 +82,15 @@ def test_engine_of_an_older_format_is_refused(engine, tmp_path):
         return m
 
     bad = _rewrite(engine, tmp_path / "old.arc", edit_manifest=edit, fix_digest=True)
-    assert_clean_error(_run(bad), "engine format 2 but this arc reads 3-4; rebuild it")
+    assert_clean_error(_run(bad), "engine format 2 but this arc reads 3-5; rebuild it")
 
 
 def test_engine_of_format_3_still_runs(engine, tmp_path):
-    """Format 4 only added the tvm AMX record; an engine written as format 3 runs as before."""
+    """Formats 4 and 5 only added the tvm AMX record and the drafting corpus; an engine
+    written as format 3 runs as before."""
 
     def edit(m):
-        assert m["format_version"] == 4
+        assert m["format_version"] == 5
         m["format_version"] = 3
         return m
 
@@ -103,11 +104,11 @@ def test_engine_of_format_3_still_runs(engine, tmp_path):
 
 def test_engine_of_a_newer_format_is_refused(engine, tmp_path):
     def edit(m):
-        m["format_version"] = 5
+        m["format_version"] = 6
         return m
 
     new = _rewrite(engine, tmp_path / "new.arc", edit_manifest=edit, fix_digest=True)
-    assert_clean_error(_run(new), "engine format 5 but this arc reads 3-4; rebuild it")
+    assert_clean_error(_run(new), "engine format 6 but this arc reads 3-5; rebuild it")
 
 
 def test_engine_for_other_torch_is_refused(engine, tmp_path):
