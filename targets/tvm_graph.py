@@ -382,7 +382,9 @@ def _linear(e: _Emit, n: Node, x):
     if w in e.b.panels:  # any T: the kernel picks its token tiling at run time
         kind, group, scale = e.b.panels[w]
         args = [x, *e.comps(w)] if kind != "f32" else [x, e.w(w)]
-        amx, tiles, lut = e.b.amx, e.b.tiles, e.b.lut
+        # AMX (another summation order) for prefill only: a verify's rows must sum as a
+        # decode step's do (tvm_kernels.TILES)
+        amx, tiles, lut = e.b.amx and _static_tokens(e.graph) is None, e.b.tiles, e.b.lut
         make = lambda: kernels.panel_gemv(kind, out, k, group, scale, amx, tiles, lut)  # noqa: E731
         key = ("pgemv", kind, out, k, group, scale) + (("amx",) if amx else ())
         key += ("lut",) if lut else ()
@@ -552,7 +554,7 @@ def _attention(e: _Emit, n: Node, q, kv: dict, pos, last):
     )
     layer = relax.prim_value(kv["layer"], "int64")
     shapes = [[e.t, heads * d], [heads, e.t, length + e.t]]
-    return e.call(key, make, [q, k, v, e.cache, mask, layer], shapes)
+    return e.call(key, make, [q, k, v, e.cache, mask, pos, layer], shapes)
 
 
 def _last(e: _Emit, n: Node, x):

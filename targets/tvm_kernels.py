@@ -362,7 +362,12 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int, grouped:
     A parallel task is one token and one head, or with `grouped` one token and the H/KV query
     heads that share a KV head (GQA): each K and V row is then loaded once for all of them,
     and P.V keeps H/KV sets of accumulators busy. Grouped is for T > 1 (a verify, a prefill),
-    where tokens give the threads enough tasks; a decode step keeps a task per head."""
+    where tokens give the threads enough tasks; a decode step keeps a task per head.
+
+    `pos` [T]: the new rows' positions. Each token's output is the same bits whatever the
+    call (one decode token, a verify's tree node, a prefill chunk's row): its scores, its
+    softmax sum (terms in lanes by position, in position order) and P.V (slots, then rows, in
+    order) take the same operations in the same order."""
     from tvm.script import tirx as T
 
     if d % LANES:
@@ -398,6 +403,7 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int, grouped:
         var_v: T.handle,
         var_c: T.handle,
         var_m: T.handle,
+        var_pos: T.handle,
         layer: T.int64,
         var_out: T.handle,
         var_p: T.handle,
@@ -410,6 +416,7 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int, grouped:
         v = T.match_buffer(var_v, (t_len, kv_heads * d), "float32")
         cache = T.match_buffer(var_c, (2 * layers, kv_heads, seq, d), "float32")
         m = T.match_buffer(var_m, (t_len, c_len), "uint8")
+        pos = T.match_buffer(var_pos, (t_len,), "int64")  # the new rows' positions
         out = T.match_buffer(var_out, (t_len, heads * d), "float32")
         p = T.match_buffer(var_p, (heads, t_len, c_len), "float32")
         l_len = c_len - t_len
@@ -423,6 +430,9 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int, grouped:
             qh = T.alloc_buffer((hg * d,), "float32")  # the task's queries
             xs = T.alloc_buffer((lanes,), "float32")  # exp's argument, then its value
             ev = T.alloc_buffer((lanes,), "float32")
+            xr = T.alloc_buffer((lanes,), "float32")  # the same for the last columns
+            er = T.alloc_buffer((lanes,), "float32")
+            sums = T.alloc_buffer((lanes,), "float32")  # the lanes' sums, lane picked per term
             h0 = ht // t_len * hg
             t = ht % t_len
             kvh = h0 // g
@@ -454,17 +464,42 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int, grouped:
                     acc[0] = T.max(acc[0], p[h, t, s])
                 max16(acc)
                 red[0] = T.max(acc[0], acc[1])
-                for i in T.vectorized(lanes):  # exp, 16 slots at a time; the sum in 16 lanes
+                # exp, and the sum with each slot's term in lane (its position % 16), lanes
+                # filled in the order of positions: a token's softmax sum is then the same bits
+                # whether its earlier tokens are cache slots (a decode step) or this call's rows
+                # (a verify), and so are its logits (spec-tree's output is plain decoding's
+                # bit for bit). Cache slots, 16 at a time: position = slot
+                for i in T.vectorized(lanes):
                     acc[i] = T.float32(0)
-                for so in range((l_len + t_len) // lanes):
+                for so in range(l_len // lanes):
                     for i in T.vectorized(lanes):
                         xs[i] = p[h, t, so * lanes + i] - red[0]  # <= 0, or -inf where masked
                         exp(xs, ev, i)
                         p[h, t, so * lanes + i] = ev[i]
                         acc[i] = acc[i] + ev[i]
-                for s in range((l_len + t_len) // lanes * lanes, l_len + t_len):
-                    p[h, t, s] = T.exp(p[h, t, s] - red[0])
-                    acc[0] = acc[0] + p[h, t, s]
+                # the cache's last slots past a multiple of 16, then the new rows: gathered 16
+                # at a time (-inf past the row), the same vector exp, each term into its lane
+                # (in buffers of their own: a lane picked at run time keeps a buffer in
+                # memory, and `acc` is the scores' accumulator too)
+                for i in T.vectorized(lanes):
+                    sums[i] = acc[i]
+                rest = l_len // lanes * lanes
+                for cc in range((c_len - rest + lanes - 1) // lanes):
+                    for i in T.unroll(lanes):
+                        col = rest + cc * lanes + i
+                        xr[i] = T.if_then_else(
+                            col < c_len, p[h, t, T.min(col, c_len - 1)] - red[0], neg
+                        )
+                    for i in T.vectorized(lanes):
+                        exp(xr, er, i)
+                    for i in T.unroll(lanes):
+                        col = rest + cc * lanes + i
+                        if col < c_len:
+                            p[h, t, col] = er[i]
+                            at = T.if_then_else(col < l_len, col, pos[T.max(col - l_len, 0)])
+                            sums[at % lanes] = sums[at % lanes] + er[i]
+                for i in T.vectorized(lanes):
+                    acc[i] = sums[i]
                 sum16(acc)
                 red[1 + hh] = acc[0] + acc[1]
             for i in T.vectorized(hg * d):
@@ -576,16 +611,24 @@ PANEL = LANES  # output rows per panel: one f32 vector holds one column of a pan
 # tile plans by token count: (largest T the plan serves, tokens per tile, chains per token).
 # A tile's accumulators (tokens x chains panels) must stay in vector registers; a panel of 16
 # floats is one AVX-512 register (32 of them) but two AVX2 ones (16 of them).
-# AVX-512: tiles of 8 dequantize each weight half as often as tiles of 4 for a verify of 8 or
-# 16 nodes (16% less time at T=8 and T=16; a tile of 16 spills its 16 accumulators).
-TILES = ((1, 1, 4), (2, 2, 2), (4, 4, 2), (None, 8, 1))
-# AVX2: 4 tokens x 2 chains and 8 tokens x 1 (16 registers of accumulators, plus the column
-# and the broadcast activation) spill, so T >= 3 takes tiles of 4 tokens x 1 chain (11
-# registers). Measured on the 2-core AMD EPYC (Zen 3, AVX2) with 30 distinct Q4_1 weights
-# streamed, medians of 15 interleaved rounds: 3072x576 T=4 0.51x, T=8 0.59x, T=16 0.57x the
-# time of the AVX-512 plan; 576x1536 0.82x / 0.88x / 0.89x; Q8_0 4096x576 0.80x / 0.82x /
-# 0.82x; T = 1, 2 unchanged (the same plans).
-TILES_AVX2 = ((1, 1, 4), (2, 2, 2), (4, 4, 1), (None, 4, 1))
+# Every plan of a target has the same chains per token: a token's sum then runs in the same
+# order whatever the call's T, so a verify's logits are the decode step's bit for bit and
+# spec-tree's greedy (and seeded sampled) output is plain decoding's by construction, not
+# only where no two logits are within rounding of each other (until 2026-12-06 T=1 took 4
+# chains, T=2 and 4 two and T=8 one: verify and decode logits differed by up to 4e-5, and a
+# sampled corpus question came out differently after ~7000 sampled tokens).
+# AVX-512: 2 chains, tiles up to 4 tokens. Two 8-token plans were measured on the 2-core AMD
+# EPYC (Zen 4), -O2 engines' calls interleaved in one process (decode, verify of 8, ms):
+# 8 tokens x 2 chains 4.92 / 20.2 and 4 chains with 4-token tiles 5.28 / 19.4, against the
+# old plans' 4.77 / 14.9: their accumulators (16 panels, 1 KB) reach TVM's stack limit, so the
+# scratch went to the heap and every update through memory, T = 1 included. These plans
+# (8 panels at most): 4.43 / 14.8 against 4.54 / 14.9 in the same run; T = 2 and 4 unchanged.
+TILES = ((1, 1, 2), (2, 2, 2), (None, 4, 2))
+# AVX2: 4 tokens x 2 chains (16 registers of accumulators, plus the column and the broadcast
+# activation) spill, so T >= 3 takes tiles of 2 tokens x 2 chains (not measured; before
+# 2026-12-06, tiles of 4 tokens x 1 chain measured 0.51x (T=4) and 0.59x (T=8) the time of
+# the AVX-512 plans on a Zen 3 EPYC for a 3072x576 Q4_1 weight).
+TILES_AVX2 = ((1, 1, 2), (None, 2, 2))
 
 
 def tile_plan(avx512: bool) -> tuple:
@@ -680,6 +723,8 @@ def panel_gemv(
 
     from arc.targets import tvm_amx
 
+    if len({c for _, _, c in tiles}) != 1:  # a token's sum order must not depend on T
+        raise ValueError(f"tile plans {tiles} differ in chains per token")
     g = group if kind != "f32" else PANEL
     nb, npan = k // g, n // PANEL
     specs = panel_specs(kind, n, k, group, scale)

@@ -76,6 +76,32 @@ def test_panel_gemv_equals_numpy(built, kind, scale, tokens, avx512):
     np.testing.assert_allclose(args[-1].numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512-tiles", "avx2-tiles"])
+@pytest.mark.parametrize("kind, scale", KINDS)
+def test_panel_gemv_rows_are_the_same_bits_whatever_the_token_count(built, kind, scale, avx512):
+    """A token's row sums in the same order in every tile plan (tvm_kernels.TILES): a verify's
+    logits are then the decode step's bit for bit."""
+    import torch
+    import tvm
+
+    from arc.targets.tvm_kernels import to_panels
+
+    rng = np.random.default_rng(7)
+    comps, _ = _weight(kind, rng, scale)
+    panels = [to_panels(torch.from_numpy(c)).numpy() for c in comps]
+    panels = [p.astype(scale) if p.dtype == np.float32 and kind != "f32" else p for p in panels]
+    x = rng.standard_normal((17, K)).astype("float32")
+
+    def run(rows):
+        y = tvm.runtime.tensor(np.zeros((len(rows), N), "float32"))
+        built[kind, scale, avx512](*[tvm.runtime.tensor(a) for a in (rows, *panels)], y)
+        return y.numpy()
+
+    one = np.concatenate([run(x[t : t + 1]) for t in range(len(x))])
+    for tokens in (2, 3, 4, 5, 8, 17):
+        np.testing.assert_array_equal(run(x[:tokens]), one[:tokens])
+
+
 def test_to_panels_moves_rows_innermost():
     import torch
 
@@ -117,7 +143,7 @@ def test_attention_equals_numpy(tokens, length, grouped):
     out = np.zeros((tokens, heads * d), "float32")
     p = np.zeros((heads, tokens, length + tokens), "float32")
     args = [tvm.runtime.tensor(a) for a in (q, k, v, cache)]
-    args += [tvm.runtime.tensor(mask)]
+    args += [tvm.runtime.tensor(mask), tvm.runtime.tensor(np.arange(tokens) + length)]
     outs = [tvm.runtime.tensor(out), tvm.runtime.tensor(p)]
     fn(*args, 1, *outs)
     kk = np.concatenate(

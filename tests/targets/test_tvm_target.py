@@ -51,6 +51,33 @@ def test_greedy_ids_equal_torch_eager(engines):
     assert verifies > 0  # the tree verify (tree mask, scratch slots) ran
 
 
+def test_verify_logits_are_the_decode_steps_bit_for_bit(engines):
+    """Each node of a verified chain gets the logits a decode step at its position gets, to
+    the bit (projections and the softmax sum in the same order whatever the call's T): so
+    spec-tree's output is plain decoding's, greedy or sampled, even where two tokens' logits
+    are within rounding of each other."""
+    import torch
+
+    from arc.runtime.load import load_engine
+    from arc.runtime.tree import Tree
+
+    steps = load_engine(engines["tvm"][0]).generator.steps
+    text = list(range(3, 3 + 70))  # token ids; the window (24) and the bucket (64) crossed
+    with torch.inference_mode():
+        for start in (5, 30, 57):
+            steps.prefill(text[:start], 0)
+            want = []
+            for i in range(6):  # decode steps write slots start.. in order, as accepted nodes
+                want.append(steps.decode(text[start + i], start + i).clone())
+            for size in steps.verify_sizes:
+                steps.prefill(text[:start], 0)
+                tree = Tree(text[start])
+                tree.add_path(text[start + 1 : start + min(size, 6)])
+                got = steps.verify_tree(tree, start, size)
+                for node in range(len(tree)):
+                    assert torch.equal(got[node], want[node]), (start, size, node)
+
+
 def test_engine_records_library_and_a_static_verify_per_size(engines):
     import tvm
 
