@@ -139,9 +139,8 @@ def compile_model(
                     total=spec["corpus"], desc="corpus", unit="q", leave=False,
                     file=sys.stderr, disable=not sys.stderr.isatty(),
                 ) as bar:  # fmt: skip
-                    corpus = self_instruct(
-                        Generator(steps, loaded.tokenizer, eos), spec["corpus"], bar.update
-                    )  # bar.update() advances by one
+                    writer = Generator(steps, loaded.tokenizer, eos, plan=_writing_plan(plan))
+                    corpus = self_instruct(writer, spec["corpus"], bar.update)  # +1 per question
                 steps.corpus = CorpusIndex(corpus)  # tuning drafts with it, as runs will
             if spec.get("tune"):
                 stage("tune the tree on this device")
@@ -253,6 +252,16 @@ def _save_weights(weights, path: Path) -> Path:
 
     save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
     return path
+
+
+def _writing_plan(plan: dict) -> dict:
+    """The plan the corpus is written with: the engine's own, speculative (lossless: the same
+    tokens sooner), drafting with `auto` where the engine drafts from the corpus alone (there
+    is none until the first answers are in)."""
+    opts = dict(plan["options"])
+    if opts.get("draft") == "corpus":
+        opts["draft"] = "auto"
+    return {"kind": plan["kind"], "options": opts}
 
 
 def _save_corpus(tokens, path: Path) -> Path:

@@ -10,6 +10,11 @@ again and again, which the drafter (arc/runtime/drafters/corpus.py) drafts where
 itself holds nothing to copy (chat, instructions). No text is shipped or downloaded, and no
 benchmark prompt is seen. A model without a chat template writes an opening from its BOS
 token and continues it greedily.
+
+Where the generator's plan is speculative, the corpus is written with the engine's own
+speculative loop, drafting from the answers written so far (re-indexed every REINDEX
+questions): greedy answers and seeded sampled questions are the tokens plain decoding emits
+(sample-then-match, arc/runtime/speculative.py), so the datastore is the same, sooner.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from arc.runtime.drafters.corpus import SEP
+from arc.runtime.drafters.corpus import SEP, CorpusIndex
 from arc.runtime.sampling import SamplingParams
 
 QUESTION_TOKENS = 48  # most tokens of a sampled question
 ANSWER_TOKENS = 128  # most tokens of a greedy answer
 MARK = "\x00ARC\x00"  # stands in for the question in the chat template, to find where it goes
 SEED = 1000
+REINDEX = 25  # questions between re-indexing the corpus written so far, to draft from it
 
 
 def self_instruct(generator, n: int, progress: Callable[[], object] = lambda: None) -> np.ndarray:
@@ -35,12 +41,16 @@ def self_instruct(generator, n: int, progress: Callable[[], object] = lambda: No
     head = _question_head(tok)
     out: list[int] = []
     room = generator.steps.max_seq_len - 1
+    spec = generator.speculative
     with torch.inference_mode():
         for i in range(n):
+            if spec and out and i % REINDEX == 0:
+                generator.steps.corpus = CorpusIndex(np.asarray(out, dtype=np.int32))
+                generator.forget()  # the next request's drafter retrieves from it
             ask = SamplingParams(temperature=1.0, top_p=0.95, seed=SEED + i)
             q = generator.generate(
                 head, max_new_tokens=min(QUESTION_TOKENS, room - len(head)), sampling=ask,
-                stop=["\n\n"], speculative=False,
+                stop=["\n\n"],
             )  # fmt: skip
             if tok.chat_template:
                 text = tok.decode(q.token_ids, skip_special_tokens=True).strip()
@@ -48,9 +58,7 @@ def self_instruct(generator, n: int, progress: Callable[[], object] = lambda: No
             else:
                 ids = head + q.token_ids
             if ids and len(ids) < room:
-                a = generator.generate(
-                    ids, max_new_tokens=min(ANSWER_TOKENS, room - len(ids)), speculative=False
-                )
+                a = generator.generate(ids, max_new_tokens=min(ANSWER_TOKENS, room - len(ids)))
                 out += ids + a.token_ids + [SEP]
             progress()
     return np.asarray(out, dtype=np.int32)

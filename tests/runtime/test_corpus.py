@@ -123,6 +123,32 @@ def test_engine_drafts_from_its_corpus_losslessly(corpus_engine):
     assert spec.accepted_per_step > 2.0
 
 
+def test_speculative_writer_writes_the_plain_writers_corpus(corpus_engine, monkeypatch):
+    """The compile writes the corpus with the engine's speculative loop, drafting from the
+    answers so far: the same tokens as plain decoding, greedy answers and seeded questions."""
+    from arc import corpus as writer
+    from arc.compiler import _writing_plan
+    from arc.runtime.generate import Generator
+    from arc.runtime.load import load_engine
+
+    eng = load_engine(corpus_engine)
+    steps, eos = eng.generator.steps, list(eng.generator.eos)
+    plan = _writing_plan({"kind": "speculative", "options": {**eng.generator.plan["options"],
+                                                             "draft": "corpus"}})  # fmt: skip
+    assert plan["options"]["draft"] == "auto"
+    monkeypatch.setattr(writer, "REINDEX", 2)
+    spec = Generator(steps, eng.tokenizer, eos, plan=plan)
+    runs = []
+    real = spec.generate
+    monkeypatch.setattr(spec, "generate", lambda *a, **k: runs.append(real(*a, **k)) or runs[-1])
+    steps.corpus = None
+    fast = writer.self_instruct(spec, 5)
+    slow = writer.self_instruct(Generator(steps, eng.tokenizer, eos), 5)
+    assert fast.tolist() == slow.tolist() and (slow == C.SEP).sum() == 5
+    assert steps.corpus is not None  # re-indexed while writing
+    assert sum(r.forward_passes for r in runs) < sum(len(r.token_ids) - 1 for r in runs)
+
+
 @pytest.mark.parametrize(
     "passes, fragment",
     [
