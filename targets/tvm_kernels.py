@@ -625,9 +625,10 @@ PANEL = LANES  # output rows per panel: one f32 vector holds one column of a pan
 # (8 panels at most): 4.43 / 14.8 against 4.54 / 14.9 in the same run; T = 2 and 4 unchanged.
 TILES = ((1, 1, 2), (2, 2, 2), (None, 4, 2))
 # AVX2: 4 tokens x 2 chains (16 registers of accumulators, plus the column and the broadcast
-# activation) spill, so T >= 3 takes tiles of 2 tokens x 2 chains (not measured; before
-# 2026-12-06, tiles of 4 tokens x 1 chain measured 0.51x (T=4) and 0.59x (T=8) the time of
-# the AVX-512 plans on a Zen 3 EPYC for a 3072x576 Q4_1 weight).
+# activation) spill, so T >= 2 takes tiles of 2 tokens x 2 chains. AVX2 code (znver3) on the
+# Zen 4, a step's Q4_1 projections, T = 1 / 4 / 8: the old plans (4 chains at T=1, tiles of
+# 4 x 1 chain) 6.53 / 11.29 / 21.36 ms, these 6.41 / 14.11 / 27.41, one chain everywhere
+# (tiles of 4) 7.34 / 11.26 / 21.40: a slower decode step costs more than slower verifies.
 TILES_AVX2 = ((1, 1, 2), (None, 2, 2))
 
 
