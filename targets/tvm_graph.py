@@ -141,6 +141,11 @@ def _one_token(graph: Graph) -> bool:
     return _static_tokens(graph) == 1
 
 
+def _verifies(graph: Graph) -> bool:
+    """A verify function (a tree's `visible` mask among its inputs), static T or not."""
+    return any(n.attrs["name"] == "visible" for n in graph.inputs())
+
+
 def _static_tokens(graph: Graph) -> int | None:
     """The token count a function keeps static: 1 for a decode step, B for a verify of B
     nodes (`visible` among its inputs), None for prefill (any prompt chunk). A static T
@@ -152,8 +157,7 @@ def _static_tokens(graph: Graph) -> int | None:
     t = tuple(tokens.attrs["shape"])[-1]
     if not isinstance(t, int):  # symbolic ("T"): prefill
         return None
-    verify = any(n.attrs["name"] == "visible" for n in graph.inputs())
-    return t if t == 1 or (verify and STATIC_VERIFY) else None
+    return t if t == 1 or (_verifies(graph) and STATIC_VERIFY) else None
 
 
 def _fewer_layers(graph: Graph) -> bool:
@@ -384,7 +388,7 @@ def _linear(e: _Emit, n: Node, x):
         args = [x, *e.comps(w)] if kind != "f32" else [x, e.w(w)]
         # AMX (another summation order) for prefill only: a verify's rows must sum as a
         # decode step's do (tvm_kernels.TILES)
-        amx, tiles, lut = e.b.amx and _static_tokens(e.graph) is None, e.b.tiles, e.b.lut
+        amx, tiles, lut = e.b.amx and not _verifies(e.graph), e.b.tiles, e.b.lut
         make = lambda: kernels.panel_gemv(kind, out, k, group, scale, amx, tiles, lut)  # noqa: E731
         key = ("pgemv", kind, out, k, group, scale) + (("amx",) if amx else ())
         key += ("lut",) if lut else ()
