@@ -168,14 +168,17 @@ def main() -> None:
             cur = []
         else:
             cur.append(t)
-    evals, names = [], []
-    for name in ("calibration_prompts.json", "prompts.json"):
-        for text in load_prompts(HERE / name):
-            ids = eng.prompt_ids(text)
-            with torch.inference_mode():
-                r = g.generate(ids, max_new_tokens=a.new_tokens, speculative=False)
-            evals.append((ids, r.token_ids))
-            names.append(name)
+    texts = load_prompts(HERE / "calibration_prompts.json")
+    kinds = ["calibration"] * len(texts)  # then the benchmark's prompts by their kind
+    for p in json.loads((HERE / "prompts.json").read_text()):
+        texts.append(p["prompt"])
+        kinds.append(p["kind"])
+    evals = []
+    for text in texts:
+        ids = eng.prompt_ids(text)
+        with torch.inference_mode():
+            r = g.generate(ids, max_new_tokens=a.new_tokens, speculative=False)
+        evals.append((ids, r.token_ids))
     model_name = a.model or eng.manifest["model"]["name"]
     loaded = loader.load(model_name, weights=False)
     model = AutoModelForCausalLM.from_pretrained(loaded.directory, dtype=torch.float32).eval()
@@ -186,10 +189,8 @@ def main() -> None:
     ev_h, ev_lab = rows(features(model, ev_docs), ev_docs, [len(p) for p, _ in evals], a.heads)
     sizes = [len(o) for _, o in evals]
     idx = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    bench = torch.tensor([n == "prompts.json" for n in names])
-    groups = {"calibration": ~bench[idx], "benchmark": bench[idx]}
-    for i, cat in enumerate(("code-write", "code-edit", "summarize", "chat", "instruction")):
-        groups[cat] = bench[idx] & ((idx - len(names) + 10) // 2 == i)  # prompts.json: 2 each
+    of_kind = {k: torch.tensor([x == k for x in kinds])[idx] for k in dict.fromkeys(kinds)}
+    groups = {**of_kind, "benchmark": ~of_kind["calibration"]}
     sizes_docs = sorted(int(n) for n in a.docs.split(","))
     tr_feats = features(model, docs[: sizes_docs[-1]])
     print(f"features: {len(ev_docs)} decodes, {len(tr_feats)} documents, "
