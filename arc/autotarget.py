@@ -31,6 +31,8 @@ def resolve_device(device: str) -> str:
         return "cuda" if targets.cuda_available() else "cpu"
     if device not in PREFERENCE:
         raise ArcError(f"unknown device {device!r}; choose cpu, cuda or auto")
+    if device == "cuda" and not targets.cuda_available():  # as a named target's resolve_device
+        raise ArcError("device cuda requested but no CUDA GPU is visible")
     return device
 
 

@@ -21,7 +21,7 @@ PRESETS: dict[str, list[str]] = {
     "O2": ["kv-fusion", "weight-format", "spec-tree"],
     # -O3: -O2 with trees up to 16 nodes, capped at compile time at the smallest cap within
     # 2% of the best tokens per second measured on this device (spec-tree's `tune`,
-    # arc/tune.py); --target auto also times every installed target and keeps the fastest.
+    # arc/tune.py); --target auto named also times every installed target and keeps the fastest.
     "O3": ["kv-fusion", "weight-format", "spec-tree{budget=15,tune=true}"],
 }
 

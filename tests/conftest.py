@@ -137,7 +137,9 @@ def tiny_engines(tmp_path_factory):
     def build(directory: Path) -> None:
         for ref in TINY:
             out = directory / f"{ref}-O2.arc"
-            summary = arc_json("compile", ref, "-O2", "--max-seq-len", "256", "-o", str(out))
+            summary = arc_json(
+                "compile", ref, "--target", "torch", "-O2", "--max-seq-len", "256", "-o", str(out)
+            )
             assert summary["target"] == "torch" and summary["device"] == "cpu"
             passes = [p["name"] for p in summary["passes"]]
             assert passes == ["kv-fusion", "weight-format", "spec-tree"]

@@ -20,7 +20,17 @@ TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen
 def chunked_engine(engine_dir):
     out = engine_dir / f"{REF}-chunk{CHUNK}.arc"
     summary = arc_json(
-        "compile", REF, "-O1", "--max-seq-len", "128", "--prefill-chunk", str(CHUNK), "-o", str(out)
+        "compile",
+        REF,
+        "--target",
+        "torch",
+        "-O1",
+        "--max-seq-len",
+        "128",
+        "--prefill-chunk",
+        str(CHUNK),
+        "-o",
+        str(out),
     )
     assert summary["target"] == "torch"
     return out

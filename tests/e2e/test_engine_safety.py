@@ -292,7 +292,8 @@ def test_portable_build_records_and_runs(sandbox, hf_model):
 
     out = sandbox / "work" / "v3.arc"
     arc_json(
-        "compile", "tiny-llama", "-O1", "--cpu", "x86-64-v3", "--max-seq-len", "64", "-o", str(out)
+        *("compile", "tiny-llama", "--target", "torch", "-O1", "--cpu", "x86-64-v3"),
+        *("--max-seq-len", "64", "-o", str(out)),
     )
     target = manifest_of(out)["target"]
     assert target["march"] == "x86-64-v3" and target["cpu"] == "x86-64-v3"

@@ -40,7 +40,17 @@ def test_sigterm_during_build_removes_the_build_dir(tmp_path, when):
     tmp, out = tmp_path / "tmp", tmp_path / "x.arc"
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp), "ARC_BUILD_JOBS": "2"}
-    cmd = [sys.executable, "-m", "arc.cli", "compile", "tiny-llama", "-o", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "arc.cli",
+        "compile",
+        "tiny-llama",
+        "--target",
+        "torch",
+        "-o",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         started = _wait_for(lambda: list(tmp.glob("arc-build-*")), 180)

@@ -24,7 +24,17 @@ N = 48
 @pytest.fixture(scope="module")
 def smol_engine(engine_dir):
     out = engine_dir / "smollm2-O2.arc"
-    summary = arc_json("compile", "smollm2-135m", "-O2", "--max-seq-len", "1024", "-o", str(out))
+    summary = arc_json(
+        "compile",
+        "smollm2-135m",
+        "--target",
+        "torch",
+        "-O2",
+        "--max-seq-len",
+        "1024",
+        "-o",
+        str(out),
+    )
     assert summary["compile_s"] > 0
     assert [p["name"] for p in summary["passes"]] == ["kv-fusion", "weight-format", "spec-tree"]
     assert summary["size_bytes"] < 160e6  # 4-bit blocks, not 540 MB of fp32

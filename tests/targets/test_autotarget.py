@@ -72,6 +72,9 @@ def test_no_candidate_and_bad_device_are_errors(monkeypatch):
         autotarget.candidates("cpu")
     with pytest.raises(ArcError, match="unknown device 'tpu'"):
         autotarget.resolve_device("tpu")
+    monkeypatch.setattr(targets, "cuda_available", lambda: False)
+    with pytest.raises(ArcError, match="no CUDA GPU is visible"):  # not torch's traceback
+        autotarget.resolve_device("cuda")
 
 
 def test_torch_mode_goes_to_torch_only():
@@ -117,3 +120,27 @@ def test_auto_builds_the_next_target_when_tvm_refuses_the_pipeline(tmp_path):
     auto = read_manifest(out)["target"]["auto"]
     assert auto["rule"] == "preference" and "tvm" in auto["refused"]
     assert "merged KV" in auto["refused"]["tvm"] and "passed over tvm" in auto["why"]
+
+
+def test_compile_without_target_is_auto_unless_torch_mode_names_torch():
+    from arc.cli import compile_target
+
+    assert compile_target(None, None) == "auto"
+    assert compile_target(None, "eager") == "torch"  # --torch-mode says how to build torch
+    assert compile_target("onnx", None) == "onnx" and compile_target("auto", "aot") == "auto"
+
+
+def test_compile_without_target_builds_the_preferred_target_untimed(tmp_path):
+    """`arc compile MODEL -O3 -o X` (no --target) builds the device's first installed target
+    that takes the pipeline, by preference: no candidate is built and timed (that is what
+    naming --target auto at -O3 asks for), and the manifest says why this target."""
+    from arc.engine import read_manifest
+    from tests.e2e.cli import arc_json
+
+    out = tmp_path / "x.arc"
+    summary = arc_json("compile", "tiny-llama", "-O3", "--max-seq-len", "64", "-o", str(out))
+    first = autotarget.candidates("cpu")[0]
+    assert summary["target"] == first
+    auto = read_manifest(out)["target"]["auto"]
+    assert auto["rule"] == "preference" and auto["candidates"][0] == first
+    assert "decode_ms" not in auto
