@@ -62,8 +62,17 @@ class RowCache:
         shape = (2 * decl.layers, kv, s, d) if layout == "heads" else (2 * decl.layers, s, kv * d)
         # on CPU, huge pages: a step reads every layer's K/V prefix (arc/runtime/hugepages.py)
         cpu = device == "cpu"
-        self.tensor = hugepages.zeros(shape) if cpu else torch.zeros(shape, device=device)
+        self._tensor = hugepages.zeros(shape) if cpu else torch.zeros(shape, device=device)
+        self._faulting = hugepages.prefault(self._tensor) if cpu else None  # joined on use
         self.dim = 2 if layout == "heads" else 1  # the slot dim
+
+    @property
+    def tensor(self) -> Tensor:
+        """The cache, once its pages are committed (hugepages.prefault, started at load)."""
+        if self._faulting is not None:
+            self._faulting.join()
+            self._faulting = None
+        return self._tensor
 
     def write(self, slots: Tensor, rows: Tensor) -> None:
         self.tensor.index_copy_(self.dim, slots, rows)  # cache[..., slots, ...] = rows

@@ -103,3 +103,44 @@ def test_mapping_is_advised_for_huge_pages(monkeypatch):
     fields = dict(f.split(":", 1) for f in _vma_of(big.data_ptr()))
     assert "hg" in fields["VmFlags"].split()
     assert fields["THPeligible"].strip() == "1"
+
+
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def test_prefault_commits_the_pages_and_keeps_the_zeros(monkeypatch):
+    """After prefault's thread, writing every page of the tensor faults (almost) nothing: the
+    kernel's work (finding and clearing huge pages) was done at load, not in the first
+    request's KV writes; the contents are still zeros. A fresh tensor written the same way
+    faults at least once per huge page."""
+    monkeypatch.setenv("ARC_HUGEPAGES", "1")
+    shape, per_page = (16 << 20) // 4, 1024  # 16 MiB of fp32; floats in a 4 KiB page
+    cold = hugepages.zeros((shape,))
+    before = _minor_faults()
+    cold[::per_page] = 1.0
+    assert _minor_faults() - before >= 8  # 16 MiB: 8 huge pages, or 4096 small ones
+    warm = hugepages.zeros((shape,))
+    worker = hugepages.prefault(warm)
+    assert worker is not None
+    worker.join()
+    assert not warm.any()
+    before = _minor_faults()
+    warm[::per_page] = 1.0
+    assert _minor_faults() - before <= 2
+    monkeypatch.setenv("ARC_HUGEPAGES", "0")
+    assert hugepages.prefault(torch.zeros(4)) is None  # torch.zeros wrote its pages
+
+
+def test_row_cache_waits_for_its_pages():
+    from arc.ir import KVDecl
+    from arc.runtime.rows import RowCache
+
+    decl = KVDecl(layers=2, kv_heads=2, head_dim=16, max_seq_len=64, dtype="f32")
+    cache = RowCache(decl)
+    t = cache.tensor  # joins the prefault thread before anyone writes the cache
+    assert cache._faulting is None and t.shape == (4, 2, 65, 16) and not t.any()
+    cache.write(torch.tensor([3]), torch.ones(4, 2, 1, 16))
+    assert float(cache.tensor[:, :, 3].sum()) == 4 * 2 * 16
