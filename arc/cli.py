@@ -263,7 +263,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
         a.model,
         spec,
         prompts,
-        target=a.target,
+        target=compile_target(a.target, a.torch_mode),
         device=a.device,
         torch_mode=a.torch_mode,
         max_seq_len=a.max_seq_len,
@@ -550,7 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="build and measure a pipeline prefix by prefix")
     pr.add_argument("model", help="catalog name, HF model directory, or .gguf file")
-    pr.add_argument("--target", default="torch", help="torch (the built target)")
+    pr.add_argument(
+        "--target",
+        help="tvm | torch | onnx | auto (default: auto, the target `arc compile` picks for the "
+        "whole pipeline, every prefix built for it; torch where --torch-mode is given)",
+    )
     pr.add_argument("--device", default="cpu", help="cpu | cuda")
     pr.add_argument("-O", dest="opt", choices=["0", "1", "2", "3"], default="2")
     pr.add_argument("--passes", help="pipeline spec (overrides -O)")

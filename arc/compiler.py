@@ -75,6 +75,26 @@ def trace_model(ref: str, max_seq_len: int | None = None, *, weights: bool = Tru
     return loaded, module
 
 
+def auto_target(
+    ref: str, spec: str, device: str, max_seq_len: int | None = None
+) -> tuple[str, dict[str, Any]]:
+    """What `--target auto` (untimed) would build for `ref` and pipeline `spec`, without
+    building it: (target name, the record compile_model writes in the manifest). `arc
+    profile` builds every prefix of a pipeline for the one target its whole pipeline gets."""
+    dev = autotarget.resolve_device(device)
+    _, chosen = autotarget.by_preference(dev)
+    loaded, traced = trace_model(ref, max_seq_len)
+    pm = PassManager(spec)
+
+    def run(name: str) -> None:
+        ctx = PassContext(dev, name, weights=loaded.weights, tokenizer=loaded.tokenizer)
+        module, _ = pm.run(traced, ctx)
+        targets.get(name).check_module(module)
+
+    name, chosen, _ = autotarget.first_accepting(chosen, run)
+    return name, chosen
+
+
 def compile_model(
     ref: str, out: Path, opts: CompileOptions, stage: Callable[[str], None] = lambda s: None
 ) -> dict[str, Any]:

@@ -17,7 +17,9 @@ per round (one library's threads never slow another; a process per round also gi
 own peak RSS), rounds are interleaved (prefix 0, 1, ..., n, 0, 1, ...), each worker warms up
 first, and medians over rounds are reported. Prefix engines are cached by content under
 $ARC_CACHE/profile (model, pipeline prefix, target, device, options, versions and a digest of
-arc's own sources), so a second profile of the same pipeline rebuilds nothing.
+arc's own sources), so a second profile of the same pipeline rebuilds nothing. The target is
+the one named, else the one `arc compile` picks (untimed `--target auto`) for the whole
+pipeline, and every prefix is built for it: one profile never mixes targets.
 """
 
 from __future__ import annotations
@@ -188,6 +190,12 @@ def profile(
         raise ArcError("--rounds must be >= 1, --new-tokens >= 2, and prompts non-empty")
     t0 = time.perf_counter()
     steps = prefixes(spec)
+    auto = None
+    if target == "auto":  # one target for every prefix: the one the whole pipeline gets
+        from arc.compiler import auto_target
+
+        stage("choose target")
+        target, auto = auto_target(model, steps[-1][0], device, max_seq_len)
     settings = {
         "target": target,
         "device": device,
@@ -234,6 +242,8 @@ def profile(
         "machine": machine(),
         "prefixes": rows,
     }
+    if auto is not None:
+        out["auto"] = auto
     if per_layer:
         from arc.profile_layers import per_layer as layers
 

@@ -144,3 +144,16 @@ def test_compile_without_target_builds_the_preferred_target_untimed(tmp_path):
     auto = read_manifest(out)["target"]["auto"]
     assert auto["rule"] == "preference" and auto["candidates"][0] == first
     assert "decode_ms" not in auto
+
+
+@pytest.mark.extra
+def test_auto_target_names_what_compile_would_build_without_building():
+    """`arc profile`'s one target for all prefixes: the preferred target that takes the whole
+    pipeline, or the next one with the refusal recorded, as compile_model chooses."""
+    pytest.importorskip("tvm", reason="needs the [tvm] extra to be the preferred target")
+    from arc.compiler import auto_target
+
+    name, record = auto_target("tiny-llama", "kv-fusion,spec-tree", "cpu", 64)
+    assert name == "tvm" and record["rule"] == "preference" and "refused" not in record
+    name, record = auto_target("tiny-llama", "kv-fusion{share=1,merge=slerp}", "cpu", 64)
+    assert name == "torch" and "merged KV" in record["refused"]["tvm"]
