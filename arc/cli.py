@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import NoReturn
@@ -146,7 +147,10 @@ def cmd_run(a: argparse.Namespace) -> int:
 
         head = r.to_json()
         head = {k: head[k] for k in _TRACE_HEAD} | {"engine": str(a.engine)}
-        write_trace(trace, head, r.trace or [])
+        try:
+            write_trace(trace, head, r.trace or [])
+        except OSError as e:  # the disk filled or the directory went away while decoding
+            raise ArcError(f"--trace {a.trace}: not written ({e.strerror or e})") from None
     graphs = cuda_graph.stats(eng.generator.steps.functions)
     if a.json:
         extra = {} if graphs is None else {"cuda_graph_replays": graphs["replays"]}
@@ -184,8 +188,14 @@ def _trace_path(text: str) -> Path:
         raise ArcError(f"--trace {text}: is a directory (give a file name)")
     if not path.parent.is_dir():
         raise ArcError(f"--trace {text}: no directory {str(path.parent)!r}")
-    if not os.access(path.parent, os.W_OK):
-        raise ArcError(f"--trace {text}: directory {str(path.parent)!r} is not writable")
+    if path.exists() and not path.is_file():
+        raise ArcError(f"--trace {text}: exists and is not a regular file")
+    try:  # probed by creating a file there: os.access says yes to root, even in /proc
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        where = str(path.parent)
+        raise ArcError(f"--trace {text}: cannot write in {where!r} ({e.strerror or e})") from None
     return path
 
 

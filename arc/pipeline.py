@@ -121,6 +121,8 @@ def _parse_options(info: PassInfo, body: str) -> dict[str, Any]:
         if not eq or key not in info.options:
             known = ", ".join(info.options) or "none"
             raise ArcError(f"pass {info.name}: bad option {item!r} (options: {known})")
+        if key in opts:  # a second value would silently win; say which one was meant
+            raise ArcError(f"pass {info.name}: option {key} given twice")
         opts[key] = _convert(info.name, key, info.options[key][0], raw.strip())
     return opts
 
@@ -133,7 +135,8 @@ def _convert(pname: str, key: str, typ: type, raw: str) -> Any:
             return raw.lower() in ("true", "1")
         return typ(raw)
     except ValueError:
-        raise ArcError(f"pass {pname}: option {key}={raw!r} is not a {typ.__name__}") from None
+        kind = {int: "an integer", float: "a number", bool: "true or false"}.get(typ, typ.__name__)
+        raise ArcError(f"pass {pname}: option {key}={raw!r} must be {kind}") from None
 
 
 def format_spec(items: Sequence[tuple[str, Mapping[str, Any]]]) -> str:

@@ -5,6 +5,7 @@ decoding, and nothing is written."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from tests.e2e.cli import arc, assert_clean_error
 
@@ -38,3 +39,5 @@ def test_bad_trace_paths(tiny_engines, tmp_path):
     assert_clean_error(arc(*run, str(tmp_path)), "is a directory")
     assert_clean_error(arc(*run, str(tmp_path / "nowhere" / "t.jsonl")), "no directory")
     assert list(tmp_path.iterdir()) == []
+    if Path("/proc/self").is_dir():  # a directory no one may create files in, root included
+        assert_clean_error(arc(*run, "/proc/arc-trace.jsonl"), "cannot write in '/proc'")

@@ -48,8 +48,10 @@ def test_spec_options_are_typed(scratch_passes):
     [
         ("nope", "unknown pass 'nope'"),
         ("kv-fusion{bogus=1}", "bad option"),
-        ("probe-a{n=x}", "is not a int"),
-        ("kv-fusion{mlp=maybe}", "is not a bool"),
+        ("probe-a{n=x}", "must be an integer"),
+        ("probe-a{f=half}", "must be a number"),
+        ("kv-fusion{mlp=maybe}", "must be true or false"),
+        ("probe-a{n=3,n=4}", "option n given twice"),
         ("kv-fusion{", "bad pipeline spec"),
     ],
 )

@@ -235,7 +235,7 @@ def test_share_and_int8_compose(traced):
         ("kv-fusion{kv-dtype=int4}", "kv-dtype='int4'; choose from f32, int8"),
         ("kv-fusion{share=2}", "share=2 must be between 0 and 1"),
         ("kv-fusion{share=-1}", "share=-1 must be between 0 and 1"),
-        ("kv-fusion{share=two}", "option share='two' is not a int"),
+        ("kv-fusion{share=two}", "option share='two' must be an integer"),
     ],
 )
 def test_option_errors(traced, spec, fragment):
