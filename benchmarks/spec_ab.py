@@ -72,6 +72,7 @@ def run(
 
     from arc.runtime.load import load_engine
     from arc.runtime.sampling import SamplingParams
+    from arc.runtime.speculative import SpecMemory
 
     settings = {a: parse_arm(a) for a in arms}
     default = {k: getattr(*owner(k)) for s in settings.values() for k in s}
@@ -82,6 +83,9 @@ def run(
         raise SystemExit(f"{engine}: not a speculative engine (compile it with spec-tree)")
     order = ["plain", *arms]
     out: dict[tuple[int, str], list] = {}
+    # each arm learns its own step costs across its requests (as one server would), so an arm
+    # that measures differently does not steer another's tree sizes
+    memories = {arm: SpecMemory() for arm in arms}
     try:
         with torch.inference_mode():
             gen.generate(eng.prompt_ids("Say hello."), max_new_tokens=16)  # warm-up
@@ -94,6 +98,7 @@ def run(
                             kind = type(default[name])
                             setattr(*owner(name), kind(value))
                         gen.forget()
+                        gen._memory = memories.get(arm)
                         t, top_p = sampling
                         params = SamplingParams(t, top_p=top_p, seed=1000 * i + r)
                         res = gen.generate(

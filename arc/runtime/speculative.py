@@ -89,6 +89,16 @@ SHADOW = 1
 # 1.218 / 1.226x uncapped and 1.221 / 1.227x at 1.0; code-edit 2 3.06 -> 3.44 tokens per
 # forward (2026-12-05, Intel Xeon)
 WEIGHT_CAP = 0.97
+# a step's measured time counts at most COST_CLIP x its size's estimate (its first sample: x
+# what _time predicted from the other sizes): a machine's hiccup (a 27 ms verify of 8 nodes
+# against ~14 ms) otherwise made that size look twice as dear, the loop never chose it again to
+# learn better, and the estimate outlives the request (SpecMemory). A size that is
+# underestimated is chosen and so measured again; one overestimated never is. 0: off.
+# Measured (2026-12-06, AMD EPYC, -O2 tvm): spec_ab, 10 prompts x 5 paired, each arm its own
+# SpecMemory: geomean 1.230x against 1.221x off; fresh `arc run` processes, 5 prompts x 5:
+# per-prompt medians 0.92-1.13x off's, geomean ~1.01x: within this machine's noise, so it
+# lands for the failure it removes (seen once in a dozen code-edit runs), not for a speedup
+COST_CLIP = 1.5
 DEPTH = 0  # A/B runs (benchmarks/spec_ab.py): the longest drafted path; 0: the plan's depth
 MAX_TREE = 0  # A/B runs: the largest tree verified (budget + 1); 0: the plan's verify_tokens
 
@@ -109,7 +119,12 @@ class _Ema:
     def __init__(self, value: float | None = None, rate: float = 0.2):
         self.value, self.rate = value, rate
 
-    def add(self, x: float) -> None:
+    def add(self, x: float, ref: float | None = None) -> None:
+        """Take sample x; with COST_CLIP, counted at most COST_CLIP x the estimate (or, for the
+        first sample, x `ref`, what the loop predicted for it)."""
+        base = self.value if self.value is not None else ref
+        if COST_CLIP and base:
+            x = min(x, COST_CLIP * base)
         self.value = x if self.value is None else self.value + self.rate * (x - self.value)
 
 
@@ -389,6 +404,13 @@ class SpeculativeLoop:
             return self.prior[size]  # nothing measured yet: only ratios are used
         return measured[lo] * self.prior[size] / self.prior[lo]
 
+    def _predicted(self, size: int) -> float | None:
+        """Seconds _time expects of a step of `size` before its first sample; None while no
+        step of any size is timed (its priors are then ratios, not seconds)."""
+        if self.cost[size].value is not None or all(c.value is None for c in self.cost.values()):
+            return None
+        return self._time(size)
+
     def _plain(self, token: int, pos: int, sample: Sampler, teach: bool = True) -> int:
         t = time.perf_counter()
         logits = self.steps.decode(token, pos)
@@ -404,7 +426,7 @@ class SpeculativeLoop:
             out, row = sample.pick(logits, pos + 1)
             self._teach(Tree(token), logits[None], sample, [row])
         self.step_s = time.perf_counter() - t
-        self.cost[1].add(self.step_s)
+        self.cost[1].add(self.step_s, self._predicted(1))
         return out
 
     def _verify(self, root: int, paths: list, size: int, pos: int, sample: Sampler) -> list[int]:
@@ -439,7 +461,7 @@ class SpeculativeLoop:
         else:
             self._teach(tree, logits, sample, rows)
         self.step_s = time.perf_counter() - t
-        self.cost[size].add(self.step_s)
+        self.cost[size].add(self.step_s, self._predicted(size))
         self.calib.add(len(path), sum(score for _, score in paths))
         got = self._calibrate_sources(tree, paths, path)
         if not self.source and path:  # one drafter: every accepted token is its own

@@ -232,6 +232,35 @@ def test_unmeasured_tree_sizes_are_interpolated():
     assert loop._time(6) == pytest.approx(0.008 * 2.6 / 1.8)  # grown from the measured 4
 
 
+def test_one_slow_step_does_not_lock_a_tree_size_out():
+    """A hiccup (a verify timed at twice its cost) counts at most COST_CLIP x the estimate, or
+    for a size's first sample x what the loop predicted, so one slow step cannot make a size
+    look so dear that it is never chosen (and so never measured) again."""
+    from arc.runtime import speculative as S
+
+    steps = Steps({f"verify_{b}": None for b in (2, 4, 8)}, max_seq_len=64)
+    opts = {"verify_tokens": 8, "depth": 7, "cost_ratio": {"2": 1.25, "4": 1.8, "8": 3.3}}
+    loop = S.SpeculativeLoop(steps, drafter=None, options=opts, memory=S.SpecMemory())
+    assert loop._predicted(8) is None  # nothing timed: no prediction in seconds yet
+    loop.cost[1].add(0.004, loop._predicted(1))
+    assert loop._predicted(8) == pytest.approx(0.004 * 3.3) and loop._predicted(1) is None
+    loop.cost[8].add(0.027, loop._predicted(8))  # ~2x the 13.2 ms it costs
+    assert loop.cost[8].value == pytest.approx(S.COST_CLIP * 0.0132)
+    S.COST_CLIP, clip = 0, S.COST_CLIP
+    try:  # off, the hiccup is taken whole
+        unclipped = S._Ema()
+        unclipped.add(0.027, 0.0132)
+        assert unclipped.value == 0.027
+    finally:
+        S.COST_CLIP = clip
+    for _ in range(8):  # later samples are clipped against the estimate, not the prediction
+        loop.cost[8].add(0.0132)
+    assert loop.cost[8].value < 0.0132 * 1.1
+    before = loop.cost[1].value
+    loop.cost[1].add(1.0)  # a 1 s stall of a plain step moves its estimate by at most 10%
+    assert loop.cost[1].value <= before * (1 + 0.2 * (S.COST_CLIP - 1)) + 1e-12
+
+
 def test_calibration_per_drafter():
     """`auto` says which drafter each path is from; each drafter's predicted and accepted
     tokens are kept apart, and a drafter's ratio starts at the request's and moves with its
