@@ -426,7 +426,8 @@ class SpeculativeLoop:
             out, row = sample.pick(logits, pos + 1)
             self._teach(Tree(token), logits[None], sample, [row])
         self.step_s = time.perf_counter() - t
-        self.cost[1].add(self.step_s, self._predicted(1))
+        cost = self.cost[1]  # timed every plain step: a prediction only before the first
+        cost.add(self.step_s, None if cost.value is not None else self._predicted(1))
         return out
 
     def _verify(self, root: int, paths: list, size: int, pos: int, sample: Sampler) -> list[int]:

@@ -66,6 +66,29 @@ def test_hint_is_the_best_next_token_score():
     assert NGram().hint([1, 2, 3, 4]) == 0.0  # nothing repeats: nothing to draft
 
 
+def test_hint_early_exit_changes_no_score():
+    """hint() returns at once when the last two tokens never occurred before (then no longer
+    n-gram did either); on random histories, repetitive or not, it equals the full search over
+    the 4-, 3- and 2-gram matches."""
+    import random
+
+    def full(history):
+        last = len(history) - 1
+        for n in range(min(4, len(history)), 1, -1):
+            ends = [e for e in range(n - 1, last) if history[e - n + 1 : e + 1] == history[-n:]]
+            if ends:
+                length = ngram._copy_length(history, ends[-1], n)
+                amb = ngram._ambiguous(history, ends[-ngram.AMBIGUITY_SCAN :], last)
+                return ngram._shaped(length, True, amb)
+        return 0.0
+
+    rng = random.Random(5)
+    for vocab in (3, 8, 50):
+        for _ in range(60):
+            history = [rng.randrange(vocab) for _ in range(rng.randrange(2, 80))]
+            assert NGram().hint(history) == full(history), history
+
+
 def test_an_appended_history_drafts_as_a_fresh_index_would():
     """The index follows one list the loop appends to without re-reading it, and starts over
     for another request's list (or the same list rewritten): each proposal equals a fresh

@@ -117,8 +117,13 @@ class NGram:
         and score at most FIRST[1] (0.29), below any useful wake threshold."""
         self._sync(history)
         last = len(history) - 1
+        # most steps' last 2 tokens have not occurred before, and then no longer n-gram has:
+        # one lookup instead of three (this runs right after a step, on evicted caches)
+        pair = self._index.get(tuple(history[-2:]), ())
+        if len(pair) < 2 or pair[-2] >= last:
+            return 0.0
         for n in range(min(self.max_n, len(history)), 1, -1):
-            found = self._index.get(tuple(history[-n:]), ())
+            found = pair if n == 2 else self._index.get(tuple(history[-n:]), ())
             end = next((e for e in reversed(found[-2:]) if e < last), None)
             if end is None:
                 continue
