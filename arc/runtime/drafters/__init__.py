@@ -36,6 +36,11 @@ class Drafter(Protocol):
     def observe(self, tree: Tree, topk: Any) -> None: ...
 
 
+def load() -> None:
+    """Import every drafter's module now (an engine's load), not in a request's first step."""
+    from arc.runtime.drafters import auto, corpus, jacobi, ngram, recycle, selfdraft  # noqa: F401
+
+
 def make(name: str, options: Mapping[str, Any], vocab: int, steps=None) -> Drafter:
     """Drafter `name`; `self` (and `auto`, when the engine has a `draft` function) drafts
     with `steps.draft`; `corpus` (and `auto`, when the engine has one) retrieves from
