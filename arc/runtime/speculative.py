@@ -116,14 +116,14 @@ class SpecStats:
 
 
 class _Ema:
-    def __init__(self, value: float | None = None, rate: float = 0.2):
-        self.value, self.rate = value, rate
+    def __init__(self, value: float | None = None, rate: float = 0.2, clip: bool = False):
+        self.value, self.rate, self.clip = value, rate, clip
 
     def add(self, x: float, ref: float | None = None) -> None:
-        """Take sample x; with COST_CLIP, counted at most COST_CLIP x the estimate (or, for the
-        first sample, x `ref`, what the loop predicted for it)."""
+        """Take sample x; a step time (`clip`) counts at most COST_CLIP x the estimate (or, for
+        the first sample, x `ref`, what the loop predicted for it)."""
         base = self.value if self.value is not None else ref
-        if COST_CLIP and base:
+        if self.clip and COST_CLIP and base:
             x = min(x, COST_CLIP * base)
         self.value = x if self.value is None else self.value + self.rate * (x - self.value)
 
@@ -209,7 +209,7 @@ class SpeculativeLoop:
         self.adaptive = bool(options.get("adaptive", True))
         memory = memory or SpecMemory()
         for b in [1, *self.sizes]:
-            memory.cost.setdefault(b, _Ema())
+            memory.cost.setdefault(b, _Ema(clip=True))
         self.cost = memory.cost  # seconds per step of each size
         # -O3's measured verify cost / decode cost per size (arc/tune.py), else a guess
         ratio = {int(b): float(r) for b, r in (options.get("cost_ratio") or {}).items()}

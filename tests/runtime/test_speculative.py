@@ -248,11 +248,15 @@ def test_one_slow_step_does_not_lock_a_tree_size_out():
     assert loop.cost[8].value == pytest.approx(S.COST_CLIP * 0.0132)
     S.COST_CLIP, clip = 0, S.COST_CLIP
     try:  # off, the hiccup is taken whole
-        unclipped = S._Ema()
+        unclipped = S._Ema(clip=True)
         unclipped.add(0.027, 0.0132)
         assert unclipped.value == 0.027
     finally:
         S.COST_CLIP = clip
+    drafting = S._Ema(0.0)  # drafting's time is not a step's: it grows from 0 unclipped
+    drafting.add(0.001)
+    drafting.add(0.001)
+    assert drafting.value == pytest.approx(0.001 * (1 - 0.8**2))
     for _ in range(8):  # later samples are clipped against the estimate, not the prediction
         loop.cost[8].add(0.0132)
     assert loop.cost[8].value < 0.0132 * 1.1
