@@ -244,7 +244,7 @@ def check_engine(info: dict[str, Any]) -> None:
 
 def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device: str) -> Steps:
     import tvm
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine  # relax.VirtualMachine, in the runtime library
 
     from arc.targets.tvm_graph import MOVE, SAMPLE, STATS, param_specs
     from arc.targets.tvm_sample import OUTPUTS, SETTINGS
@@ -268,7 +268,7 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
     # one mapping on huge pages, each weight ALIGN-byte aligned (arc/runtime/hugepages.py)
     aligned = hugepages.arena([tensors.pop(name) for name in names], ALIGN)
     params = tvm.runtime.convert([tvm.runtime.from_dlpack(t) for t in aligned])
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(root / LIBRARY)), tvm.cpu())
+    vm = VirtualMachine(tvm.runtime.load_module(str(root / LIBRARY)), tvm.cpu())
     calls = {}
     for name in module.functions:
         fn = info["functions"].get(name)
