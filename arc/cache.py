@@ -71,6 +71,16 @@ def _publish(tmp: Path, out: Path) -> None:
             raise
 
 
+def unwritable(path: Path) -> str | None:
+    """Why no file can be created beside `path` (None: one can), probed by creating one:
+    os.access says yes to root, even in /proc or on a read-only mount."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            return None
+    except OSError as e:
+        return str(e.strerror or e)
+
+
 def _has_content(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 

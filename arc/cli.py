@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import NoReturn
@@ -190,12 +189,11 @@ def _trace_path(text: str) -> Path:
         raise ArcError(f"--trace {text}: no directory {str(path.parent)!r}")
     if path.exists() and not path.is_file():
         raise ArcError(f"--trace {text}: exists and is not a regular file")
-    try:  # probed by creating a file there: os.access says yes to root, even in /proc
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as e:
-        where = str(path.parent)
-        raise ArcError(f"--trace {text}: cannot write in {where!r} ({e.strerror or e})") from None
+    from arc.cache import unwritable
+
+    why = unwritable(path)
+    if why:
+        raise ArcError(f"--trace {text}: cannot write in {str(path.parent)!r} ({why})")
     return path
 
 

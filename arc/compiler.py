@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from arc import autotarget, targets
+from arc import autotarget, cache, targets
 from arc.corpus import self_instruct
 from arc.engine import CORPUS, WEIGHTS, write_engine
 from arc.errors import ArcError
@@ -260,11 +260,9 @@ def check_output(out: Path) -> None:
     parent = out.parent
     if not parent.is_dir():
         raise ArcError(f"-o {out}: directory {parent} does not exist")
-    try:
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.", suffix=".probe"):
-            pass
-    except OSError as e:
-        raise ArcError(f"-o {out}: cannot write in {parent} ({e.strerror or e})") from None
+    why = cache.unwritable(out)
+    if why:
+        raise ArcError(f"-o {out}: cannot write in {parent} ({why})")
 
 
 def _save_weights(weights, path: Path) -> Path:
