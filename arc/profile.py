@@ -53,8 +53,9 @@ def prefixes(spec: str) -> list[tuple[str, str | None]]:
 
 
 # switches a build reads from the environment (tvm kernels with or without AMX tiles or the
-# 4-bit table lookup, targets/tvm.py): engines built under other values are other engines
-BUILD_ENV = ("ARC_TVM_AMX", "ARC_TVM_LUT")
+# 4-bit table lookup, a tile plan; targets/tvm.py): engines built under other values are other
+# engines
+BUILD_ENV = ("ARC_TVM_AMX", "ARC_TVM_LUT", "ARC_TVM_TILES")
 
 
 def build_env() -> dict[str, str]:

@@ -42,7 +42,7 @@ import torch
 
 from arc import cpu as arc_cpu
 from arc import formats
-from arc.errors import EngineError, UnsupportedError
+from arc.errors import ArcError, EngineError, UnsupportedError
 from arc.ir import Module
 from arc.lowering import as_f32, materialize
 from arc.ops import Op
@@ -83,16 +83,21 @@ def check_module(module: Module) -> None:
 
 
 def _relax_module(
-    module: Module, amx: bool = False, avx512: bool = True, lut: bool = False
+    module: Module,
+    amx: bool = False,
+    avx512: bool = True,
+    lut: bool = False,
+    plan: str | None = None,
 ) -> tuple[Any, dict[str, str], list[str]]:
     """(Relax IRModule, IR function -> Relax function, tensors of the params tuple), and
     `logits_stats` where the vocabulary splits into chunks (`_stats_chunk`). `avx512`: the
     build's CPU has AVX-512's 32 vector registers (the panel kernels' token tiles fit them);
-    `lut`: and AVX-512 VBMI, so 4-bit codes become floats by table lookup (tvm_kernels)."""
+    `lut`: and AVX-512 VBMI, so 4-bit codes become floats by table lookup (tvm_kernels);
+    `plan`: the panel kernels' token tiles (tvm_kernels.PLANS; default by `avx512`)."""
     from arc.runtime.topk import TOPK
     from arc.targets.tvm_graph import Builder, graph_key
 
-    builder, functions, seen = Builder(module, amx, avx512, lut), {}, {}
+    builder, functions, seen = Builder(module, amx, avx512, lut, plan), {}, {}
     for name, graph in module.functions.items():
         key = graph_key(graph)
         if key not in seen:
@@ -150,6 +155,16 @@ def _target(cpu: str) -> tuple[Any, dict[str, Any]]:
     # 4-bit codes to floats by vpermb + vpermps (tvm_kernels.panel_gemv), unless ARC_TVM_LUT=0
     lut = tvm_kernels.LUT_FLAGS <= set(flags) and os.environ.get("ARC_TVM_LUT") != "0"
     record = {"cpu": cpu, "march": mcpu, "cpu_flags": sorted(flags), "amx": amx, "lut": lut}
+    # the panel kernels' token tiles: by the registers, and for AVX2 whether the code runs
+    # on this CPU (tvm_kernels.TILES_AVX2_NATIVE) or on any x86-64-v3 one; ARC_TVM_TILES=name
+    # picks another plan of the same registers (to compare them)
+    record["tiles"] = tvm_kernels.tile_plan("avx512f" in flags, march == "native")
+    asked = os.environ.get("ARC_TVM_TILES")
+    if asked:
+        fits = [p for p in tvm_kernels.PLANS if ("avx512f" in flags) == (p == "avx512")]
+        if asked not in fits:
+            raise ArcError(f"ARC_TVM_TILES={asked[:20]!r}: choose {', '.join(fits)} on this CPU")
+        record["tiles"] = asked
     return tvm.target.Target(spec), record | {"cpu_name": arc_cpu.host_name()}
 
 
@@ -168,7 +183,9 @@ def build(
     check_module(module)
     target, cpu_info = _target(options.get("cpu") or "native")
     avx512 = "avx512f" in cpu_info["cpu_flags"]
-    mod, functions, names = _relax_module(module, cpu_info["amx"], avx512, cpu_info["lut"])
+    mod, functions, names = _relax_module(
+        module, cpu_info["amx"], avx512, cpu_info["lut"], cpu_info["tiles"]
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / LIBRARY
     executable = tvm.compile(mod, target=target)

@@ -168,13 +168,22 @@ def _fewer_layers(graph: Graph) -> bool:
 class Builder:
     """One Relax IRModule for a Module's functions; kernels are shared between them."""
 
-    def __init__(self, module: Module, amx: bool = False, avx512: bool = True, lut: bool = False):
+    def __init__(
+        self,
+        module: Module,
+        amx: bool = False,
+        avx512: bool = True,
+        lut: bool = False,
+        plan: str | None = None,
+    ):
         from tvm import relax, tirx
 
         self.module = module
         self.amx = amx  # multi-token block projections on AMX tiles (targets/tvm_amx.py)
         self.lut = lut and avx512  # 4-bit codes to floats by table lookup (panel_gemv)
-        self.tiles = kernels.tile_plan(avx512)  # token tiles that fit the vector registers
+        # token tiles that fit the vector registers (tvm_kernels.PLANS)
+        self.plan = plan or kernels.tile_plan(avx512)
+        self.tiles = kernels.PLANS[self.plan]
         self.blocks = block_weights(module)
         self.panels = panel_weights(module, self.blocks)
         self.params = param_specs(module, self.blocks)
@@ -392,7 +401,7 @@ def _linear(e: _Emit, n: Node, x):
         make = lambda: kernels.panel_gemv(kind, out, k, group, scale, amx, tiles, lut)  # noqa: E731
         key = ("pgemv", kind, out, k, group, scale) + (("amx",) if amx else ())
         key += ("lut",) if lut else ()
-        key += () if tiles == kernels.TILES else ("avx2",)
+        key += () if e.b.plan == "avx512" else (e.b.plan,)
         y = e.call(key, make, args, [[rows, out]])
     elif w in e.b.blocks:
         kind, group = e.b.blocks[w]

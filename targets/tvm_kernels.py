@@ -630,11 +630,23 @@ TILES = ((1, 1, 2), (2, 2, 2), (None, 4, 2))
 # 4 x 1 chain) 6.53 / 11.29 / 21.36 ms, these 6.41 / 14.11 / 27.41, one chain everywhere
 # (tiles of 4) 7.34 / 11.26 / 21.40: a slower decode step costs more than slower verifies.
 TILES_AVX2 = ((1, 1, 2), (None, 2, 2))
+# AVX2 with one chain per token: tiles of 4 tokens fit the 16 registers. On a CPU whose own
+# vector unit is AVX2 (a native build there: Zen 3 measured) the decode step costs the same
+# as with 2 chains and verifies much less; benchmarks/panel_kernel.py on the 2-core Zen 3
+# (2026-12-07), a step's Q4_1 projections, T = 1 / 2 / 4 / 8, 2 threads: 6.59 / 8.18 / 15.50 /
+# 29.64 ms with TILES_AVX2, 6.57 / 8.40 / 11.73 / 22.72 with these; 1 thread 12.17 / 15.36 /
+# 29.86 / 58.32 against 12.30 / 15.68 / 22.00 / 42.48. AVX2 code run on the Zen 4 (a portable
+# x86-64-v3 build there) lost 12% at T = 1 this way (above), so portable builds keep 2 chains.
+TILES_AVX2_NATIVE = ((1, 1, 1), (2, 2, 1), (None, 4, 1))
+PLANS = {"avx512": TILES, "avx2": TILES_AVX2, "avx2-native": TILES_AVX2_NATIVE}
 
 
-def tile_plan(avx512: bool) -> tuple:
-    """The panel kernels' tile plans for a target with (or without) AVX-512's 32 registers."""
-    return TILES if avx512 else TILES_AVX2
+def tile_plan(avx512: bool, native: bool = False) -> str:
+    """The name (in PLANS) of the panel kernels' tile plan for a target with (or without)
+    AVX-512's 32 registers; `native`: built for this CPU's own name, not a portable level."""
+    if avx512:
+        return "avx512"
+    return "avx2-native" if native else "avx2"
 
 
 def panel_specs(
@@ -714,7 +726,7 @@ def panel_gemv(
     prompts x 128 tokens, own processes: -O1 287.6 against 267.0 tok/s (1.077x), -O2 329.8
     against 309.2 (1.067x).
 
-    `tiles`: the tile plans (`tile_plan`: AVX-512's or AVX2's register budget). `amx` (a kind
+    `tiles`: the tile plans (PLANS[`tile_plan`]: AVX-512's or AVX2's register budget). `amx` (a kind
     in tvm_amx.KINDS, a CPU with AMX): T >= tvm_amx.MIN_TOKENS runs on AMX tiles instead
     (targets/tvm_amx.py), the same layout and an fp32-exact product.
     """

@@ -1,6 +1,6 @@
 """The tvm target's panel kernels against NumPy: every weight kind (fp32, affine4 as Q4_0/Q4_1
 and int4 store it, sym8 as Q8_0/int8), every token tiling (T = 1, 2, 3..4, 6..8, a long T with a
-short last tile) of both tile plans (AVX-512's and AVX2's register budgets), and the repacking
+short last tile) of every tile plan (AVX-512's and AVX2's register budgets), and the repacking
 that feeds them (`to_panels`)."""
 
 from __future__ import annotations
@@ -45,19 +45,18 @@ def built():
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     out = {}
-    for avx512 in (True, False):
-        tiles = tvm_kernels.tile_plan(avx512)
+    for plan, tiles in tvm_kernels.PLANS.items():
         for kind, scale in KINDS:
             f = tvm_kernels.panel_gemv(kind, N, K, G, scale, tiles=tiles)
             f = f.with_attr("global_symbol", "main")
-            out[kind, scale, avx512] = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
+            out[kind, scale, plan] = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
     return out
 
 
-@pytest.mark.parametrize("avx512", [True, False], ids=["avx512-tiles", "avx2-tiles"])
+@pytest.mark.parametrize("plan", ["avx512", "avx2", "avx2-native"])
 @pytest.mark.parametrize("kind, scale", KINDS)
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 6, 8, 17])
-def test_panel_gemv_equals_numpy(built, kind, scale, tokens, avx512):
+def test_panel_gemv_equals_numpy(built, kind, scale, tokens, plan):
     import torch
     import tvm
 
@@ -70,15 +69,15 @@ def test_panel_gemv_equals_numpy(built, kind, scale, tokens, avx512):
     panels = [p.astype(scale) if p.dtype == np.float32 and kind != "f32" else p for p in panels]
     y = np.full((tokens, N), np.nan, "float32")  # every output must be written
     args = [tvm.runtime.tensor(a) for a in (x, *panels, y)]
-    built[kind, scale, avx512](*args)
+    built[kind, scale, plan](*args)
     ref = x.astype("float64") @ w.T.astype("float64")
     # fp32 accumulation of K products: error relative to the outputs' scale
     np.testing.assert_allclose(args[-1].numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("avx512", [True, False], ids=["avx512-tiles", "avx2-tiles"])
+@pytest.mark.parametrize("plan", ["avx512", "avx2", "avx2-native"])
 @pytest.mark.parametrize("kind, scale", KINDS)
-def test_panel_gemv_rows_are_the_same_bits_whatever_the_token_count(built, kind, scale, avx512):
+def test_panel_gemv_rows_are_the_same_bits_whatever_the_token_count(built, kind, scale, plan):
     """A token's row sums in the same order in every tile plan (tvm_kernels.TILES): a verify's
     logits are then the decode step's bit for bit."""
     import torch
@@ -94,7 +93,7 @@ def test_panel_gemv_rows_are_the_same_bits_whatever_the_token_count(built, kind,
 
     def run(rows):
         y = tvm.runtime.tensor(np.zeros((len(rows), N), "float32"))
-        built[kind, scale, avx512](*[tvm.runtime.tensor(a) for a in (rows, *panels)], y)
+        built[kind, scale, plan](*[tvm.runtime.tensor(a) for a in (rows, *panels)], y)
         return y.numpy()
 
     one = np.concatenate([run(x[t : t + 1]) for t in range(len(x))])

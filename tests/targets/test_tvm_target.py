@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("tvm", reason="target tvm needs the [tvm] extra (apache-tvm)")
 
-from arc.errors import EngineError, UnsupportedError  # noqa: E402
+from arc.errors import ArcError, EngineError, UnsupportedError  # noqa: E402
 from arc.ops import Op  # noqa: E402
 
 pytestmark = pytest.mark.extra
@@ -92,6 +92,39 @@ def test_engine_records_library_and_a_static_verify_per_size(engines):
     assert len(verify) > 1 and len(set(verify.values())) == len(verify)
     named = {info["functions"][k] for k in ("decode", "prefill")}
     assert len(named) == 2 and not named & set(verify.values())
+    want = "avx512" if "avx512f" in info["cpu_flags"] else "avx2-native"  # a native build
+    assert info["tiles"] == want
+
+
+def test_tile_plan_follows_the_registers_and_where_the_code_runs(monkeypatch):
+    """AVX-512 builds take its plan; AVX2 code built for this CPU one chain per token
+    (tvm_kernels.TILES_AVX2_NATIVE), a portable x86-64-v3 build the 2-chain AVX2 plan."""
+    from arc import cpu as arc_cpu
+    from arc.targets import tvm as target
+    from arc.targets import tvm_kernels
+
+    cases = [
+        ("native", {"avx2", "fma", "avx512f"}, "avx512"),
+        ("native", {"avx2", "fma"}, "avx2-native"),
+        ("x86-64-v3", {"avx2", "fma"}, "avx2"),
+        ("x86-64-v4", {"avx2", "fma", "avx512f"}, "avx512"),
+    ]
+    for march, flags, plan in cases:
+        pick = lambda cpu, m=march, f=flags: (m, frozenset(f))  # noqa: E731
+        monkeypatch.setattr(arc_cpu, "build_target", pick)
+        assert target._target(march)[1]["tiles"] == plan, (march, flags)
+        assert tvm_kernels.PLANS[plan]  # a plan the kernels know
+    avx2 = lambda cpu: ("native", frozenset({"avx2", "fma"}))  # noqa: E731
+    monkeypatch.setattr(arc_cpu, "build_target", avx2)
+    monkeypatch.setenv("ARC_TVM_TILES", "avx2")  # another plan of the same registers
+    assert target._target("native")[1]["tiles"] == "avx2"
+    for bad in ("avx512", "nope"):  # not AVX2's, not a plan
+        monkeypatch.setenv("ARC_TVM_TILES", bad)
+        with pytest.raises(ArcError, match="ARC_TVM_TILES="):
+            target._target("native")
+    # one chain per token in every plan of a kind: a verify's rows sum as the step's
+    for tiles in tvm_kernels.PLANS.values():
+        assert len({c for _, _, c in tiles}) == 1
 
 
 def _info(engines) -> dict:

@@ -1,0 +1,109 @@
+"""The tvm target's 4-bit panel kernel (targets/tvm_kernels.panel_gemv) alone, per tile plan:
+a decode step's projections (QKV, O, gate/up, down of every layer, each layer's weights
+distinct so they stream from memory as in a real step) for T = 1, 2, 4, 8 tokens.
+
+    python benchmarks/panel_kernel.py [--plans avx2,avx2-1chain] [--tokens 1,2,4,8] [--reps 9]
+
+Plans (named in PLANS): `avx512` and `avx2` are what the target builds (tile_plan); the others
+are alternatives kept for comparison. Calls of all plans are interleaved rep by rep in one
+process; the figures are medians in ms of one step's projections (SmolLM2-135M's shapes by
+default, Q4_1 blocks with fp16 scales as a GGUF holds them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+# (largest T a plan serves, tokens per tile, chains per token), as tvm_kernels.TILES
+PLANS = {
+    "avx512": None,  # tvm_kernels.tile_plan(True), filled in at run time
+    "avx2": None,  # tvm_kernels.tile_plan(False)
+    # one chain per token: 4-token tiles fit AVX2's 16 registers, but a decode step's FMAs
+    # wait on each other (a verify must sum as the step does, so T=1 takes it too)
+    "avx2-1chain": ((1, 1, 1), (2, 2, 1), (None, 4, 1)),
+}
+
+
+def main() -> None:
+    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))  # as the engine's load
+    import tvm
+
+    from arc.targets import tvm_kernels
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--plans", default="avx512,avx2")
+    ap.add_argument("--tokens", default="1,2,4,8")
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--hidden", type=int, default=576)
+    ap.add_argument("--inter", type=int, default=1536)
+    ap.add_argument("--qkv", type=int, default=960)
+    ap.add_argument("--reps", type=int, default=9)
+    a = ap.parse_args()
+    PLANS["avx512"], PLANS["avx2"] = tvm_kernels.tile_plan(True), tvm_kernels.tile_plan(False)
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1})
+    shapes = [(a.qkv, a.hidden), (a.hidden, a.hidden), (2 * a.inter, a.hidden), (a.hidden, a.inter)]
+    g, rng = 32, np.random.default_rng(0)
+    plans = a.plans.split(",")
+    fns = {}
+    for name in plans:
+        for n, k in shapes:
+            f = tvm_kernels.panel_gemv("affine4", n, k, g, "float16", tiles=PLANS[name])
+            mod = tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
+            fns[name, n, k] = tvm.compile(mod, target=target)["main"]
+    weights = []  # [layer][shape] -> panel-layout components
+    for _ in range(a.layers):
+        layer = []
+        for n, k in shapes:
+            specs = tvm_kernels.panel_specs("affine4", n, k, g, "float16")
+            comps = []
+            for shape, dtype in specs.values():
+                if dtype == "uint8":
+                    comps.append(rng.integers(0, 256, shape).astype("uint8"))
+                else:
+                    comps.append((rng.standard_normal(shape) * 0.01).astype(dtype))
+            layer.append([tvm.runtime.tensor(c) for c in comps])
+        weights.append(layer)
+    tokens = [int(t) for t in a.tokens.split(",")]
+    xs = {
+        (t, k): tvm.runtime.tensor(rng.standard_normal((t, k)).astype("float32"))
+        for t in tokens
+        for _, k in shapes
+    }
+    ys = {
+        (t, n): tvm.runtime.tensor(np.zeros((t, n), "float32")) for t in tokens for n, _ in shapes
+    }
+
+    def step(name: str, t: int) -> float:
+        start = time.perf_counter()
+        for layer in weights:
+            for (n, k), comps in zip(shapes, layer, strict=True):
+                fns[name, n, k](xs[t, k], *comps, ys[t, n])
+        return (time.perf_counter() - start) * 1e3
+
+    times = {(name, t): [] for name in plans for t in tokens}
+    for name in plans:
+        for t in tokens:
+            step(name, t)
+    for _ in range(a.reps):
+        for t in tokens:
+            for name in plans:
+                times[name, t].append(step(name, t))
+    print(f"{a.layers} layers' projections, ms (median of {a.reps}); x = over T=1 of the plan")
+    print("plan".ljust(12) + "".join(f"T={t}".rjust(16) for t in tokens))
+    for name in plans:
+        one = statistics.median(times[name, tokens[0]])
+        cells = []
+        for t in tokens:
+            m = statistics.median(times[name, t])
+            cells.append(f"{m:8.2f} ({m / one:4.2f}x)")
+        print(name.ljust(12) + "".join(c.rjust(16) for c in cells))
+
+
+if __name__ == "__main__":
+    main()
