@@ -2,12 +2,12 @@
 a decode step's projections (QKV, O, gate/up, down of every layer, each layer's weights
 distinct so they stream from memory as in a real step) for T = 1, 2, 4, 8 tokens.
 
-    python benchmarks/panel_kernel.py [--plans avx2,avx2-1chain] [--tokens 1,2,4,8] [--reps 9]
+    python benchmarks/panel_kernel.py [--plans avx2,avx2-native] [--tokens 1,2,4,8] [--reps 9]
 
-Plans (named in PLANS): `avx512` and `avx2` are what the target builds (tile_plan); the others
-are alternatives kept for comparison. Calls of all plans are interleaved rep by rep in one
-process; the figures are medians in ms of one step's projections (SmolLM2-135M's shapes by
-default, Q4_1 blocks with fp16 scales as a GGUF holds them).
+Plans: the names in tvm_kernels.PLANS (what `tile_plan` picks per CPU, or ARC_TVM_TILES).
+Calls of all plans are interleaved rep by rep in one process; the figures are medians in ms of
+one step's projections (SmolLM2-135M's shapes by default, Q4_1 blocks with fp16 scales as a
+GGUF holds them).
 """
 
 from __future__ import annotations
@@ -19,15 +19,6 @@ import time
 
 import numpy as np
 
-# (largest T a plan serves, tokens per tile, chains per token), as tvm_kernels.TILES
-PLANS = {
-    "avx512": None,  # tvm_kernels.tile_plan(True), filled in at run time
-    "avx2": None,  # tvm_kernels.tile_plan(False)
-    # one chain per token: 4-token tiles fit AVX2's 16 registers, but a decode step's FMAs
-    # wait on each other (a verify must sum as the step does, so T=1 takes it too)
-    "avx2-1chain": ((1, 1, 1), (2, 2, 1), (None, 4, 1)),
-}
-
 
 def main() -> None:
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))  # as the engine's load
@@ -36,7 +27,7 @@ def main() -> None:
     from arc.targets import tvm_kernels
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--plans", default="avx512,avx2")
+    ap.add_argument("--plans", default="avx2,avx2-native")
     ap.add_argument("--tokens", default="1,2,4,8")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--hidden", type=int, default=576)
@@ -44,7 +35,6 @@ def main() -> None:
     ap.add_argument("--qkv", type=int, default=960)
     ap.add_argument("--reps", type=int, default=9)
     a = ap.parse_args()
-    PLANS["avx512"], PLANS["avx2"] = tvm_kernels.tile_plan(True), tvm_kernels.tile_plan(False)
     cpu = tvm.target.codegen.llvm_get_system_cpu()
     target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1})
     shapes = [(a.qkv, a.hidden), (a.hidden, a.hidden), (2 * a.inter, a.hidden), (a.hidden, a.inter)]
@@ -53,7 +43,7 @@ def main() -> None:
     fns = {}
     for name in plans:
         for n, k in shapes:
-            f = tvm_kernels.panel_gemv("affine4", n, k, g, "float16", tiles=PLANS[name])
+            f = tvm_kernels.panel_gemv("affine4", n, k, g, "float16", tiles=tvm_kernels.PLANS[name])
             mod = tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
             fns[name, n, k] = tvm.compile(mod, target=target)["main"]
     weights = []  # [layer][shape] -> panel-layout components
