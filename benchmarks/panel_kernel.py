@@ -4,7 +4,9 @@ distinct so they stream from memory as in a real step) for T = 1, 2, 4, 8 tokens
 
     python benchmarks/panel_kernel.py [--plans avx2,avx2-native] [--tokens 1,2,4,8] [--reps 9]
 
-Plans: the names in tvm_kernels.PLANS (what `tile_plan` picks per CPU, or ARC_TVM_TILES).
+Plans: the names in tvm_kernels.PLANS (what `tile_plan` picks per CPU, or ARC_TVM_TILES); a
+name with `+zx` widens the codes with LLVM's vpmovzxbd instead of the in-lane shuffles that
+AVX2 plans use (tvm_kernels.INLANE_PLANS), to compare the two.
 Calls of all plans are interleaved rep by rep in one process; the figures are medians in ms of
 one step's projections (SmolLM2-135M's shapes by default, Q4_1 blocks with fp16 scales as a
 GGUF holds them).
@@ -43,7 +45,9 @@ def main() -> None:
     fns = {}
     for name in plans:
         for n, k in shapes:
-            f = tvm_kernels.panel_gemv("affine4", n, k, g, "float16", tiles=tvm_kernels.PLANS[name])
+            base, _, extra = name.partition("+")  # +zx: widen codes with vpmovzxbd
+            inlane = False if extra == "zx" else None
+            f = tvm_kernels.panel_gemv("affine4", n, k, g, "float16", plan=base, inlane=inlane)
             mod = tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
             fns[name, n, k] = tvm.compile(mod, target=target)["main"]
     weights = []  # [layer][shape] -> panel-layout components
@@ -85,14 +89,14 @@ def main() -> None:
             for name in plans:
                 times[name, t].append(step(name, t))
     print(f"{a.layers} layers' projections, ms (median of {a.reps}); x = over T=1 of the plan")
-    print("plan".ljust(12) + "".join(f"T={t}".rjust(16) for t in tokens))
+    print("plan".ljust(20) + "".join(f"T={t}".rjust(16) for t in tokens))
     for name in plans:
         one = statistics.median(times[name, tokens[0]])
         cells = []
         for t in tokens:
             m = statistics.median(times[name, t])
             cells.append(f"{m:8.2f} ({m / one:4.2f}x)")
-        print(name.ljust(12) + "".join(c.rjust(16) for c in cells))
+        print(name.ljust(20) + "".join(c.rjust(16) for c in cells))
 
 
 if __name__ == "__main__":

@@ -183,7 +183,6 @@ class Builder:
         self.lut = lut and avx512  # 4-bit codes to floats by table lookup (panel_gemv)
         # token tiles that fit the vector registers (tvm_kernels.PLANS)
         self.plan = plan or kernels.tile_plan(avx512)
-        self.tiles = kernels.PLANS[self.plan]
         self.blocks = block_weights(module)
         self.panels = panel_weights(module, self.blocks)
         self.params = param_specs(module, self.blocks)
@@ -397,8 +396,8 @@ def _linear(e: _Emit, n: Node, x):
         args = [x, *e.comps(w)] if kind != "f32" else [x, e.w(w)]
         # AMX (another summation order) for prefill only: a verify's rows must sum as a
         # decode step's do (tvm_kernels.TILES)
-        amx, tiles, lut = e.b.amx and not _verifies(e.graph), e.b.tiles, e.b.lut
-        make = lambda: kernels.panel_gemv(kind, out, k, group, scale, amx, tiles, lut)  # noqa: E731
+        amx, plan, lut = e.b.amx and not _verifies(e.graph), e.b.plan, e.b.lut
+        make = lambda: kernels.panel_gemv(kind, out, k, group, scale, amx, plan, lut)  # noqa: E731
         key = ("pgemv", kind, out, k, group, scale) + (("amx",) if amx else ())
         key += ("lut",) if lut else ()
         key += () if e.b.plan == "avx512" else (e.b.plan,)

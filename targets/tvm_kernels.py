@@ -608,7 +608,8 @@ def qembed(kind: str, vocab: int, hidden: int, group: int):
 # microbenchmark; AHEAD 2: 11.7, 4: 11.0, 16: 10.1 ms)
 AHEAD, LINE = 8, 64
 PANEL = LANES  # output rows per panel: one f32 vector holds one column of a panel
-# tile plans by token count: (largest T the plan serves, tokens per tile, chains per token).
+# tile plans by token count: (largest T the plan serves, tokens per tile, chains per token,
+# and optionally panels per tile, 1 if absent).
 # A tile's accumulators (tokens x chains panels) must stay in vector registers; a panel of 16
 # floats is one AVX-512 register (32 of them) but two AVX2 ones (16 of them).
 # Every plan of a target has the same chains per token: a token's sum then runs in the same
@@ -637,8 +638,16 @@ TILES_AVX2 = ((1, 1, 2), (None, 2, 2))
 # 29.64 ms with TILES_AVX2, 6.57 / 8.40 / 11.73 / 22.72 with these; 1 thread 12.17 / 15.36 /
 # 29.86 / 58.32 against 12.30 / 15.68 / 22.00 / 42.48. AVX2 code run on the Zen 4 (a portable
 # x86-64-v3 build there) lost 12% at T = 1 this way (above), so portable builds keep 2 chains.
-TILES_AVX2_NATIVE = ((1, 1, 1), (2, 2, 1), (None, 4, 1))
+# Then (2026-12-07, same machine) with the codes widened in-lane (`widen_inlane`): one chain
+# at T = 1 became latency-bound (each FMA waits for the last, 4 cycles): a decode tile of 2
+# panels (4 independent chains, each row's sum in the same order) 4.66 ms against 5.44-5.58
+# for one panel (2 chains per token: 4.49-4.60, but T = 4 then 11.6-13.1 ms against 9.3-9.5);
+# 4 panels 7.26 ms (9 tasks of 4 panels split 5 / 4 between the 2 threads).
+TILES_AVX2_NATIVE = ((1, 1, 1, 2), (2, 2, 1, 1), (None, 4, 1, 1))
 PLANS = {"avx512": TILES, "avx2": TILES_AVX2, "avx2-native": TILES_AVX2_NATIVE}
+# plans of AVX2 code: codes widened to floats by in-lane byte shuffles (panel_gemv's
+# `widen_inlane`), not by LLVM's lane-crossing vpmovzxbd
+INLANE_PLANS = frozenset({"avx2", "avx2-native"})
 
 
 def tile_plan(avx512: bool, native: bool = False) -> str:
@@ -684,8 +693,9 @@ def panel_gemv(
     group: int,
     scale: str = "float32",
     amx: bool = False,
-    tiles: tuple = TILES,
+    plan: str = "avx512",
     lut: bool = False,
+    inlane: bool | None = None,
 ):
     """PrimFunc y[T, N] = x[T, K] @ w[N, K].T over a panel-layout weight (`panel_specs`), for
     any T (decode, a verify tree, a prefill chunk).
@@ -726,9 +736,13 @@ def panel_gemv(
     prompts x 128 tokens, own processes: -O1 287.6 against 267.0 tok/s (1.077x), -O2 329.8
     against 309.2 (1.067x).
 
-    `tiles`: the tile plans (PLANS[`tile_plan`]: AVX-512's or AVX2's register budget). `amx` (a kind
-    in tvm_amx.KINDS, a CPU with AMX): T >= tvm_amx.MIN_TOKENS runs on AMX tiles instead
-    (targets/tvm_amx.py), the same layout and an fp32-exact product.
+    `plan`: the token tiles (a name in PLANS, `tile_plan`'s pick: AVX-512's or AVX2's register
+    budget). A tile of several panels (PLANS' optional fourth field) runs their rows side by
+    side, each row's sum still one chain in column order, so a task then takes that many
+    panels. `inlane` (default: the plan is one of INLANE_PLANS): AVX2 code widens the codes
+    by in-lane byte shuffles (`widen_inlane`); the products and their order are the same.
+    `amx` (a kind in tvm_amx.KINDS, a CPU with AMX): T >= tvm_amx.MIN_TOKENS runs on AMX tiles
+    instead (targets/tvm_amx.py), the same layout and an fp32-exact product.
     """
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
@@ -736,7 +750,10 @@ def panel_gemv(
 
     from arc.targets import tvm_amx
 
-    if len({c for _, _, c in tiles}) != 1:  # a token's sum order must not depend on T
+    tiles = PLANS[plan]
+    plans = [(*tile, 1)[:4] for tile in tiles]  # (bound, tokens, chains, panels)
+    inlane = plan in INLANE_PLANS if inlane is None else inlane
+    if len({c for _, _, c, _ in plans}) != 1:  # a token's sum order must not depend on T
         raise ValueError(f"tile plans {tiles} differ in chains per token")
     g = group if kind != "f32" else PANEL
     nb, npan = k // g, n // PANEL
@@ -760,11 +777,13 @@ def panel_gemv(
             comps = [I.match_buffer(h, *shapes[i]) for i, h in enumerate(comp_h)]
             y = I.match_buffer(y_h, (t_len, n), "float32")
 
-            def prefetch(p, b):
-                """Ask the cache for the block AHEAD blocks on (into the next panel past the
-                last block): every cache line of its codes, and its scales."""
-                flat = tirx.min(p * nb + b + AHEAD, npan * nb - 1)
-                p2, b2 = tirx.floordiv(flat, nb), tirx.floormod(flat, nb)
+            def prefetch(p, b, stride: int = 1):
+                """Ask the cache for the block AHEAD blocks on (past the last block, into the
+                panel `stride` on: the one read next when a task reads `stride` panels side
+                by side): every cache line of its codes, and its scales."""
+                ahead = b + AHEAD
+                p2 = tirx.min(p + stride * tirx.floordiv(ahead, nb), npan - 1)
+                b2 = tirx.floormod(ahead, nb)
                 row = PANEL * (4 if kind == "f32" else 1)  # bytes of one column of a panel
                 byte_rows = g // 2 if kind == "affine4" else g  # affine4: 2 columns a byte
                 for e2 in range(0, byte_rows, max(1, LINE // row)):  # f32: a column a line
@@ -814,49 +833,97 @@ def panel_gemv(
                 )
 
             lut = lut and kind == "affine4" and PANEL == 16
+            # 8-bit codes keep LLVM's widening: vpmovsxbd straight from memory measured faster
+            # (the Q8_0 LM head, 49152 x 576, T = 1 / 4 / 8: 0.76 / 2.25 / 4.52 ms against
+            # 1.02 / 2.55 / 5.44 in-lane; Zen 3, 2 threads)
+            inlane = inlane and not lut and kind == "affine4" and PANEL == 16
 
-            def token_tiles(p, acc, blk, wv, sx, tb: int, c: int):
+            def widen_inlane(p, b, e, h):
+                """The 4-bit codes of slot e's nibble h of the panel's P rows as fp32 vectors,
+                widened by in-lane byte shuffles (AVX2): the slot's 16 bytes are loaded into
+                both 128-bit halves, and one vpshufb per 8 rows puts row r's byte into the low
+                byte of dword r, zeros above; a mask or a shift takes the nibble, a convert
+                makes floats. LLVM's widening of the masked bytes, vpmovzxbd to 256 bits,
+                crosses the halves: 3 cycles on a shuffle pipe of a Zen 3 (llvm-mca
+                -mcpu=znver3), two of them per 16 codes, the loop's bottleneck at T = 1 (a
+                step's projections 6.48 -> 5.44 ms, T = 8 21.8 -> 17.7 ms on the 2-core Zen 3,
+                benchmarks/panel_kernel.py)."""
+                raw = comps[0][p, b, e, tirx.Ramp(0, 1, PANEL)]  # 16 rows' bytes
+                both = tirx.reinterpret("int8x32", tirx.Shuffle([raw, raw], list(range(2 * PANEL))))
+                r = tirx.Ramp(0, 1, 32)
+                halves = []
+                for base in (0, 8):  # rows 0-7, then 8-15
+                    # dword d of 128-bit half L (r // 16) takes row base + 4L + d
+                    src = (r // 16) * 4 + (r % 16) // 4 + base
+                    pick = tirx.Select(r % 4 == 0, src, tirx.Broadcast(-128, 32))  # -128: 0
+                    dwords = tirx.reinterpret(
+                        "int32x8",
+                        tirx.call_llvm_pure_intrin(
+                            "int8x32", "llvm.x86.avx2.pshuf.b", both, tirx.Cast("int8x32", pick)
+                        ),
+                    )
+                    if h == 0:
+                        q = dwords & tirx.Broadcast(tirx.const(15, "int32"), 8)
+                    else:
+                        q = dwords >> tirx.Broadcast(tirx.const(4, "int32"), 8)
+                    halves.append(tirx.Cast("float32x8", q))
+                return tirx.Shuffle(halves, list(range(2 * 8)))
+
+            def token_tiles(ps: list, acc, blk, wv, sx, tb: int, c: int):
+                """Tiles of tb tokens x len(ps) panels: tb * c * len(ps) independent FMA
+                chains, each output element's sum in the same order whatever the tile."""
+                pb = len(ps)
                 with I.serial(0, tirx.floordiv(t_len + tb - 1, tb)) as t0:
-                    for a in range(tb):
+                    for a in range(tb * pb):
                         with I.vectorized(0, PANEL) as i:
                             I.buffer_store(acc, tirx.const(0.0, "float32"), [a * PANEL + i])
                     with I.serial(0, nb) as b:
-                        prefetch(p, b)
-                        for a in range(tb * c):
+                        for p in ps:
+                            prefetch(p, b, group)
+                        for a in range(tb * c * pb):
                             with I.vectorized(0, PANEL) as i:
                                 I.buffer_store(blk, tirx.const(0.0, "float32"), [a * PANEL + i])
                         for j, (e, h, col) in enumerate(order):
-                            if lut:
-                                I.buffer_store(wv, nibble_lut(p, b, e, h), [tirx.Ramp(0, 1, PANEL)])
-                            else:
-                                with I.vectorized(0, PANEL) as i:
-                                    I.buffer_store(wv, code(p, b, e, h, i), [i])
+                            for q, p in enumerate(ps):
+                                if lut or inlane:
+                                    at = [tirx.Ramp(q * PANEL, 1, PANEL)]
+                                    v = (nibble_lut if lut else widen_inlane)(p, b, e, h)
+                                    I.buffer_store(wv, v, at)
+                                else:
+                                    with I.vectorized(0, PANEL) as i:
+                                        I.buffer_store(wv, code(p, b, e, h, i), [q * PANEL + i])
                             for t in range(tb):
-                                a = (t * c + j % c) * PANEL
                                 row = tirx.min(t0 * tb + t, t_len - 1)  # a short last tile
-                                with I.vectorized(0, PANEL) as i:
-                                    value = blk[a + i] + x[row, b * g + col] * wv[i]
-                                    I.buffer_store(blk, value, [a + i])
+                                for q in range(pb):
+                                    a = ((t * c + j % c) * pb + q) * PANEL
+                                    with I.vectorized(0, PANEL) as i:
+                                        value = blk[a + i] + x[row, b * g + col] * wv[q * PANEL + i]
+                                        I.buffer_store(blk, value, [a + i])
                         for t in range(tb):  # acc += d * sum(x q) + m * sum(x), per row
                             row = tirx.min(t0 * tb + t, t_len - 1)
-                            with I.vectorized(0, PANEL) as i:
-                                s = blk[t * c * PANEL + i]
-                                for cc in range(1, c):
-                                    s = s + blk[(t * c + cc) * PANEL + i]
-                                if kind != "f32":
-                                    s = comps[1][p, b, i].astype("float32") * s  # fp16: exact
-                                value = acc[t * PANEL + i] + s
-                                if kind == "affine4":
-                                    m = comps[2][p, b, i].astype("float32")
-                                    value = value + m * sx[row * nb + b]
-                                I.buffer_store(acc, value, [t * PANEL + i])
+                            for q, p in enumerate(ps):
+                                at = (t * pb + q) * PANEL
+                                with I.vectorized(0, PANEL) as i:
+                                    s = blk[(t * c * pb + q) * PANEL + i]
+                                    for cc in range(1, c):
+                                        s = s + blk[((t * c + cc) * pb + q) * PANEL + i]
+                                    if kind != "f32":
+                                        s = comps[1][p, b, i].astype("float32") * s  # fp16: exact
+                                    value = acc[at + i] + s
+                                    if kind == "affine4":
+                                        m = comps[2][p, b, i].astype("float32")
+                                        value = value + m * sx[row * nb + b]
+                                    I.buffer_store(acc, value, [at + i])
                     for t in range(tb):
                         with I.If(t0 * tb + t < t_len):
                             with I.Then():
-                                with I.vectorized(0, PANEL) as i:
-                                    I.buffer_store(
-                                        y, acc[t * PANEL + i], [t0 * tb + t, p * PANEL + i]
-                                    )
+                                for q, p in enumerate(ps):
+                                    with I.vectorized(0, PANEL) as i:
+                                        I.buffer_store(
+                                            y,
+                                            acc[(t * pb + q) * PANEL + i],
+                                            [t0 * tb + t, p * PANEL + i],
+                                        )
 
             # sx[t, b]: the sum of token t's activations over block b, which m multiplies
             # (once per call, before the threads split the panels)
@@ -875,25 +942,37 @@ def panel_gemv(
                     I.buffer_store(sx, part[0], [tb_])
             amx = amx and tvm_amx.applies(kind, group, npan)
 
+            # panels a parallel task takes together: the plans' largest tile of panels,
+            # where the panels split evenly into such groups (else one at a time)
+            group = max(pb for *_, pb in plans)
+            if npan % group:
+                group = 1
+                plans = [(bound, tb, c, 1) for bound, tb, c, _ in plans]
+
             def vectors():  # AVX-512 or AVX2 registers
-                with I.parallel(0, npan) as p:
-                    chains = max(tb * c for _, tb, c in tiles)
+                with I.parallel(0, npan // group) as pg:
                     # scratch under 1 KB in scope "global" is a stack alloca, which LLVM keeps
                     # in registers; TVM heap-allocates "local" (TVMBackendAllocWorkspace) per
                     # parallel task, and every accumulator update then goes through memory
-                    tokens = max(tb for _, tb, _ in tiles)
+                    tokens = max(tb * pb for _, tb, _, pb in plans)
+                    chains = max(tb * c * pb for _, tb, c, pb in plans)
                     acc = I.alloc_buffer((tokens * PANEL,), "float32")  # 8 x 16 floats: 512 B
                     blk = I.alloc_buffer((chains * PANEL,), "float32")  # a block's partial sums
-                    wv = I.alloc_buffer((PANEL,), "float32")
+                    wv = I.alloc_buffer((group * PANEL,), "float32")
+
+                    def run(tb: int, c: int, pb: int):
+                        for sub in range(group // pb):
+                            ps = [pg * group + sub * pb + q for q in range(pb)]
+                            token_tiles(ps, acc, blk, wv, sx, tb, c)
 
                     def plan(idx: int):
-                        bound, tb, c = tiles[idx]
+                        bound, tb, c, pb = plans[idx]
                         if bound is None:
-                            token_tiles(p, acc, blk, wv, sx, tb, c)
+                            run(tb, c, pb)
                             return
                         with I.If(t_len <= bound):
                             with I.Then():
-                                token_tiles(p, acc, blk, wv, sx, tb, c)
+                                run(tb, c, pb)
                             with I.Else():
                                 plan(idx + 1)
 

@@ -13,28 +13,30 @@ pytest.importorskip("tvm", reason="target tvm needs the [tvm] extra (apache-tvm)
 pytestmark = pytest.mark.extra
 
 N, K, G = 48, 96, 32  # three panels of 16 rows, three blocks per row
+# panel counts: odd (a plan's tiles of 2 panels fall back to one), and even (they apply)
+ROWS = [48, 64]
 # (kind, scale dtype): fp16 scales as a GGUF's blocks are passed, fp32 as int4/int8's
 KINDS = [("f32", "float32"), ("affine4", "float32"), ("affine4", "float16"), ("sym8", "float16")]
 
 
-def _weight(kind: str, rng, scale: str):
-    """(components as stored [N, ...], the fp32 weight [N, K] they encode, as arc/formats.py);
+def _weight(kind: str, rng, scale: str, n: int = N):
+    """(components as stored [n, ...], the fp32 weight [n, K] they encode, as arc/formats.py);
     scales that fp16 holds exactly when `scale` is float16."""
 
     def scales(shape):
         return rng.standard_normal(shape).astype(scale).astype("float32")
 
     if kind == "f32":
-        w = rng.standard_normal((N, K)).astype("float32")
+        w = rng.standard_normal((n, K)).astype("float32")
         return [w], w
     if kind == "sym8":
-        codes = rng.integers(-127, 128, (N, K // G, G)).astype("int8")
-        d = scales((N, K // G))
-        return [codes, d], (codes.astype("float32") * d[..., None]).reshape(N, K)
-    codes = rng.integers(0, 256, (N, K // G, G // 2)).astype("uint8")
-    d, m = scales((N, K // G)), scales((N, K // G))
+        codes = rng.integers(-127, 128, (n, K // G, G)).astype("int8")
+        d = scales((n, K // G))
+        return [codes, d], (codes.astype("float32") * d[..., None]).reshape(n, K)
+    codes = rng.integers(0, 256, (n, K // G, G // 2)).astype("uint8")
+    d, m = scales((n, K // G)), scales((n, K // G))
     q = np.concatenate([codes & 15, codes >> 4], axis=-1).astype("float32")  # element j, j+g/2
-    return [codes, d, m], (q * d[..., None] + m[..., None]).reshape(N, K)
+    return [codes, d, m], (q * d[..., None] + m[..., None]).reshape(n, K)
 
 
 @pytest.fixture(scope="module")
@@ -45,39 +47,43 @@ def built():
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     out = {}
-    for plan, tiles in tvm_kernels.PLANS.items():
+    for plan in tvm_kernels.PLANS:
         for kind, scale in KINDS:
-            f = tvm_kernels.panel_gemv(kind, N, K, G, scale, tiles=tiles)
-            f = f.with_attr("global_symbol", "main")
-            out[kind, scale, plan] = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
+            for n in ROWS:
+                f = tvm_kernels.panel_gemv(kind, n, K, G, scale, plan=plan)
+                f = f.with_attr("global_symbol", "main")
+                mod = tvm.IRModule({"main": f})
+                out[kind, scale, plan, n] = tvm.compile(mod, target=target)["main"]
     return out
 
 
+@pytest.mark.parametrize("n", ROWS)
 @pytest.mark.parametrize("plan", ["avx512", "avx2", "avx2-native"])
 @pytest.mark.parametrize("kind, scale", KINDS)
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 6, 8, 17])
-def test_panel_gemv_equals_numpy(built, kind, scale, tokens, plan):
+def test_panel_gemv_equals_numpy(built, kind, scale, tokens, plan, n):
     import torch
     import tvm
 
     from arc.targets.tvm_kernels import to_panels
 
     rng = np.random.default_rng(tokens)
-    comps, w = _weight(kind, rng, scale)
+    comps, w = _weight(kind, rng, scale, n)
     x = rng.standard_normal((tokens, K)).astype("float32")
     panels = [to_panels(torch.from_numpy(c)).numpy() for c in comps]
     panels = [p.astype(scale) if p.dtype == np.float32 and kind != "f32" else p for p in panels]
-    y = np.full((tokens, N), np.nan, "float32")  # every output must be written
+    y = np.full((tokens, n), np.nan, "float32")  # every output must be written
     args = [tvm.runtime.tensor(a) for a in (x, *panels, y)]
-    built[kind, scale, plan](*args)
+    built[kind, scale, plan, n](*args)
     ref = x.astype("float64") @ w.T.astype("float64")
     # fp32 accumulation of K products: error relative to the outputs' scale
     np.testing.assert_allclose(args[-1].numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("n", ROWS)
 @pytest.mark.parametrize("plan", ["avx512", "avx2", "avx2-native"])
 @pytest.mark.parametrize("kind, scale", KINDS)
-def test_panel_gemv_rows_are_the_same_bits_whatever_the_token_count(built, kind, scale, plan):
+def test_panel_gemv_rows_are_the_same_bits_whatever_the_token_count(built, kind, scale, plan, n):
     """A token's row sums in the same order in every tile plan (tvm_kernels.TILES): a verify's
     logits are then the decode step's bit for bit."""
     import torch
@@ -86,14 +92,14 @@ def test_panel_gemv_rows_are_the_same_bits_whatever_the_token_count(built, kind,
     from arc.targets.tvm_kernels import to_panels
 
     rng = np.random.default_rng(7)
-    comps, _ = _weight(kind, rng, scale)
+    comps, _ = _weight(kind, rng, scale, n)
     panels = [to_panels(torch.from_numpy(c)).numpy() for c in comps]
     panels = [p.astype(scale) if p.dtype == np.float32 and kind != "f32" else p for p in panels]
     x = rng.standard_normal((17, K)).astype("float32")
 
     def run(rows):
-        y = tvm.runtime.tensor(np.zeros((len(rows), N), "float32"))
-        built[kind, scale, plan](*[tvm.runtime.tensor(a) for a in (rows, *panels)], y)
+        y = tvm.runtime.tensor(np.zeros((len(rows), n), "float32"))
+        built[kind, scale, plan, n](*[tvm.runtime.tensor(a) for a in (rows, *panels)], y)
         return y.numpy()
 
     one = np.concatenate([run(x[t : t + 1]) for t in range(len(x))])
