@@ -4,7 +4,7 @@ prompt with speculation, drafting cold (Generator.forget), next to a plain run o
 prompt; arms and the plain run rotate order per prompt and rep.
 
     python benchmarks/spec_ab.py --engine ENGINE.arc --arm PRIOR_RATIO=1.0 --arm PRIOR_RATIO=0.6
-        [--reps 4] [--new-tokens 128] [--threads 2] [--prompts FILE.json]
+        [--reps 4] [--new-tokens 128] [--threads 2] [--prompts FILE.json] [--cold]
 
 An arm is NAME=VALUE[,NAME=VALUE...]; a dotted NAME is a module's under arc.runtime
 (`drafters.ngram.COPY_LENGTH=0`). Prints per prompt each arm's median over reps of its
@@ -64,10 +64,13 @@ def run(
     threads: int,
     reps: int,
     sampling: tuple[float, float] = (0.0, 1.0),
+    cold: bool = False,
 ):
     """{(prompt index, arm): [(tok/s over plain, tokens per forward, same ids, verifies),
     ...reps]}. `sampling` (temperature, top_p): temperature > 0 samples, every run of prompt
-    i in rep r seeded 1000 i + r (texts differ between arms: same ids is then None)."""
+    i in rep r seeded 1000 i + r (texts differ between arms: same ids is then None). `cold`:
+    every request starts with no step timed (a fresh SpecMemory, as a one-shot `arc run`), so
+    its first trees are chosen under the prior verify costs."""
     import torch
 
     from arc.runtime.load import load_engine
@@ -98,7 +101,7 @@ def run(
                             kind = type(default[name])
                             setattr(*owner(name), kind(value))
                         gen.forget()
-                        gen._memory = memories.get(arm)
+                        gen._memory = SpecMemory() if cold else memories.get(arm)
                         t, top_p = sampling
                         params = SamplingParams(t, top_p=top_p, seed=1000 * i + r)
                         res = gen.generate(
@@ -151,15 +154,19 @@ def main() -> None:
     ap.add_argument("--prompts", default=str(HERE / "prompts.json"))
     ap.add_argument("--temperature", type=float, default=0.0, help="sample (0: greedy)")
     ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument(
+        "--cold", action="store_true", help="each request times its steps afresh (arc run)"
+    )
     a = ap.parse_args()
     prompts = [p["prompt"] for p in json.loads(Path(a.prompts).read_text())]
     for arm in a.arm:
         parse_arm(arm)  # bad names fail before the engine loads
     sampling = (a.temperature, a.top_p)
-    out = run(a.engine, prompts, a.arm, a.new_tokens, a.threads, a.reps, sampling)
+    out = run(a.engine, prompts, a.arm, a.new_tokens, a.threads, a.reps, sampling, a.cold)
     print(
         f"{a.engine}: {len(prompts)} prompts x {a.reps} reps, {a.new_tokens} new tokens, "
         "each arm's tok/s over the same rep's plain run, cold drafts"
+        + (", no step timed at each request's start" if a.cold else "")
     )
     report(out, prompts, a.arm)
 
