@@ -88,16 +88,18 @@ def _relax_module(
     avx512: bool = True,
     lut: bool = False,
     plan: str | None = None,
+    inlane: bool = False,
 ) -> tuple[Any, dict[str, str], list[str]]:
     """(Relax IRModule, IR function -> Relax function, tensors of the params tuple), and
     `logits_stats` where the vocabulary splits into chunks (`_stats_chunk`). `avx512`: the
     build's CPU has AVX-512's 32 vector registers (the panel kernels' token tiles fit them);
     `lut`: and AVX-512 VBMI, so 4-bit codes become floats by table lookup (tvm_kernels);
-    `plan`: the panel kernels' token tiles (tvm_kernels.PLANS; default by `avx512`)."""
+    `plan`: the panel kernels' token tiles (tvm_kernels.PLANS; default by `avx512`);
+    `inlane`: AVX2 code widening 4-bit codes by in-lane shuffles (tvm_kernels.widen_inlane)."""
     from arc.runtime.topk import TOPK
     from arc.targets.tvm_graph import Builder, graph_key
 
-    builder, functions, seen = Builder(module, amx, avx512, lut, plan), {}, {}
+    builder, functions, seen = Builder(module, amx, avx512, lut, plan, inlane), {}, {}
     for name, graph in module.functions.items():
         key = graph_key(graph)
         if key not in seen:
@@ -165,6 +167,8 @@ def _target(cpu: str) -> tuple[Any, dict[str, Any]]:
         if asked not in fits:
             raise ArcError(f"ARC_TVM_TILES={asked[:20]!r}: choose {', '.join(fits)} on this CPU")
         record["tiles"] = asked
+    # AVX2 plans widen 4-bit codes with vpshufb (x86 only: a native build elsewhere does not)
+    record["inlane"] = record["tiles"] in tvm_kernels.INLANE_PLANS and "avx2" in flags
     return tvm.target.Target(spec), record | {"cpu_name": arc_cpu.host_name()}
 
 
@@ -184,7 +188,7 @@ def build(
     target, cpu_info = _target(options.get("cpu") or "native")
     avx512 = "avx512f" in cpu_info["cpu_flags"]
     mod, functions, names = _relax_module(
-        module, cpu_info["amx"], avx512, cpu_info["lut"], cpu_info["tiles"]
+        module, cpu_info["amx"], avx512, cpu_info["lut"], cpu_info["tiles"], cpu_info["inlane"]
     )
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / LIBRARY

@@ -175,6 +175,7 @@ class Builder:
         avx512: bool = True,
         lut: bool = False,
         plan: str | None = None,
+        inlane: bool = False,
     ):
         from tvm import relax, tirx
 
@@ -183,6 +184,7 @@ class Builder:
         self.lut = lut and avx512  # 4-bit codes to floats by table lookup (panel_gemv)
         # token tiles that fit the vector registers (tvm_kernels.PLANS)
         self.plan = plan or kernels.tile_plan(avx512)
+        self.inlane = inlane  # AVX2: 4-bit codes widened by in-lane shuffles (panel_gemv)
         self.blocks = block_weights(module)
         self.panels = panel_weights(module, self.blocks)
         self.params = param_specs(module, self.blocks)
@@ -397,9 +399,11 @@ def _linear(e: _Emit, n: Node, x):
         # AMX (another summation order) for prefill only: a verify's rows must sum as a
         # decode step's do (tvm_kernels.TILES)
         amx, plan, lut = e.b.amx and not _verifies(e.graph), e.b.plan, e.b.lut
-        make = lambda: kernels.panel_gemv(kind, out, k, group, scale, amx, plan, lut)  # noqa: E731
+        spec = (kind, out, k, group, scale, amx, plan, lut, e.b.inlane)
+        make = lambda: kernels.panel_gemv(*spec)  # noqa: E731
         key = ("pgemv", kind, out, k, group, scale) + (("amx",) if amx else ())
         key += ("lut",) if lut else ()
+        key += ("inlane",) if e.b.inlane else ()
         key += () if e.b.plan == "avx512" else (e.b.plan,)
         y = e.call(key, make, args, [[rows, out]])
     elif w in e.b.blocks:

@@ -94,6 +94,7 @@ def test_engine_records_library_and_a_static_verify_per_size(engines):
     assert len(named) == 2 and not named & set(verify.values())
     want = "avx512" if "avx512f" in info["cpu_flags"] else "avx2-native"  # a native build
     assert info["tiles"] == want
+    assert info["inlane"] == (want == "avx2-native" and "avx2" in info["cpu_flags"])
 
 
 def test_tile_plan_follows_the_registers_and_where_the_code_runs(monkeypatch):
@@ -103,16 +104,18 @@ def test_tile_plan_follows_the_registers_and_where_the_code_runs(monkeypatch):
     from arc.targets import tvm as target
     from arc.targets import tvm_kernels
 
-    cases = [
-        ("native", {"avx2", "fma", "avx512f"}, "avx512"),
-        ("native", {"avx2", "fma"}, "avx2-native"),
-        ("x86-64-v3", {"avx2", "fma"}, "avx2"),
-        ("x86-64-v4", {"avx2", "fma", "avx512f"}, "avx512"),
+    cases = [  # (march, flags, plan, codes widened by vpshufb)
+        ("native", {"avx2", "fma", "avx512f"}, "avx512", False),
+        ("native", {"avx2", "fma"}, "avx2-native", True),
+        ("native", {"asimd"}, "avx2-native", False),  # not x86: no x86 intrinsics
+        ("x86-64-v3", {"avx2", "fma"}, "avx2", True),
+        ("x86-64-v4", {"avx2", "fma", "avx512f"}, "avx512", False),
     ]
-    for march, flags, plan in cases:
+    for march, flags, plan, inlane in cases:
         pick = lambda cpu, m=march, f=flags: (m, frozenset(f))  # noqa: E731
         monkeypatch.setattr(arc_cpu, "build_target", pick)
-        assert target._target(march)[1]["tiles"] == plan, (march, flags)
+        record = target._target(march)[1]
+        assert (record["tiles"], record["inlane"]) == (plan, inlane), (march, flags)
         assert tvm_kernels.PLANS[plan]  # a plan the kernels know
     avx2 = lambda cpu: ("native", frozenset({"avx2", "fma"}))  # noqa: E731
     monkeypatch.setattr(arc_cpu, "build_target", avx2)
