@@ -701,6 +701,7 @@ def panel_gemv(
     any T (decode, a verify tree, a prefill chunk).
 
         for p in parallel(N / P):             # a panel: P output rows, one f32 vector
+                                              # (or the plan's panels per tile, side by side)
           for each tile of TB tokens:          # TB by T (`tiles`): 1, 2, 4 (, 8)
             acc[TB] = 0
             for each block b of g columns:
