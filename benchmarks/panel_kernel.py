@@ -44,9 +44,13 @@ def main() -> None:
     plans = a.plans.split(",")
     fns = {}
     for name in plans:
+        base, _, extra = name.partition("+")  # +zx: widen codes with vpmovzxbd
+        if base not in tvm_kernels.PLANS or extra not in ("", "zx"):
+            raise SystemExit(
+                f"--plans: {name!r} is not PLAN or PLAN+zx ({', '.join(tvm_kernels.PLANS)})"
+            )
+        inlane = False if extra == "zx" else None
         for n, k in shapes:
-            base, _, extra = name.partition("+")  # +zx: widen codes with vpmovzxbd
-            inlane = False if extra == "zx" else None
             f = tvm_kernels.panel_gemv("affine4", n, k, g, "float16", plan=base, inlane=inlane)
             mod = tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
             fns[name, n, k] = tvm.compile(mod, target=target)["main"]
