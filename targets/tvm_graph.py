@@ -564,9 +564,10 @@ def _attention(e: _Emit, n: Node, q, kv: dict, pos, last):
     length = e.b.dims["L"]
     # T > 1 (verify, prefill): a task per token and GQA group, which shares its K/V row loads
     grouped = not _one_token(e.graph) and heads > kv_heads
-    key = ("attention", heads, kv_heads, d, decl.layers, decl.max_seq_len + 1, grouped)
+    pv = kernels.PV_FLOATS["avx512" if e.b.plan == "avx512" else "avx2"]
+    key = ("attention", heads, kv_heads, d, decl.layers, decl.max_seq_len + 1, grouped, pv)
     make = functools.partial(
-        kernels.attention, heads, kv_heads, d, decl.layers, decl.max_seq_len + 1, grouped
+        kernels.attention, heads, kv_heads, d, decl.layers, decl.max_seq_len + 1, grouped, pv
     )
     layer = relax.prim_value(kv["layer"], "int64")
     shapes = [[e.t, heads * d], [heads, e.t, length + e.t]]

@@ -355,14 +355,31 @@ def exp_lane():
     return f
 
 
-def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int, grouped: bool = False):
+# attention's P.V accumulators per task in floats: 12 AVX2 registers (x 8 floats) leave room
+# for the broadcast weights; AVX-512's 32 registers take 12 of 16 floats
+PV_FLOATS = {"avx2": 96, "avx512": 192}
+
+
+def attention(
+    heads: int,
+    kv_heads: int,
+    d: int,
+    layers: int,
+    seq: int,
+    grouped: bool = False,
+    pv_floats: int = PV_FLOATS["avx2"],
+):
     """PrimFunc out[T, H*D] = softmax(q k^T / sqrt(D), masked) v over the cache's first L slots
     of layer `layer` then the T new rows; `p` [H, T, L+T] is scratch for the probabilities.
 
     A parallel task is one token and one head, or with `grouped` one token and the H/KV query
     heads that share a KV head (GQA): each K and V row is then loaded once for all of them,
     and P.V keeps H/KV sets of accumulators busy. Grouped is for T > 1 (a verify, a prefill),
-    where tokens give the threads enough tasks; a decode step keeps a task per head.
+    where tokens give the threads enough tasks; a decode step keeps a task per head. P.V runs
+    in passes over slices of the output dims whose accumulators (heads x slice) fit
+    `pv_floats` (PV_FLOATS: the vector registers): grouped on AVX2, 2 passes of 32 dims for
+    3 heads of 64 (all 64 at once spilled 16 accumulators to the stack, a load-FMA-store chain
+    per slot; the verify's attention 0.92x the time at T=4 and 8, context 200, 2-core Zen 3).
 
     `pos` [T]: the new rows' positions. Each token's output is the same bits whatever the
     call (one decode token, a verify's tree node, a prefill chunk's row): its scores, its
@@ -376,6 +393,10 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int, grouped:
     hg = g if grouped else 1  # query heads per task
     chunks = d // lanes
     neg = T.float32(float("-inf"))
+    # P.V's slice of output dims per pass: the widest whose hg x dw accumulators fit pv_floats
+    dw = max(
+        w for w in range(lanes, d + 1, lanes) if d % w == 0 and (hg * w <= pv_floats or w == lanes)
+    )
     exp, sum16, max16 = exp_lane(), sum16_lanes(), sum16_lanes(T.max)
 
     @T.macro
@@ -425,7 +446,7 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int, grouped:
             # heap workspace per task
             acc = T.alloc_buffer((lanes,), "float32")
             acc2 = T.alloc_buffer((lanes,), "float32")  # odd chunks' products: two chains
-            o = T.alloc_buffer((hg * d,), "float32")
+            o = T.alloc_buffer((hg * dw,), "float32")  # a slice of P.V per head
             red = T.alloc_buffer((1 + hg,), "float32")  # a running max, then each head's sum
             qh = T.alloc_buffer((hg * d,), "float32")  # the task's queries
             xs = T.alloc_buffer((lanes,), "float32")  # exp's argument, then its value
@@ -502,28 +523,34 @@ def attention(heads: int, kv_heads: int, d: int, layers: int, seq: int, grouped:
                     acc[i] = sums[i]
                 sum16(acc)
                 red[1 + hh] = acc[0] + acc[1]
-            for i in T.vectorized(hg * d):
-                o[i] = T.float32(0)
-            # one set of accumulators per head: a second set for odd slots was spilled to the
-            # stack by LLVM (a load-FMA-store chain per slot), 16% slower at T=8. Masked slots
-            # are skipped, so a stale row there never reaches the output (0 * NaN)
-            for s in range(l_len):
-                if m[t, s] != T.uint8(0):
-                    for hh in T.unroll(hg):
-                        for i in T.vectorized(d):
-                            o[hh * d + i] = (
-                                o[hh * d + i] + p[h0 + hh, t, s] * cache[2 * layer + 1, kvh, s, i]
-                            )
-            for j in range(t_len):
-                if m[t, l_len + j] != T.uint8(0):
-                    for hh in T.unroll(hg):
-                        for i in T.vectorized(d):
-                            o[hh * d + i] = (
-                                o[hh * d + i] + p[h0 + hh, t, l_len + j] * v[j, kvh * d + i]
-                            )
-            for hh in T.unroll(hg):
-                for i in T.vectorized(d):
-                    out[t, (h0 + hh) * d + i] = o[hh * d + i] / red[1 + hh]
+            # P.V in passes over slices of `dw` output dims, each head's slice summed over the
+            # slots in order: the group's accumulators (hg x dw floats) stay in registers. All
+            # d dims of 3 heads at once (24 AVX2 registers) were spilled to the stack by LLVM
+            # (a load-FMA-store chain per slot: half of a verify's attention time at T=4).
+            # Masked slots are skipped, so a stale row there never reaches the output (0 * NaN)
+            for w0 in range(d // dw):
+                for hh in T.unroll(hg):
+                    for i in T.vectorized(dw):
+                        o[hh * dw + i] = T.float32(0)
+                for s in range(l_len):
+                    if m[t, s] != T.uint8(0):
+                        for hh in T.unroll(hg):
+                            for i in T.vectorized(dw):
+                                o[hh * dw + i] = (
+                                    o[hh * dw + i]
+                                    + p[h0 + hh, t, s] * cache[2 * layer + 1, kvh, s, w0 * dw + i]
+                                )
+                for j in range(t_len):
+                    if m[t, l_len + j] != T.uint8(0):
+                        for hh in T.unroll(hg):
+                            for i in T.vectorized(dw):
+                                o[hh * dw + i] = (
+                                    o[hh * dw + i]
+                                    + p[h0 + hh, t, l_len + j] * v[j, kvh * d + w0 * dw + i]
+                                )
+                for hh in T.unroll(hg):
+                    for i in T.vectorized(dw):
+                        out[t, (h0 + hh) * d + w0 * dw + i] = o[hh * dw + i] / red[1 + hh]
 
     return attention_kernel
 

@@ -118,20 +118,22 @@ def test_to_panels_moves_rows_innermost():
     assert p[2, 1, 3, 5] == codes[2 * PANEL + 5, 1, 3]
 
 
+@pytest.mark.parametrize("pv_floats", [16, 96])
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("tokens, length", [(1, 37), (3, 16), (5, 0)])
-def test_attention_equals_numpy(tokens, length, grouped):
+def test_attention_equals_numpy(tokens, length, grouped, pv_floats):
     """The attention kernel (cache slots then the call's new rows, a u8 mask, GQA, the
     vectorized exp) against a float64 softmax: masked slots and masked new rows get no
     weight, and a stale value (NaN) in a masked cache slot never reaches the output; a task
-    per head, or per KV head's group of query heads."""
+    per head, or per KV head's group of query heads; P.V in one pass or in slices of 16
+    output dims (pv_floats 16)."""
     import tvm
 
     from arc.targets import tvm_kernels
 
     heads, kv_heads, d, layers, seq = 4, 2, 32, 2, 48
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
-    f = tvm_kernels.attention(heads, kv_heads, d, layers, seq, grouped)
+    f = tvm_kernels.attention(heads, kv_heads, d, layers, seq, grouped, pv_floats)
     f = f.with_attr("global_symbol", "main")
     fn = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
     rng = np.random.default_rng(tokens)
