@@ -355,8 +355,8 @@ def exp_lane():
     return f
 
 
-# attention's P.V accumulators per task in floats: 12 AVX2 registers (x 8 floats) leave room
-# for the broadcast weights; AVX-512's 32 registers take 12 of 16 floats
+# attention's P.V accumulators per task, in floats: 12 of AVX2's 16 registers (8 floats each),
+# leaving room for the broadcast probabilities and V's loads; 12 of AVX-512's 32 (16 floats)
 PV_FLOATS = {"avx2": 96, "avx512": 192}
 
 
@@ -526,7 +526,8 @@ def attention(
             # P.V in passes over slices of `dw` output dims, each head's slice summed over the
             # slots in order: the group's accumulators (hg x dw floats) stay in registers. All
             # d dims of 3 heads at once (24 AVX2 registers) were spilled to the stack by LLVM
-            # (a load-FMA-store chain per slot: half of a verify's attention time at T=4).
+            # (a load-FMA-store chain per slot, half of the kernel's perf samples at T=4; the
+            # kernel 0.92x the time without).
             # Masked slots are skipped, so a stale row there never reaches the output (0 * NaN)
             for w0 in range(d // dw):
                 for hh in T.unroll(hg):
