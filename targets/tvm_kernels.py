@@ -378,8 +378,7 @@ def attention(
     where tokens give the threads enough tasks; a decode step keeps a task per head. P.V runs
     in passes over slices of the output dims whose accumulators (heads x slice) fit
     `pv_floats` (PV_FLOATS: the vector registers): grouped on AVX2, 2 passes of 32 dims for
-    3 heads of 64 (all 64 at once spilled 16 accumulators to the stack, a load-FMA-store chain
-    per slot; the verify's attention 0.92x the time at T=4 and 8, context 200, 2-core Zen 3).
+    3 heads of 64 (why and what it measured: at the P.V loop below).
 
     `pos` [T]: the new rows' positions. Each token's output is the same bits whatever the
     call (one decode token, a verify's tree node, a prefill chunk's row): its scores, its
@@ -527,7 +526,7 @@ def attention(
             # slots in order: the group's accumulators (hg x dw floats) stay in registers. All
             # d dims of 3 heads at once (24 AVX2 registers) were spilled to the stack by LLVM
             # (a load-FMA-store chain per slot, half of the kernel's perf samples at T=4; the
-            # kernel 0.92x the time without).
+            # kernel 0.92x the time without at T=4 and 8, context 200, 2-core Zen 3).
             # Masked slots are skipped, so a stale row there never reaches the output (0 * NaN)
             for w0 in range(d // dw):
                 for hh in T.unroll(hg):
