@@ -7,7 +7,7 @@ told apart, and the held-out calibration prompts can be scored next to the bench
 
     python benchmarks/spec_sim.py --engine ENGINE.arc --record [--prompts FILE.json ...]
     python benchmarks/spec_sim.py --engine ENGINE.arc --arm WAKE=0 --arm WAKE=0.6
-        [--cost 1:5.4,2:7.2,4:8.9,8:13.3,16:21]
+        [--cost 1:5.4,2:7.2,4:8.9,8:13.3,16:21] [--cold]
 
 `--record` decodes each prompt plainly on the engine (greedy, --new-tokens) and keeps, per
 position, the token and the model's top TOPK successors with their probabilities (what the
@@ -17,7 +17,9 @@ successors recorded after the same token at its latest earlier place on the path
 model's real ones there are not known; acceptance never reaches past such a node, only Token
 Recycling's table sees them). A step's time is the cost model's for its size plus the real
 time the loop's own Python took (drafting, tree building, acceptance); speedup is over plain
-steps at the cost model's one-token time. Arms set constants as spec_ab.py's do.
+steps at the cost model's one-token time. Arms set constants as spec_ab.py's do. Step times
+carry across requests after a warm-up replay (a server's SpecMemory); `--cold` starts every
+request with nothing timed, as a one-shot `arc run` does (the engine's prior verify costs).
 """
 
 from __future__ import annotations
@@ -231,6 +233,12 @@ def main() -> None:
     ap.add_argument("--arm", action="append", default=[], help="NAME=VALUE[,NAME=VALUE]")
     ap.add_argument("--cost", default=DEFAULT_COST, help="ms per step size: 1:5.4,2:7.2,...")
     ap.add_argument("--sizes", help="verify sizes to replay instead of the engine's: 2,4,8,16")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="every request starts with nothing timed, as a one-shot `arc run` does (default: "
+        "step times carried across requests after a warm-up replay, as a server's)",
+    )
     a = ap.parse_args()
     files = a.prompts or [str(HERE / "calibration_prompts.json"), str(HERE / "prompts.json")]
     store = HERE / ".sim" / (Path(a.engine).stem + f"-{a.new_tokens}.json")
@@ -262,8 +270,10 @@ def main() -> None:
             import arc.runtime.speculative as S
 
             res, memory = {}, S.SpecMemory()
-            replay(recs[0], options, cost, memory)  # times the steps, as a warm-up would
+            if not a.cold:
+                replay(recs[0], options, cost, memory)  # times the steps, as a warm-up would
             for rec in recs:
+                memory = S.SpecMemory() if a.cold else memory
                 res.setdefault(rec["file"], []).append(replay(rec, options, cost, memory))
         finally:
             for name, value in saved.items():
