@@ -125,10 +125,22 @@ def cmd_run(a: argparse.Namespace) -> int:
         raise ArcError("--max-new-tokens must be at least 1")
     if a.threads is not None and a.threads < 1:
         raise ArcError("--threads must be at least 1")
+    if a.draft_max is not None and a.draft_max < 0:
+        raise ArcError("--draft-max must be 0 (plain decoding) or more")
     sampling = SamplingParams(a.temperature, a.top_k, a.top_p, a.seed).validate()
     trace = _trace_path(a.trace) if a.trace else None  # checked before the engine loads
     torch.set_num_threads(a.threads or torch.get_num_threads())
     eng = load_engine(a.engine, progress=sys.stderr.isatty() and not a.json)
+    limit = eng.generator.draft_limit
+    if a.draft_max is not None and a.draft_max > limit:
+        raise ArcError(
+            f"--draft-max {a.draft_max}: this engine drafts at most {limit} tokens a verify "
+            + (
+                "(spec-tree's budget)"
+                if limit
+                else "(it was compiled without spec-tree: -O2 adds it)"
+            )
+        )
     ids = eng.prompt_ids(a.prompt, chat=not a.no_chat_template, system=a.system)
     stream = (lambda s: print(s, end="", flush=True)) if a.stream and not a.json else None
     with torch.inference_mode():
@@ -140,6 +152,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             ignore_eos=a.ignore_eos,
             on_text=stream,
             trace=trace is not None,
+            draft_max=a.draft_max,
         )
     if trace is not None:
         from arc.runtime.step_profile import write_trace
@@ -532,6 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.add_argument(
         "--trace", metavar="FILE", help="write each decode step (size, tokens, ms) as JSON lines"
+    )
+    r.add_argument(
+        "--draft-max",
+        type=int,
+        metavar="N",
+        help="most drafted tokens per tree verify of a speculative (-O2) engine; 0 decodes "
+        "plainly (default: the engine's spec-tree budget)",
     )
     r.set_defaults(fn=cmd_run)
 

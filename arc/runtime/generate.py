@@ -72,6 +72,22 @@ class Generator:
 
             drafters.load()
 
+    @property
+    def draft_limit(self) -> int:
+        """Most drafted tokens one verify of this engine holds (0: it does not speculate)."""
+        if not self.speculative:
+            return 0
+        return int(self.plan["options"]["verify_tokens"]) - 1
+
+    def _loop_options(self, draft_max: int | None) -> Mapping[str, Any]:
+        """The speculative loop's options, its trees capped at `draft_max` drafted tokens
+        (the engine's verify sizes up to draft_max + 1, paths no deeper than draft_max)."""
+        opts = self.plan["options"]
+        if draft_max is None or draft_max >= self.draft_limit:
+            return opts
+        depth = min(int(opts["depth"]), draft_max)
+        return {**opts, "verify_tokens": draft_max + 1, "budget": draft_max, "depth": depth}
+
     def forget(self) -> None:
         """Drop what the drafter learned from earlier requests (Token Recycling's table, the
         n-gram and Jacobi pools): the next request drafts cold. A benchmark that repeats a
@@ -115,9 +131,15 @@ class Generator:
         on_text: Callable[[str], None] | None = None,
         speculative: bool | None = None,
         trace: bool = False,
+        draft_max: int | None = None,
     ) -> GenerationResult:
         """Generate after `prompt_ids`; `speculative=False` forces the plain loop; `trace`
-        keeps one record per decode step (GenerationResult.trace)."""
+        keeps one record per decode step (GenerationResult.trace); `draft_max` caps the
+        drafted tokens per verify of a speculative engine (0: plain decoding; None: the
+        engine's spec-tree budget), as llama.cpp's --draft-max and vLLM's
+        num_speculative_tokens do at run time. Greedy output is the same at every cap."""
+        if draft_max is not None and not 0 <= draft_max <= self.draft_limit:
+            raise ArcError(f"draft_max {draft_max} is outside 0..{self.draft_limit} (this engine)")
         stats = getattr(self.steps, "logit_stats", None)  # a target's argmax kernel (tvm)
         argmax = partial(argmax_rows, stats=stats) if stats else None
         sample = Sampler(sampling, argmax, getattr(self.steps, "sample_rows", None))
@@ -132,6 +154,7 @@ class Generator:
         profile = StepProfile(trace)
         if reason is None:
             spec = self.speculative if speculative is None else speculative and self.speculative
+            spec = spec and draft_max != 0
             if spec:
                 from arc.runtime.speculative import SpecMemory, SpeculativeLoop
 
@@ -139,7 +162,7 @@ class Generator:
                 loop = SpeculativeLoop(
                     self.steps,
                     self.drafter(int(logits.shape[-1])),
-                    self.plan["options"],
+                    self._loop_options(draft_max),
                     self._memory,
                 )
                 history = list(prompt_ids) + out

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from arc.errors import ArcError
 from arc.lowering import lower
 from arc.pipeline import PassManager
 from arc.runtime.accept import accept_sampled
@@ -314,3 +315,32 @@ def test_calibration_per_drafter():
     assert w[(5,)] == pytest.approx(0.6 * loop._calib_of((5,)))
     assert w[(5, 6)] <= w[(5,)] and w[(7,)] == pytest.approx(0.9 * loop._calib_of((7,)))
     assert w[(5, 6)] > w[(7,)]
+
+
+def test_draft_max_caps_the_trees_and_keeps_the_tokens(traced):
+    """generate(draft_max=N): verifies of at most N + 1 nodes, paths at most N deep, the same
+    greedy tokens; 0 decodes plainly; a cap outside 0..the engine's budget is refused."""
+    spec = "spec-tree{draft=auto,budget=7,depth=7,adaptive=false}"
+    gen, tok = _gen(traced, "tiny-llama", spec)
+    ids = tok.encode(REPEAT)
+    assert gen.draft_limit == 7
+    with torch.inference_mode():
+        plain = gen.generate(ids, max_new_tokens=60, ignore_eos=True, speculative=False)
+        runs = {}
+        for cap in (None, 7, 3, 1, 0):
+            gen.forget()  # each run drafts cold, as the first did
+            runs[cap] = gen.generate(ids, max_new_tokens=60, ignore_eos=True, draft_max=cap)
+    largest = {cap: max(row["nodes"] for row in r.steps["by_size"]) for cap, r in runs.items()}
+    assert largest[None] == largest[7] == 8 and largest[3] == 4 and largest[1] == 2
+    assert largest[0] == 1 and runs[0].verify_passes == 0
+    for cap, r in runs.items():
+        assert r.token_ids == plain.token_ids, cap
+        if cap != 0:
+            assert r.verify_passes > 0
+    for bad in (-1, 8):
+        with pytest.raises(ArcError, match="outside 0..7"):
+            gen.generate(ids, max_new_tokens=4, draft_max=bad)
+    plain_gen = Generator(gen.steps, tok, [258])  # no speculative plan: 0 is all it takes
+    assert plain_gen.draft_limit == 0
+    with pytest.raises(ArcError, match="outside 0..0"):
+        plain_gen.generate(ids, max_new_tokens=4, draft_max=1)
