@@ -329,14 +329,19 @@ def test_draft_max_caps_the_trees_and_keeps_the_tokens(traced):
         runs = {}
         for cap in (None, 7, 3, 1, 0):
             gen.forget()  # each run drafts cold, as the first did
-            runs[cap] = gen.generate(ids, max_new_tokens=60, ignore_eos=True, draft_max=cap)
+            runs[cap] = gen.generate(
+                ids, max_new_tokens=60, ignore_eos=True, draft_max=cap, trace=True
+            )
     largest = {cap: max(row["nodes"] for row in r.steps["by_size"]) for cap, r in runs.items()}
     assert largest[None] == largest[7] == 8 and largest[3] == 4 and largest[1] == 2
     assert largest[0] == 1 and runs[0].verify_passes == 0
     for cap, r in runs.items():
         assert r.token_ids == plain.token_ids, cap
+        longest = max(len(line["tokens"]) for line in r.trace)  # an accepted path + its bonus
+        assert longest <= (7 if cap is None else cap) + 1, (cap, longest)
         if cap != 0:
             assert r.verify_passes > 0
+    assert max(len(line["tokens"]) for line in runs[None].trace) > 4  # the caps cut something
     for bad in (-1, 8):
         with pytest.raises(ArcError, match="outside 0..7"):
             gen.generate(ids, max_new_tokens=4, draft_max=bad)
