@@ -4,6 +4,10 @@ the first engine's, then the geomean of those ratios.
 
     python benchmarks/run_processes.py ENGINE_A.arc ENGINE_B.arc [--reps 3] [--new-tokens 128]
         [--prompts benchmarks/prompts.json]
+    python benchmarks/run_processes.py O2.arc@0 O2.arc@1 O2.arc@3 O2.arc   # --draft-max caps
+
+`ENGINE@N` runs the engine with `arc run --draft-max N` (0: plain decoding from the same
+engine), so caps of one speculative engine compare as systems.
 
 Unlike spec_speed.py's workers (one process for all prompts, a warm-up request first), every
 request here pays what a one-shot `arc run` pays inside its decode: the first call of each
@@ -26,20 +30,27 @@ HERE = Path(__file__).resolve().parent
 ARC = Path(sys.executable).with_name("arc")
 
 
-def run_once(engine: str, prompt: str, new_tokens: int) -> tuple[dict, float]:
+def run_once(system: str, prompt: str, new_tokens: int) -> tuple[dict, float]:
+    """`arc run --json` of `system` (ENGINE or ENGINE@N: with --draft-max N) in a process."""
+    engine, at, cap = system.rpartition("@") if "@" in Path(system).name else ("", "", "")
+    engine = engine or system
     cmd = [str(ARC), "run", engine, "--prompt", prompt, "--json"]
-    cmd += ["--max-new-tokens", str(new_tokens)]
+    cmd += ["--max-new-tokens", str(new_tokens)] + (["--draft-max", cap] if at else [])
     t = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if done.returncode != 0:
-        raise SystemExit(f"arc run {engine} failed ({done.returncode}): {done.stderr[-500:]}")
+        raise SystemExit(f"arc run {system} failed ({done.returncode}): {done.stderr[-500:]}")
     return json.loads(done.stdout), wall
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("engines", nargs="+", help="engine files; the first is the baseline")
+    ap.add_argument(
+        "engines",
+        nargs="+",
+        help="engine files (ENGINE@N: with --draft-max N); the first is the baseline",
+    )
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompts", default=str(HERE / "prompts.json"))
