@@ -32,8 +32,9 @@ ARC = Path(sys.executable).with_name("arc")
 
 def run_once(system: str, prompt: str, new_tokens: int) -> tuple[dict, float]:
     """`arc run --json` of `system` (ENGINE or ENGINE@N: with --draft-max N) in a process."""
-    engine, at, cap = system.rpartition("@") if "@" in Path(system).name else ("", "", "")
-    engine = engine or system
+    engine, at, cap = system.rpartition("@")
+    if not (at and cap.isdigit() and engine):  # a file name may hold an "@" of its own
+        engine, at, cap = system, "", ""
     cmd = [str(ARC), "run", engine, "--prompt", prompt, "--json"]
     cmd += ["--max-new-tokens", str(new_tokens)] + (["--draft-max", cap] if at else [])
     t = time.perf_counter()
