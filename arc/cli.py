@@ -131,16 +131,6 @@ def cmd_run(a: argparse.Namespace) -> int:
     trace = _trace_path(a.trace) if a.trace else None  # checked before the engine loads
     torch.set_num_threads(a.threads or torch.get_num_threads())
     eng = load_engine(a.engine, progress=sys.stderr.isatty() and not a.json)
-    limit = eng.generator.draft_limit
-    if a.draft_max is not None and a.draft_max > limit:
-        raise ArcError(
-            f"--draft-max {a.draft_max}: this engine drafts at most {limit} tokens a verify "
-            + (
-                "(spec-tree's budget)"
-                if limit
-                else "(it was compiled without spec-tree: -O2 adds it)"
-            )
-        )
     ids = eng.prompt_ids(a.prompt, chat=not a.no_chat_template, system=a.system)
     stream = (lambda s: print(s, end="", flush=True)) if a.stream and not a.json else None
     with torch.inference_mode():

@@ -138,8 +138,13 @@ class Generator:
         drafted tokens per verify of a speculative engine (0: plain decoding; None: the
         engine's spec-tree budget), as llama.cpp's --draft-max and vLLM's
         num_speculative_tokens do at run time. Greedy output is the same at every cap."""
-        if draft_max is not None and not 0 <= draft_max <= self.draft_limit:
-            raise ArcError(f"draft_max {draft_max} is outside 0..{self.draft_limit} (this engine)")
+        limit = self.draft_limit
+        if draft_max is not None and not 0 <= draft_max <= limit:
+            why = "spec-tree's budget" if limit else "compiled without spec-tree: -O2 adds it"
+            raise ArcError(
+                f"--draft-max {draft_max} is outside 0..{limit}: this engine drafts at most "
+                f"{limit} tokens a verify ({why})"
+            )
         stats = getattr(self.steps, "logit_stats", None)  # a target's argmax kernel (tvm)
         argmax = partial(argmax_rows, stats=stats) if stats else None
         sample = Sampler(sampling, argmax, getattr(self.steps, "sample_rows", None))
