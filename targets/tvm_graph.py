@@ -12,9 +12,10 @@ Function signature (T: new tokens, L: slots read; L symbolic, T symbolic for pre
 function serves any prompt chunk, static for decode (1) and for each verify_B (B)):
     prefill/decode(tokens i64[1, T], pos i64[T], slots i64[L], cache, params)
     verify(tokens i64[1, T], pos i64[T], write i64[T], visible u8[T, L], cache, params)
-with cache f32[2N, KV, S, D] and `params` a tuple of the engine's weight tensors
-in the order of `param_specs` (a block-format weight's codes, d, m as stored; every other
-weight fp32), bound once at load, never baked into the library; returns
+with cache f32[2N, KV, S, D] and `params` a tuple of the engine's weight tensors (an opaque
+object to the functions: `Builder.add`) in the order of `param_specs` (a block-format
+weight's codes, d, m as stored; every other weight fp32), bound once at load, never baked
+into the library; returns
 (logits f32[1, 1|T, vocab], cache): the call's K/V rows are written into the cache in place
 after its last attention has read it (`kv_rows`, arc/runtime/rows.py's reads), and the
 cache is returned as the alias that orders those writes.
@@ -45,6 +46,7 @@ INPUT_DTYPES = {"i64": "int64", "bool": "uint8"}  # bool tensors cross as u8 (se
 STATS = "logits_stats"  # the Relax function of the logits' argmax and top-k
 MOVE = "kv_move"  # the Relax function copying accepted tree nodes' K/V rows into place
 SAMPLE = "sample_rows"  # the Relax function drawing a sampled step's token (tvm_sample)
+GET = "vm.builtin.tuple_getitem"  # a weight out of the params tuple (_Emit.w)
 
 
 def graph_key(graph: Graph) -> tuple:
@@ -216,8 +218,11 @@ class Builder:
             inputs.append(relax.Var(iname, relax.TensorType(shape, INPUT_DTYPES[n.attrs["dtype"]])))
         cache_shape = [2 * kv.layers, kv.kv_heads, kv.max_seq_len + 1, kv.head_dim]
         cache = relax.Var("cache", relax.TensorType(cache_shape, "float32"))
-        types = [relax.TensorType(list(shape), dtype) for shape, dtype in self.params.values()]
-        params = relax.Var("params", relax.TupleType(types))
+        # the weights' tuple as an opaque object: each function takes its weights out of it
+        # with their shapes declared (`_Emit.w`), so the VM checks none of the ~430 on every
+        # call (a typed tuple cost 3 builtins a weight: 1,280 of a decode step's 3,600 VM
+        # calls); each kernel still checks its buffers' shapes and dtypes on entry
+        params = relax.Var("params", relax.ObjectType())
         # decode (one token) keeps T = 1 static: its shapes are all static but L, so its
         # memory is planned once and its projections get one-token kernels
         bounds = {"T": kv.max_seq_len, "L": kv.max_seq_len + 1}
@@ -321,10 +326,16 @@ class _Emit:
         return x
 
     def w(self, name: str):
+        """Weight `name`, taken out of the params tuple once per function, its shape and dtype
+        declared rather than checked (`Builder.add`)."""
         from tvm import relax
 
         if name not in self.weights:
-            self.weights[name] = self.emit(relax.TupleGetItem(self.params, self.index[name]))
+            shape, dtype = self.b.params[name]
+            index = relax.prim_value(self.index[name], "int64")
+            ty = relax.TensorType(list(shape), dtype)
+            get = relax.call_pure_packed(GET, self.params, index, ty_args=ty)
+            self.weights[name] = self.emit(get)
         return self.weights[name]
 
     def comps(self, name: str) -> list:
