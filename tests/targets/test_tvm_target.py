@@ -122,15 +122,15 @@ def test_weights_pass_unchecked_by_the_vm_and_checked_by_each_kernel(engines):
 
     good = list(params)
     assert torch.isfinite(run(good)).all()
-    first = torch.from_dlpack(good[0])
-    wrong = (
-        torch.zeros((first.shape[0] + 16, *first.shape[1:]), dtype=first.dtype),  # shape
-        torch.zeros(first.shape, dtype=torch.float64),  # dtype
-        torch.zeros(first.shape[1:], dtype=first.dtype),  # rank
-    )
-    for bad in wrong:
-        with pytest.raises((ValueError, TypeError)):
-            run([tvm.runtime.from_dlpack(bad), *good[1:]])
+    for i, weight in enumerate(good):  # every weight, a kernel's or a legalized op's
+        t = torch.from_dlpack(weight)
+        wrong = [torch.zeros((t.shape[0] + 16, *t.shape[1:]), dtype=t.dtype)]  # shape
+        if i == 0:
+            wrong.append(torch.zeros(t.shape, dtype=torch.float64))  # dtype
+            wrong.append(torch.zeros(t.shape[1:], dtype=t.dtype))  # rank
+        for bad in wrong:
+            with pytest.raises((ValueError, TypeError)):
+                run([*good[:i], tvm.runtime.from_dlpack(bad), *good[i + 1 :]])
     with pytest.raises(IndexError):
         run(good[:-1])
 
