@@ -153,7 +153,8 @@ def test_functions_take_the_weights_as_one_opaque_object(traced):
         calls = [c for c in calls if isinstance(c, relax.Call)]
         gets = [c for c in calls if getattr(c.args[0], "global_symbol", "") == GET]
         assert gets and all(g.ty_args[0].shape is not None for g in gets), fn
-        assert len(gets) <= len(names)
+        taken = [int(g.args[2].value) for g in gets]  # each weight's index, once
+        assert len(set(taken)) == len(taken) and set(taken) <= set(range(len(names))), fn
 
 
 def test_tile_plan_follows_the_registers_and_where_the_code_runs(monkeypatch):
