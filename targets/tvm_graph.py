@@ -307,7 +307,7 @@ class _Emit:
         self.cache, self.params = cache, params
         self.index = {w: i for i, w in enumerate(b.params)}
         self.weights: dict[str, Any] = {}
-        self.written: dict[int, tuple[Any, Any]] = {}  # layer -> (k, v) as [T, KV*D]
+        self.written: dict[int, tuple] = {}  # layer -> ((k, at), (v, at)): `_in_place`
         self.slots: dict[int, Any] = {}  # layer -> the slots its rows go to, i64 [T]
         self.masks: dict[Any, Any] = {}
         self.tables: dict[Any, Any] = {}  # (inv_freq, scale, pos) -> RoPE's cos/sin table
@@ -370,17 +370,18 @@ class _Emit:
 
         kv, cache = self.kv, self.cache
         seq = kv.max_seq_len + 1
-        key = ("kv_rows", kv.kv_heads, kv.head_dim, kv.layers, seq)
-        make = functools.partial(kernels.kv_rows, kv.kv_heads, kv.head_dim, kv.layers, seq)
-        gv = self.b.kernel(key, make)
         for layer in range(kv.layers):
             if layer not in self.written:
                 if _fewer_layers(self.graph):
                     continue
                 raise UnsupportedError(f"target tvm: layer {layer} writes no KV")
-            (k, v), write = self.written[layer], self.slots[layer]
+            ((k, k_at), (v, v_at)), write = self.written[layer], self.slots[layer]
+            key = ("kv_rows", kv.kv_heads, kv.head_dim, kv.layers, seq, k_at, v_at)
+            make = functools.partial(
+                kernels.kv_rows, kv.kv_heads, kv.head_dim, kv.layers, seq, k_at, v_at
+            )
             args = [cache, k, v, write, relax.prim_value(layer, "int64")]
-            cache = self.emit(relax.call_tir_inplace(gv, args, 0, cache.ty))
+            cache = self.emit(relax.call_tir_inplace(self.b.kernel(key, make), args, 0, cache.ty))
         return cache
 
     def call(self, key: tuple, make, args: list, shapes: list, dtype: str = "float32"):
@@ -545,9 +546,21 @@ def _rope(e: _Emit, n: Node, x, pos):
 
 
 def _kv_write(e: _Emit, n: Node, k, v, write) -> dict[str, Any]:
-    e.written[n.attrs["layer"]] = (k, v)
-    e.slots[n.attrs["layer"]] = write
-    return {"layer": n.attrs["layer"], "write": write}
+    """Records the layer's new K and V rows for its attention and the cache write after it;
+    a row still a slice of another output (V of the fused QKV projection) is kept as that
+    output and its columns (`_in_place`), so no copy of it is made."""
+    e.written[n.attrs["layer"]] = (_in_place(e, k), _in_place(e, v))
+    e.slots[n.attrs["layer"]] = e.value(write)
+    return {"layer": n.attrs["layer"], "write": e.slots[n.attrs["layer"]]}
+
+
+def _in_place(e: _Emit, x) -> tuple[Any, tuple[int, int] | None]:
+    """(buffer, (its width, first column)) of a pending column slice, read in place by the
+    attention and kv_rows kernels; (value, None) for anything else."""
+    if isinstance(x, _Pending) and x.kind == "slice":
+        src = x.parts[0]
+        return src, (int(src.ty.shape[1]), x.span[0])
+    return e.value(x), None
 
 
 def _mask(e: _Emit, n: Node, pos, last, write):
@@ -571,15 +584,14 @@ def _attention(e: _Emit, n: Node, q, kv: dict, pos, last):
     if kv_heads != decl.kv_heads or d != decl.head_dim:
         raise UnsupportedError("target tvm: attention heads differ from the KV cache's")
     mask = _mask(e, n, pos, last, kv["write"])
-    k, v = e.written[kv["layer"]]
+    (k, k_at), (v, v_at) = e.written[kv["layer"]]
     length = e.b.dims["L"]
     # T > 1 (verify, prefill): a task per token and GQA group, which shares its K/V row loads
     grouped = not _one_token(e.graph) and heads > kv_heads
     pv = kernels.PV_FLOATS["avx512" if e.b.plan == "avx512" else "avx2"]
-    key = ("attention", heads, kv_heads, d, decl.layers, decl.max_seq_len + 1, grouped, pv)
-    make = functools.partial(
-        kernels.attention, heads, kv_heads, d, decl.layers, decl.max_seq_len + 1, grouped, pv
-    )
+    shape = (heads, kv_heads, d, decl.layers, decl.max_seq_len + 1, grouped, pv, k_at, v_at)
+    key = ("attention", *shape)
+    make = functools.partial(kernels.attention, *shape)
     layer = relax.prim_value(kv["layer"], "int64")
     shapes = [[e.t, heads * d], [heads, e.t, length + e.t]]
     return e.call(key, make, [q, k, v, e.cache, mask, pos, layer], shapes)
@@ -607,7 +619,8 @@ EMIT = {
     Op.LM_HEAD: _linear,
 }
 OPS = frozenset(EMIT) | {Op.INPUT}
-_TAKES_PENDING = (Op.ROPE, Op.RMSNORM, Op.SILU, Op.MUL)  # emitters that take a `_Pending`
+# emitters that take a `_Pending`
+_TAKES_PENDING = (Op.ROPE, Op.RMSNORM, Op.SILU, Op.MUL, Op.KV_WRITE)
 
 
 def _relax_op():

@@ -104,11 +104,13 @@ def rope(heads: int, d: int, width: int | None = None, start: int = 0):
     return te.create_prim_func([x, cs, out])
 
 
-def kv_rows(kv_heads: int, d: int, layers: int, seq: int):
+def kv_rows(kv_heads: int, d: int, layers: int, seq: int, k_at=None, v_at=None):
     """PrimFunc writing one layer's new K and V rows [T, KV*D] into the cache [2N, KV, S, D]
     in place (Relax call_tir_inplace): cache[2 layer, h, write[t]] = k[t, h], and V at
     2 layer + 1. A slot outside 0..S-1 is not written (the runtime never passes one; a
-    crafted call must not write outside the cache).
+    crafted call must not write outside the cache). `k_at` / `v_at` = (width, start): the
+    rows are the KV*D columns from `start` of a [T, width] buffer (V read in place from the
+    fused QKV projection's output, as `rope` reads q and k; None: a [T, KV*D] buffer).
 
     It replaces returning every layer's rows (60 reshapes, transposes and expand_dims, one
     concatenate of [2N, KV, T, D]) for torch's index_copy_ to scatter them after the call:
@@ -118,6 +120,7 @@ def kv_rows(kv_heads: int, d: int, layers: int, seq: int):
     if d % LANES:
         raise UnsupportedError(f"target tvm: head_dim {d} is not a multiple of {LANES}")
     width = kv_heads * d
+    (kw, k0), (vw, v0) = _cols(k_at, width), _cols(v_at, width)
 
     @T.prim_func(private=True)
     def kv_rows_kernel(
@@ -126,17 +129,28 @@ def kv_rows(kv_heads: int, d: int, layers: int, seq: int):
         T.func_attr({"tirx.noalias": True})
         t_len = T.int64()
         cache = T.match_buffer(var_cache, (2 * layers, kv_heads, seq, d), "float32")
-        k = T.match_buffer(var_k, (t_len, width), "float32")
-        v = T.match_buffer(var_v, (t_len, width), "float32")
+        k = T.match_buffer(var_k, (t_len, kw), "float32")
+        v = T.match_buffer(var_v, (t_len, vw), "float32")
         w = T.match_buffer(var_w, (t_len,), "int64")
         for t, h in T.grid(t_len, kv_heads):
             if w[t] >= 0 and w[t] < seq:
                 for i in T.vectorized(d):
-                    cache[2 * layer, h, w[t], i] = k[t, h * d + i]
+                    cache[2 * layer, h, w[t], i] = k[t, k0 + h * d + i]
                 for i in T.vectorized(d):
-                    cache[2 * layer + 1, h, w[t], i] = v[t, h * d + i]
+                    cache[2 * layer + 1, h, w[t], i] = v[t, v0 + h * d + i]
 
     return kv_rows_kernel
+
+
+def _cols(at, width: int) -> tuple[int, int]:
+    """(buffer width, first column) of `width` columns read in place at `at` = (buffer width,
+    start), or a buffer of its own (None)."""
+    if at is None:
+        return width, 0
+    cols, start = (int(a) for a in at)
+    if start < 0 or start + width > cols:
+        raise UnsupportedError(f"target tvm: columns {start}..{start + width} outside {cols}")
+    return cols, start
 
 
 def kv_move(kv_heads: int, d: int, layers: int, seq: int):
@@ -368,6 +382,8 @@ def attention(
     seq: int,
     grouped: bool = False,
     pv_floats: int = PV_FLOATS["avx2"],
+    k_at=None,
+    v_at=None,
 ):
     """PrimFunc out[T, H*D] = softmax(q k^T / sqrt(D), masked) v over the cache's first L slots
     of layer `layer` then the T new rows; `p` [H, T, L+T] is scratch for the probabilities.
@@ -379,6 +395,10 @@ def attention(
     in passes over slices of the output dims whose accumulators (heads x slice) fit
     `pv_floats` (PV_FLOATS: the vector registers): grouped on AVX2, 2 passes of 32 dims for
     3 heads of 64 (why and what it measured: at the P.V loop below).
+
+    `k_at` / `v_at` = (width, start): the new K / V rows are the KV*D columns from `start` of
+    a [T, width] buffer, read in place (V from the fused QKV projection's output: no slice of
+    it copied out first); None: a [T, KV*D] buffer of their own.
 
     `pos` [T]: the new rows' positions. Each token's output is the same bits whatever the
     call (one decode token, a verify's tree node, a prefill chunk's row): its scores, its
@@ -397,6 +417,7 @@ def attention(
         w for w in range(lanes, d + 1, lanes) if d % w == 0 and (hg * w <= pv_floats or w == lanes)
     )
     exp, sum16, max16 = exp_lane(), sum16_lanes(), sum16_lanes(T.max)
+    (kw, k0), (vw, v0) = _cols(k_at, kv_heads * d), _cols(v_at, kv_heads * d)
 
     @T.macro
     def dot(acc, acc2, qh, hh, row):  # acc[0] + acc[1] = qh[hh] . row(c * lanes + i)
@@ -432,8 +453,8 @@ def attention(
         t_len = T.int64()
         c_len = T.int64()  # L + T columns
         q = T.match_buffer(var_q, (t_len, heads * d), "float32")
-        k = T.match_buffer(var_k, (t_len, kv_heads * d), "float32")
-        v = T.match_buffer(var_v, (t_len, kv_heads * d), "float32")
+        k = T.match_buffer(var_k, (t_len, kw), "float32")
+        v = T.match_buffer(var_v, (t_len, vw), "float32")
         cache = T.match_buffer(var_c, (2 * layers, kv_heads, seq, d), "float32")
         m = T.match_buffer(var_m, (t_len, c_len), "uint8")
         pos = T.match_buffer(var_pos, (t_len,), "int64")  # the new rows' positions
@@ -471,7 +492,7 @@ def attention(
                     p[h0 + hh, t, l_len + j] = neg
                 if m[t, l_len + j] != T.uint8(0):
                     for hh in T.unroll(hg):
-                        dot(acc, acc2, qh, hh, lambda e: k[j, kvh * d + e])  # noqa: B023
+                        dot(acc, acc2, qh, hh, lambda e: k[j, k0 + kvh * d + e])  # noqa: B023
                         p[h0 + hh, t, l_len + j] = (acc[0] + acc[1]) * T.float32(scale)
             for hh in T.unroll(hg):
                 h = h0 + hh
@@ -546,7 +567,7 @@ def attention(
                             for i in T.vectorized(dw):
                                 o[hh * dw + i] = (
                                     o[hh * dw + i]
-                                    + p[h0 + hh, t, l_len + j] * v[j, kvh * d + w0 * dw + i]
+                                    + p[h0 + hh, t, l_len + j] * v[j, v0 + kvh * d + w0 * dw + i]
                                 )
                 for hh in T.unroll(hg):
                     for i in T.vectorized(dw):

@@ -121,25 +121,36 @@ def test_to_panels_moves_rows_innermost():
 @pytest.mark.parametrize("pv_floats", [16, 96])
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("tokens, length", [(1, 37), (3, 16), (5, 0)])
-def test_attention_equals_numpy(tokens, length, grouped, pv_floats):
+@pytest.mark.parametrize("in_place", [False, True])
+def test_attention_equals_numpy(tokens, length, grouped, pv_floats, in_place):
     """The attention kernel (cache slots then the call's new rows, a u8 mask, GQA, the
     vectorized exp) against a float64 softmax: masked slots and masked new rows get no
     weight, and a stale value (NaN) in a masked cache slot never reaches the output; a task
     per head, or per KV head's group of query heads; P.V in one pass or in slices of 16
-    output dims (pv_floats 16)."""
+    output dims (pv_floats 16); the new K and V rows in buffers of their own, or read in
+    place at their columns of a wider one (a fused QKV output, NaN in the other columns)."""
     import tvm
 
     from arc.targets import tvm_kernels
 
     heads, kv_heads, d, layers, seq = 4, 2, 32, 2, 48
+    width = kv_heads * d
+    at = {"k_at": (3 * width + 16, 16), "v_at": (3 * width + 16, 2 * width + 16)}
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
-    f = tvm_kernels.attention(heads, kv_heads, d, layers, seq, grouped, pv_floats)
+    f = tvm_kernels.attention(
+        heads, kv_heads, d, layers, seq, grouped, pv_floats, **(at if in_place else {})
+    )
     f = f.with_attr("global_symbol", "main")
     fn = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
     rng = np.random.default_rng(tokens)
     q = rng.standard_normal((tokens, heads * d)).astype("float32") * 3
     k = rng.standard_normal((tokens, kv_heads * d)).astype("float32")
     v = rng.standard_normal((tokens, kv_heads * d)).astype("float32")
+    kv_args = (k, v)
+    if in_place:
+        qkv = np.full((tokens, at["k_at"][0]), np.nan, "float32")
+        qkv[:, 16 : 16 + width], qkv[:, 16 + 2 * width :] = k, v
+        kv_args = (qkv, qkv)
     cache = rng.standard_normal((2 * layers, kv_heads, seq, d)).astype("float32")
     mask = np.ones((tokens, length + tokens), "uint8")
     for t in range(tokens):
@@ -149,7 +160,7 @@ def test_attention_equals_numpy(tokens, length, grouped, pv_floats):
         cache[2 * 1 + 1, :, 1] = np.nan
     out = np.zeros((tokens, heads * d), "float32")
     p = np.zeros((heads, tokens, length + tokens), "float32")
-    args = [tvm.runtime.tensor(a) for a in (q, k, v, cache)]
+    args = [tvm.runtime.tensor(a) for a in (q, *kv_args, cache)]
     args += [tvm.runtime.tensor(mask), tvm.runtime.tensor(np.arange(tokens) + length)]
     outs = [tvm.runtime.tensor(out), tvm.runtime.tensor(p)]
     fn(*args, 1, *outs)
@@ -323,6 +334,20 @@ def test_kv_rows_write_k_and_v_in_place_and_nothing_outside_the_cache():
         want[2, :, slot] = k[row].view(kv_heads, d)
         want[3, :, slot] = v[row].view(kv_heads, d)
     assert torch.equal(cache, want)
+
+    # K and V read in place at their columns of one wider buffer (a fused QKV output)
+    width = kv_heads * d
+    qkv = torch.full((t, 5 * width), float("nan"))
+    qkv[:, width : 2 * width], qkv[:, 3 * width : 4 * width] = k, v
+    at = dict(k_at=(5 * width, width), v_at=(5 * width, 3 * width))
+    fn = _compile(tvm_kernels.kv_rows(kv_heads, d, layers, seq, **at))
+    cache = before.clone()
+    fn(*[tvm.runtime.from_dlpack(x) for x in (cache, qkv, qkv, write)], 1)
+    assert torch.equal(cache, want)
+    from arc.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="outside"):
+        tvm_kernels.kv_rows(kv_heads, d, layers, seq, v_at=(5 * width, 4 * width + 1))
 
 
 def test_kv_move_copies_accepted_rows_in_every_layer_and_skips_outside_slots():

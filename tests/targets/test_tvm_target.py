@@ -157,6 +157,27 @@ def test_functions_take_the_weights_as_one_opaque_object(traced):
         assert len(set(taken)) == len(taken) and set(taken) <= set(range(len(names))), fn
 
 
+def test_new_v_rows_are_read_in_place_not_sliced_out(traced):
+    """Attention and the cache write read each layer's new V rows at their columns of the fused
+    QKV output (as RoPE reads q and k): no model function copies a slice of it out (30
+    strided_slice calls a decode step before); the one strided_slice left is a prefill's last
+    row (axis 0)."""
+    from tvm import relax
+
+    from arc.pipeline import PassManager
+    from arc.targets import tvm as target
+
+    _, module = traced("tiny-llama")
+    module, _ = PassManager("kv-fusion,spec-tree").run(module)  # Q/K/V one projection
+    mod, functions, _ = target._relax_module(module)
+    assert {"decode", "verify_8"} <= set(functions), set(functions)
+    for fn in functions.values():
+        calls = [b.value for block in mod[fn].body.blocks for b in block.bindings]
+        calls = [c for c in calls if isinstance(c, relax.Call)]
+        slices = [c for c in calls if getattr(c.op, "name", "") == "relax.strided_slice"]
+        assert [int(c.args[1][0].value) for c in slices] in ([], [0]), fn
+
+
 def test_tile_plan_follows_the_registers_and_where_the_code_runs(monkeypatch):
     """AVX-512 builds take its plan; AVX2 code built for this CPU one chain per token
     (tvm_kernels.TILES_AVX2_NATIVE), a portable x86-64-v3 build the 2-chain AVX2 plan."""
