@@ -605,6 +605,12 @@ def check_plan(kind: Any, options: Any, module) -> None:
             raise ArcError("speculative plan: relaxed acceptance needs numbers delta and sim")
         if not (0 < d < 1 and -1 <= s <= 1):
             raise ArcError("speculative plan: delta must be in (0, 1) and sim in [-1, 1]")
+    if not isinstance(opts.get("adaptive", True), bool):  # not bool(): "x" or [] is no flag
+        raise ArcError("speculative plan: adaptive must be true or false")
+    if not isinstance(opts.get("tune", False), bool | Mapping):  # a flag, or -O3's record
+        raise ArcError("speculative plan: tune must be true, false or a tuning record")
+    if opts.get("ladder", "pow2") not in ("pow2", "dense", "none", True, False):  # bools: older
+        raise ArcError("speculative plan: ladder must be pow2, dense or none")
     ratio = opts.get("cost_ratio", {})
     if not isinstance(ratio, Mapping) or not all(
         isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1e6

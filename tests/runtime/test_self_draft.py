@@ -68,6 +68,30 @@ def test_stops_land_exactly(quiet, eager_drafts):
     assert got.token_ids == plain.token_ids
 
 
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"adaptive": "x"}, "adaptive must be true or false"),
+        ({"adaptive": []}, "adaptive must be true or false"),
+        ({"adaptive": 0}, "adaptive must be true or false"),
+        ({"tune": 1}, "tune must be true, false or a tuning record"),
+        ({"ladder": [2]}, "ladder must be"),
+        ({"ladder": 3}, "ladder must be"),
+    ],
+)
+def test_plan_flags_of_another_type_are_refused(quiet, edit, match):
+    """An edited manifest's flags: the loop read `adaptive` with bool(), so "x" switched the
+    cost-aware loop on and [] off; now only a JSON boolean passes (`tune` a boolean or -O3's
+    record, `ladder` a known kind or the booleans older engines recorded)."""
+    loaded, module = quiet[256]
+    module, _ = PassManager("kv-fusion,spec-tree{draft=ngram}").run(module)
+    speculative.check_plan("speculative", dict(module.plan.options), module)
+    for ok in ({"ladder": True}, {"ladder": "none"}, {"adaptive": False}, {"tune": {"chosen": 4}}):
+        speculative.check_plan("speculative", {**dict(module.plan.options), **ok}, module)
+    with pytest.raises(ArcError, match=match):
+        speculative.check_plan("speculative", {**dict(module.plan.options), **edit}, module)
+
+
 def test_plan_without_draft_function_is_refused(quiet):
     loaded, module = quiet[256]
     module, _ = PassManager("kv-fusion,spec-tree{draft=ngram}").run(module)
