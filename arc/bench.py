@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from arc.cpu import check_threads
 from arc.errors import ArcError
 
 # baseline name -> (module that must import, what to install)
@@ -125,6 +126,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.results and not Path(a.results).resolve().parent.is_dir():
         raise ArcError(f"--results: directory of {a.results} does not exist")
     _sampling(_sampling_of(a), 0)  # bad values: one line now, not in every worker
+    check_threads(a.threads)
     model = a.model or _engines_model(engines) or DEFAULT_MODEL
     job, settings = _setup(model, a, threads=a.threads or _torch_threads())
     for path, manifest in engines:

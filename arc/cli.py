@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import NoReturn
 
+from arc.cpu import check_threads
 from arc.errors import ArcError
 
 
@@ -123,8 +124,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     if a.max_new_tokens < 1:
         raise ArcError("--max-new-tokens must be at least 1")
-    if a.threads is not None and a.threads < 1:
-        raise ArcError("--threads must be at least 1")
+    check_threads(a.threads)
     if a.draft_max is not None and a.draft_max < 0:
         raise ArcError("--draft-max must be 0 (plain decoding) or more")
     sampling = SamplingParams(a.temperature, a.top_k, a.top_p, a.seed).validate()
@@ -262,6 +262,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
     from arc.profile_report import plot, print_table
 
     spec = a.passes if a.passes is not None else preset_spec(f"O{a.opt}")
+    check_threads(a.threads)
     if a.plot and not a.plot.endswith(".png"):
         raise ArcError("--plot must name a .png file")
     if a.plot and not Path(a.plot).resolve().parent.is_dir():

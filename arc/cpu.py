@@ -13,6 +13,7 @@ CD, DQ, VL: Skylake-X / Zen 4 and later).
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Iterable
 from functools import cache
@@ -56,6 +57,31 @@ _GCC_TO_CPUINFO = {
     "sse4.1": "sse4_1",
     "sse4.2": "sse4_2",
 }
+
+
+def max_threads() -> int:
+    """The most CPU threads arc runs with: 4x the CPUs this process may use. More only slow a
+    decode (each step waits for every thread), and far more crash the thread pools (TVM's
+    aborted at 20,000 here, torch's OpenMP segfaulted at 100,000), so a flag above it is
+    refused."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 1
+    return 4 * max(usable, 1)
+
+
+def check_threads(n: int | None, flag: str = "--threads") -> None:
+    """ArcError (one line) unless `n` (None: the default) is 1..max_threads()."""
+    if n is None:
+        return
+    if n < 1:
+        raise ArcError(f"{flag} must be at least 1")
+    if n > max_threads():
+        raise ArcError(
+            f"{flag} {n} is more than arc runs here (1..{max_threads()}: 4x the "
+            f"{max_threads() // 4} CPUs this process may use)"
+        )
 
 
 def is_x86() -> bool:

@@ -45,6 +45,7 @@ def _assert_one_line(rc: int, err: str, fragment: str) -> None:
         (["--seed", "-1"], "--seed must be an integer from 0"),
         (["--threads", "-1"], "--threads must be at least 1"),
         (["--threads", "0"], "--threads must be at least 1"),
+        (["--threads", "100000"], "--threads 100000 is more than arc runs here"),  # segfaulted
         (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     ],
 )
@@ -132,3 +133,20 @@ def test_usage_errors_are_one_line(capsys):
     _assert_one_line(
         *_main(["run", "x.arc", "--prompt", "hi", "--top-k", "many"], capsys), "--top-k"
     )
+
+
+def test_threads_above_the_cap_are_refused_everywhere(capsys, monkeypatch):
+    """--threads of run, profile and bench: 1..4x the usable CPUs (100,000 threads crashed
+    torch's OpenMP with a segfault, 20,000 TVM's pool with an abort); the cap follows the
+    CPUs this process may use, and the largest value passes the check."""
+    import arc.cpu
+
+    monkeypatch.setattr(arc.cpu.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert arc.cpu.max_threads() == 12
+    arc.cpu.check_threads(12)
+    for argv in (
+        ["profile", "tiny-llama", "--threads", "13"],
+        ["bench", "--baselines", "hf", "--threads", "13"],
+    ):
+        rc, err = _main(argv, capsys)
+        _assert_one_line(rc, err, "--threads 13 is more than arc runs here (1..12: 4x the 3 CPUs")
