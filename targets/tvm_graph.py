@@ -555,9 +555,11 @@ def _kv_write(e: _Emit, n: Node, k, v, write) -> dict[str, Any]:
 
 
 def _in_place(e: _Emit, x) -> tuple[Any, tuple[int, int] | None]:
-    """(buffer, (its width, first column)) of a pending column slice, read in place by the
-    attention and kv_rows kernels; (value, None) for anything else."""
-    if isinstance(x, _Pending) and x.kind == "slice":
+    """(buffer, (its width, first column)) of a pending column slice KV*D wide, read in place
+    by the attention and kv_rows kernels; (value, None) for anything else, whose shape the
+    kernels then check on entry."""
+    width = e.kv.kv_heads * e.kv.head_dim
+    if isinstance(x, _Pending) and x.kind == "slice" and x.span[1] - x.span[0] == width:
         src = x.parts[0]
         return src, (int(src.ty.shape[1]), x.span[0])
     return e.value(x), None
@@ -589,9 +591,9 @@ def _attention(e: _Emit, n: Node, q, kv: dict, pos, last):
     # T > 1 (verify, prefill): a task per token and GQA group, which shares its K/V row loads
     grouped = not _one_token(e.graph) and heads > kv_heads
     pv = kernels.PV_FLOATS["avx512" if e.b.plan == "avx512" else "avx2"]
-    shape = (heads, kv_heads, d, decl.layers, decl.max_seq_len + 1, grouped, pv, k_at, v_at)
-    key = ("attention", *shape)
-    make = functools.partial(kernels.attention, *shape)
+    params = (heads, kv_heads, d, decl.layers, decl.max_seq_len + 1, grouped, pv, k_at, v_at)
+    key = ("attention", *params)
+    make = functools.partial(kernels.attention, *params)
     layer = relax.prim_value(kv["layer"], "int64")
     shapes = [[e.t, heads * d], [heads, e.t, length + e.t]]
     return e.call(key, make, [q, k, v, e.cache, mask, pos, layer], shapes)

@@ -319,6 +319,7 @@ def test_kv_rows_write_k_and_v_in_place_and_nothing_outside_the_cache():
     import torch
     import tvm
 
+    from arc.errors import UnsupportedError
     from arc.targets import tvm_kernels
 
     layers, kv_heads, seq, d, t = 3, 2, 10, 16, 4
@@ -344,8 +345,6 @@ def test_kv_rows_write_k_and_v_in_place_and_nothing_outside_the_cache():
     cache = before.clone()
     fn(*[tvm.runtime.from_dlpack(x) for x in (cache, qkv, qkv, write)], 1)
     assert torch.equal(cache, want)
-    from arc.errors import UnsupportedError
-
     with pytest.raises(UnsupportedError, match="outside"):
         tvm_kernels.kv_rows(kv_heads, d, layers, seq, v_at=(5 * width, 4 * width + 1))
 
