@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-chat-template", action="store_true")
     r.add_argument("--system", help="system prompt for the chat template")
     r.add_argument("--stream", action="store_true", help="print tokens as they come")
-    r.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    r.add_argument("--threads", type=int, help="CPU threads (default: torch's; at most 4x CPUs)")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.add_argument(
         "--trace", metavar="FILE", help="write each decode step (size, tokens, ms) as JSON lines"
