@@ -77,10 +77,11 @@ def check_threads(n: int | None, flag: str = "--threads") -> None:
         return
     if n < 1:
         raise ArcError(f"{flag} must be at least 1")
-    if n > max_threads():
+    cap = max_threads()
+    if n > cap:
         raise ArcError(
-            f"{flag} {n} is more than arc runs here (1..{max_threads()}: 4x the "
-            f"{max_threads() // 4} CPUs this process may use)"
+            f"{flag} {n} is more than arc runs here (1..{cap}: 4x the {cap // 4} CPUs this "
+            "process may use)"
         )
 
 

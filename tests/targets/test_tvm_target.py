@@ -147,10 +147,8 @@ def test_functions_take_the_weights_as_one_opaque_object(traced):
     _, module = traced("tiny-llama")
     mod, functions, names = target._relax_module(module)
     for fn in functions.values():
-        func = mod[fn]
-        assert isinstance(func.params[-1].ty, relax.ObjectType), fn
-        calls = [b.value for block in func.body.blocks for b in block.bindings]
-        calls = [c for c in calls if isinstance(c, relax.Call)]
+        assert isinstance(mod[fn].params[-1].ty, relax.ObjectType), fn
+        calls = _calls(mod[fn])
         gets = [c for c in calls if getattr(c.args[0], "global_symbol", "") == GET]
         assert gets and all(g.ty_args[0].shape is not None for g in gets), fn
         taken = [int(g.args[2].value) for g in gets]  # each weight's index, once
@@ -162,7 +160,6 @@ def test_new_v_rows_are_read_in_place_not_sliced_out(traced):
     QKV output (as RoPE reads q and k): no model function copies a slice of it out (30
     strided_slice calls a decode step before); the one strided_slice left is a prefill's last
     row (axis 0)."""
-    from tvm import relax
 
     from arc.pipeline import PassManager
     from arc.targets import tvm as target
@@ -172,10 +169,16 @@ def test_new_v_rows_are_read_in_place_not_sliced_out(traced):
     mod, functions, _ = target._relax_module(module)
     assert {"decode", "verify_8"} <= set(functions), set(functions)
     for fn in functions.values():
-        calls = [b.value for block in mod[fn].body.blocks for b in block.bindings]
-        calls = [c for c in calls if isinstance(c, relax.Call)]
-        slices = [c for c in calls if getattr(c.op, "name", "") == "relax.strided_slice"]
+        slices = [c for c in _calls(mod[fn]) if getattr(c.op, "name", "") == "relax.strided_slice"]
         assert [int(c.args[1][0].value) for c in slices] in ([], [0]), fn
+
+
+def _calls(func) -> list:
+    """The Relax calls bound in a function's body, in order."""
+    from tvm import relax
+
+    values = [b.value for block in func.body.blocks for b in block.bindings]
+    return [v for v in values if isinstance(v, relax.Call)]
 
 
 def test_tile_plan_follows_the_registers_and_where_the_code_runs(monkeypatch):
