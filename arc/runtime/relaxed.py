@@ -29,11 +29,12 @@ Greedy (`accept_relaxed_greedy`): the model's argmax t* is emitted exactly as in
 decoding, except when the tree has no child t* but has a child c that is t*'s neighbour with
 p(c) >= p(t*) - delta: then c is accepted in its place (and drafting goes on below c).
 
-Either way output changes, so the option is lossy: `arc eval` measures its agreement and the
-README shows it. Measured on smollm2-135m (greedy, 10 prompts x 64 tokens): agreement 1.000
-at the defaults (no near-tie neighbour met the rule) and 0.913 at delta 0.3; on tvm it
-decoded at 74.0 tok/s against exact -O2's 77.8 (one thread): for a text model it buys
-nothing. LANTERN's gains are for image-token models, where codebook neighbours abound.
+Either way output changes, so the option is lossy: `arc eval` measures its agreement and
+docs/SPECULATIVE.md shows it. Measured on smollm2-135m (greedy, 10 prompts x 64 tokens):
+agreement 1.000 at the defaults (no near-tie neighbour met the rule) and 0.913 at delta
+0.3; on tvm it decoded at 74.0 tok/s against exact -O2's 77.8 (one thread): for a text
+model it buys nothing. LANTERN's gains are for image-token models, where codebook
+neighbours abound.
 """
 
 from __future__ import annotations
