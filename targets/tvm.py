@@ -221,6 +221,9 @@ def build(
         }
     if _verifies(module):
         info["move"] = MOVE
+        # each verify node's logits are a decode step's at its position, to the bit (the tile
+        # plans' summation order, TILES; tested): the loop may decide near ties on them
+        info["verify_exact"] = True
     return info, {LIBRARY: path}
 
 
@@ -299,6 +302,7 @@ def load(module: Module, weights: dict, root: Path, info: dict[str, Any], device
     move = _Move(_library_fn(vm, MOVE)) if info.get("move") == MOVE else None
     steps = row_steps(calls, module.kv, device, move=move)
     steps._keep_alive = (vm, params, aligned)  # the library reads these buffers
+    steps.verify_exact = info.get("verify_exact") is True  # older engines: not recorded
     stats = info.get("stats")  # absent where the vocabulary does not split into chunks
     if stats is not None:
         from arc.runtime.topk import TOPK

@@ -12,6 +12,12 @@ draws at that position with the same seed, whatever trees were verified, so a se
 repeats and equals -O1's. For drafted tokens (deterministic drafts) it accepts as often as
 multi-branch rejection sampling does: children c1..cm with probability p(c1) + ... + p(cm).
 
+`settle`: where a target's verify is not the decode step bit for bit (torch, onnx: a matrix
+product against a GEMV, in other summation orders), a greedy decision whose two best logits
+are closer than `TIE` (scaled by the logits' size) could go the other way in plain decoding;
+the walk stops before it and the loop lets a decode step, plain decoding's own computation,
+take it.
+
 `accept_sampled`: multi-branch rejection sampling over the tree (SpecInfer, Miao et al. 2024;
 the deterministic-draft case of Chen et al. 2023 / Leviathan et al. 2023), which LANTERN's
 relaxed acceptance (arc/runtime/relaxed.py) builds on. At a node with target distribution p
@@ -23,6 +29,7 @@ left of p. Each step draws exactly from p, so the output distribution is the mod
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -52,6 +59,35 @@ def accept_greedy(
             return path, tokens
         path.append(nxt)
         node = nxt
+
+
+# the smallest gap between a node's two best logits, over max(1, |best logit|), that a verify
+# may decide on where the target's verify is not the decode step bit for bit: 30x the largest
+# verify-vs-step logit difference so scaled that benchmarks/verify_drift.py measured on
+# SmolLM2-135M -O2 (1.0e-5 onnx, 7.4e-6 torch AOT), while its greedy decisions come as close
+# as 1.35e-5 (docs/SPECULATIVE.md, "Near ties on the torch and onnx targets")
+TIE = 3e-4
+
+
+def settle(
+    path: list[int],
+    tokens: list[int],
+    probs: list[list[float]],
+    best: list[float],
+    tie: float = TIE,
+) -> tuple[list[int], list[int]]:
+    """A greedy walk (path, tokens) cut before its first token whose deciding node's two best
+    logits are within tie x max(1, |best logit|) (log p1 - log p2 from the node's top-k
+    probabilities `probs`; `best`: each node's largest logit): tokens[i] is decided by node
+    ([0] + path)[i]. Returns (path, tokens) kept; where a token was cut, len(tokens) ==
+    len(path) and the next step must be a decode step."""
+    deciders = [0, *path]
+    for i in range(len(tokens)):
+        node = deciders[i]
+        p1, p2 = probs[node][:2]
+        if p2 > 0.0 and math.log(p1) - math.log(p2) < tie * max(1.0, abs(best[node])):
+            return path[:i], tokens[:i]
+    return path, tokens
 
 
 def accept_matched(tree: Tree, draw: Callable[[int], int]) -> tuple[list[int], list[int]]:

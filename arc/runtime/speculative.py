@@ -46,7 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from arc.runtime.accept import accept_greedy, accept_matched
+from arc.runtime.accept import accept_greedy, accept_matched, settle
 from arc.runtime.drafters import Drafter
 from arc.runtime.relaxed import accept_relaxed_greedy, accept_relaxed_sampled
 from arc.runtime.sampling import Sampler, dists, successors_under
@@ -232,6 +232,10 @@ class SpeculativeLoop:
         self.step_s = self.draft_s = 0.0  # the last step's and drafting's seconds (profile)
         self.accepted_by: dict[str, int] = {}  # the last verify's accepted tokens per drafter
         self.relaxed = None  # LANTERN's relaxed acceptance (lossy, opt-in): (latents, delta, sim)
+        # a verify that is not the decode step bit for bit (torch, onnx) decides no near tie
+        # (accept.settle); the token it leaves is a decode step's to take (`unsettled`)
+        self.exact = bool(getattr(steps, "verify_exact", False))
+        self.unsettled = False
         if options.get("accept") == "relaxed":
             self.relaxed = (steps.latents, float(options["delta"]), float(options["sim"]))
 
@@ -262,13 +266,14 @@ class SpeculativeLoop:
                 return "cache_full", stats
             quiet = not first and self._quiet() and not self._woken(history)
             drafted = False
-            if first:
+            if first or self.unsettled:  # the next token is a decode step's to decide
                 paths = []
             elif quiet or self._rest():
                 paths, self.idle = [], self.idle + 1
             else:
                 paths, drafted = self._draft(history, pos), True
-            size, first = self._choose(paths, room), False
+            size = 1 if self.unsettled else self._choose(paths, room)
+            first = self.unsettled = False
             if size == 1:
                 if paths and self.shadowing and self.shadow is None and self.adaptive:
                     tree = paths[: self.alt - 1]  # what verifying instead would have verified
@@ -283,7 +288,7 @@ class SpeculativeLoop:
                 stats.verifies += 1
                 expected = 1.0 + sum(self.weights.get(p, 0.0) for p, _ in tree)
                 accepted_by = self.accepted_by
-            self.dry = self.dry + 1 if len(new) == 1 else 0
+            self.dry = self.dry + 1 if len(new) <= 1 else 0
             start, reason = pos, None
             for tok in new:
                 history.append(tok)
@@ -451,6 +456,10 @@ class SpeculativeLoop:
                 logits, TOPK, getattr(self.steps, "logit_stats", None)
             )
             path, new = accept_greedy(tree, logits, best)
+            if not self.exact:
+                highest = logits[list(range(len(best))), best].tolist()  # [n]
+                path, new = settle(path, new, top[1][:, :2].tolist(), highest)
+                self.unsettled = len(new) == len(path)
         else:  # each node's token drawn as plain sampling draws it there (same uniform)
             path, new = accept_matched(tree, lambda node: sample.draw(rows[node], ats[node]))
         src = [pos + node for node in path]

@@ -52,6 +52,9 @@ class Steps:
         self.logit_stats = None
         # a sampled step's draw by the target's kernel (tvm: targets/tvm_sample.py), or None
         self.sample_rows = None
+        # a verify node's logits are the decode step's at its position, bit for bit (tvm);
+        # else the speculative loop leaves near ties to decode steps (accept.settle)
+        self.verify_exact = False
         self.bucket, self._reset, self._move = bucket, reset, move
         self._positions = torch.arange(max_seq_len, dtype=torch.long, device=device)
         self._verify_feeds: dict[tuple[int, int], tuple] = {}  # (B, width) -> _tree_buffers

@@ -11,7 +11,7 @@ import torch
 from arc.errors import ArcError
 from arc.lowering import lower
 from arc.pipeline import PassManager
-from arc.runtime.accept import accept_sampled
+from arc.runtime.accept import TIE, accept_sampled, settle
 from arc.runtime.generate import Generator
 from arc.runtime.sampling import SamplingParams
 from arc.runtime.steps import Steps
@@ -349,3 +349,68 @@ def test_draft_max_caps_the_trees_and_keeps_the_tokens(traced):
     assert plain_gen.draft_limit == 0
     with pytest.raises(ArcError, match="outside 0..0"):
         plain_gen.generate(ids, max_new_tokens=4, draft_max=1)
+
+
+class _Tied(Steps):
+    """Steps whose decode and verify disagree at near ties, as two summation orders can: after
+    the token at every slot s with s % 3 == 0 the two best logits are GAP apart, the decode
+    step's best ahead and, in a verify, its second ahead."""
+
+    GAP = 5e-5  # below accept.TIE (the tiny model's logits are below 1)
+
+    def _tie(self, row, slot: int, flip: bool) -> None:
+        if slot % 3 == 0:
+            a, b = row.topk(2).indices.tolist()
+            row[b] = row[a] + self.GAP if flip else row[a] - self.GAP
+
+    def decode(self, token, pos):
+        logits = super().decode(token, pos).clone()
+        self._tie(logits, pos, False)
+        return logits
+
+    def verify_tree(self, tree, prefix, size):
+        logits = super().verify_tree(tree, prefix, size).clone()
+        for node, depth in enumerate(tree.depths[: len(tree)]):
+            self._tie(logits[node], prefix + depth, True)
+        return logits
+
+
+def test_near_ties_are_left_to_a_decode_step(traced):
+    """Where a target's verify is not the decode step bit for bit (torch, onnx), a greedy
+    decision between two logits within accept.TIE is not the verify's: the walk stops before
+    it and a decode step takes it, so the output is still plain decoding's. Without the rule
+    (a verify said to be exact) the tied decisions go the verify's way."""
+    spec = "kv-fusion,spec-tree{draft=ngram,budget=7,depth=6,adaptive=false}"
+    loaded, module = traced("tiny-llama", max_seq_len=256)
+    module, _ = PassManager(spec).run(module)
+    fns, kv = lower(module, loaded.weights)
+    steps = _Tied(fns, max_seq_len=256, reset=kv.reset, move=kv.move)
+    plan = {"kind": module.plan.kind, "options": dict(module.plan.options)}
+    gen = Generator(steps, loaded.tokenizer, [258], plan=plan)
+    ids = loaded.tokenizer.encode(REPEAT)
+    plain, a, b = _both(gen, ids, max_new_tokens=90, ignore_eos=True)
+    assert a.token_ids == plain.token_ids == b.token_ids
+    assert a.verify_passes > 0 and b.forward_passes < len(b.token_ids) - 1  # it speculated
+    steps.verify_exact = True
+    gen.forget()
+    with torch.inference_mode():
+        trusted = gen.generate(ids, max_new_tokens=90, ignore_eos=True)
+    assert trusted.verify_passes > 0 and trusted.token_ids != plain.token_ids
+
+
+def test_settle_cuts_before_the_first_near_tie():
+    """settle: tokens[i] is decided by node ([0] + path)[i]; the walk keeps what precedes the
+    first decision within TIE x max(1, |best logit|), however large the logits are."""
+    far, near = [0.6, 0.1], [0.5, 0.5 * math.exp(-TIE / 2)]  # top-2 probabilities
+    path, tokens = [1, 4], [11, 14, 20]  # node 1, then node 4, then the bonus token
+    probs = {0: far, 1: far, 4: far}
+    row = [probs.get(i, far) for i in range(5)]
+    assert settle(path, tokens, row, [3.0] * 5) == (path, tokens)
+    row[4] = near  # the bonus token's decision is a near tie
+    assert settle(path, tokens, row, [3.0] * 5) == ([1, 4], [11, 14])
+    row[0] = near  # the root's: nothing is kept
+    assert settle(path, tokens, row, [3.0] * 5) == ([], [])
+    row = [far] * 5
+    row[1] = [0.5, 0.5 * math.exp(-TIE * 10)]  # a gap of 10 TIE: a tie only at logits > 10
+    assert settle(path, tokens, row, [3.0] * 5) == (path, tokens)
+    assert settle(path, tokens, row, [-40.0] * 5) == ([1], [11])

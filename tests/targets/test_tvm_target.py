@@ -95,6 +95,12 @@ def test_engine_records_library_and_a_static_verify_per_size(engines):
     want = "avx512" if "avx512f" in info["cpu_flags"] else "avx2-native"  # a native build
     assert info["tiles"] == want
     assert info["inlane"] == (want == "avx2-native" and "avx2" in info["cpu_flags"])
+    # its verify is the decode step bit for bit (the test above): no near-tie guard needed
+    from arc.runtime.load import load_engine
+
+    assert info["verify_exact"] is True
+    assert load_engine(engines["tvm"][0]).generator.steps.verify_exact is True
+    assert load_engine(engines["torch"][0]).generator.steps.verify_exact is False
 
 
 def test_weights_pass_unchecked_by_the_vm_and_checked_by_each_kernel(engines):
