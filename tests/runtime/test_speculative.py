@@ -403,8 +403,7 @@ def test_settle_cuts_before_the_first_near_tie():
     first decision within TIE x max(1, |best logit|), however large the logits are."""
     far, near = [0.6, 0.1], [0.5, 0.5 * math.exp(-TIE / 2)]  # top-2 probabilities
     path, tokens = [1, 4], [11, 14, 20]  # node 1, then node 4, then the bonus token
-    probs = {0: far, 1: far, 4: far}
-    row = [probs.get(i, far) for i in range(5)]
+    row = [far] * 5  # each node's top-2 probabilities (nodes 2 and 3: off the path)
     assert settle(path, tokens, row, [3.0] * 5) == (path, tokens)
     row[4] = near  # the bonus token's decision is a near tie
     assert settle(path, tokens, row, [3.0] * 5) == ([1, 4], [11, 14])
