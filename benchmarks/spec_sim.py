@@ -108,6 +108,9 @@ class Replay:
         self.cost, self.clock = cost, clock
         self.table: list = []  # key -> (argmax, topk tokens, topk probs)
         self.logit_stats = _Stats(self.table, k, clock)
+        # the recorded decisions are plain decoding's, whatever the tree (a tvm engine's
+        # verify, bit for bit): no near-tie guard (accept.settle), whose logits these are not
+        self.verify_exact = True
         self.k = k
         self.functions = {}
         self.last_at: dict[int, int] = {}  # token -> its latest position on the path so far
