@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="engine file to write (.arc)")
     c.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     c.add_argument("--max-seq-len", type=int, help="KV-cache slots (default min(2048, model))")
-    c.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call")
+    c.add_argument("--prefill-chunk", type=int, help="prompt tokens per prefill call (default 256)")
     c.add_argument(
         "--torch-mode",
         choices=["aot", "jit", "eager"],

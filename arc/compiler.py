@@ -34,6 +34,7 @@ DEFAULT_MAX_SEQ_LEN = 2048
 # by the cache), so fewer than 7 slots fail deep in torch.export; 16 leaves margin for that
 # example to change, and a smaller cache is of no use for decoding anyway.
 MIN_SEQ_LEN = 16
+PREFILL_CHUNK = 256  # prompt tokens per prefill call unless --prefill-chunk says (<= the cache)
 
 
 @dataclass
@@ -42,7 +43,7 @@ class CompileOptions:
     device: str = "cpu"
     spec: str = ""
     max_seq_len: int | None = None  # None: min(DEFAULT_MAX_SEQ_LEN, the model's positions)
-    prefill_chunk: int = 256
+    prefill_chunk: int | None = None  # prompt tokens per prefill call; None: PREFILL_CHUNK
     target_options: dict[str, Any] = field(default_factory=dict)
     instruments: Sequence[Instrument] = ()
     time_targets: bool = False  # --target auto: time the candidates (-O3), not just prefer
@@ -101,7 +102,7 @@ def compile_model(
     """Build engine `out` for model `ref`; returns the `arc compile --json` summary."""
     t0 = time.perf_counter()
     check_output(out)  # before the minutes of tracing and building, not after
-    if opts.prefill_chunk < 1:
+    if opts.prefill_chunk is not None and opts.prefill_chunk < 1:
         raise ArcError("--prefill-chunk must be at least 1")
     chosen: dict[str, Any] | None = None
     if opts.target == "auto":
@@ -113,6 +114,12 @@ def compile_model(
         device = targets.resolve_device(target, opts.device)
     stage("load + trace")
     loaded, traced = trace_model(ref, opts.max_seq_len)
+    chunk = PREFILL_CHUNK if opts.prefill_chunk is None else opts.prefill_chunk
+    if chunk > traced.kv.max_seq_len and opts.prefill_chunk is not None:  # asked, not default
+        raise ArcError(
+            f"--prefill-chunk {opts.prefill_chunk} exceeds the cache "
+            f"({traced.kv.max_seq_len} tokens, --max-seq-len)"
+        )
     stage("passes")
     pm = PassManager(opts.spec, instruments=opts.instruments)
 
@@ -186,7 +193,7 @@ def compile_model(
             "pipeline": format_spec(pm.items),
             "passes": record_dicts(records),
             "decode_plan": plan,
-            "runtime": {"max_seq_len": module.kv.max_seq_len, "prefill_chunk": opts.prefill_chunk},
+            "runtime": {"max_seq_len": module.kv.max_seq_len, "prefill_chunk": chunk},
             "tokenizer": {
                 "dir": "tokenizer",
                 "chat_template": bool(loaded.tokenizer.chat_template),

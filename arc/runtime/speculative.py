@@ -570,16 +570,28 @@ def _between(points: Mapping[int, float], x: int) -> float | None:
 DRAFTERS = ("ngram", "recycle", "jacobi", "self", "corpus", "auto")  # what this runtime drives
 
 
+# every key spec-tree (passes/spec_tree.py) and -O3's tuning (arc/tune.py) write
+PLAN_KEYS = frozenset(
+    ("draft", "budget", "depth", "shape", "adaptive", "ladder", "verify_tokens", "verify_sizes")
+    + ("tune", "accept", "delta", "sim", "corpus", "cost_ratio")
+)
+
+
 def check_plan(kind: Any, options: Any, module) -> None:
     """Raise ArcError (one line) unless the plan is one this runtime can drive for `module`:
     an engine's plan comes from its manifest, which anyone can edit."""
     from arc.errors import ArcError
 
     if kind == "plain":
+        if options:  # nothing reads them: a key here is a crafted or foreign plan
+            raise ArcError("plain decode plan: takes no options")
         return
     if kind != "speculative":
         raise ArcError(f"decode plan {str(kind)[:40]!r} is not plain or speculative")
     opts = options if isinstance(options, Mapping) else {}
+    unknown = sorted(str(k)[:40] for k in opts if k not in PLAN_KEYS)
+    if unknown:  # a misspelt key would otherwise be ignored, its intent silently lost
+        raise ArcError(f"speculative plan: unknown option {unknown[0]!r}")
     sizes = opts.get("verify_sizes")
     if not isinstance(sizes, list) or not sizes or any(type(b) is not int for b in sizes):
         raise ArcError("speculative plan: verify_sizes must be a list of tree sizes")
@@ -621,8 +633,12 @@ def check_plan(kind: Any, options: Any, module) -> None:
     if opts.get("ladder", "pow2") not in ("pow2", "dense", "none", True, False):  # bools: older
         raise ArcError("speculative plan: ladder must be pow2, dense or none")
     ratio = opts.get("cost_ratio", {})
-    if not isinstance(ratio, Mapping) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1e6
-        for v in ratio.values()
+    if (
+        not isinstance(ratio, Mapping)
+        or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1e6
+            for v in ratio.values()
+        )
+        or not all(isinstance(b, str) and b.isdecimal() and 0 < int(b) < 1e6 for b in ratio)
     ):
         raise ArcError("speculative plan: cost_ratio must map tree sizes to positive numbers")

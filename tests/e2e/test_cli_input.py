@@ -96,6 +96,8 @@ def test_bad_output_path_fails_before_tracing(tmp_path, capsys, monkeypatch):
         (["--max-seq-len", "2"], "--max-seq-len 2 outside 16..1024"),
         (["--max-seq-len", "15"], "outside 16..1024"),
         (["--max-seq-len", "5000"], "outside 16..1024"),
+        (["--max-seq-len", "64", "--prefill-chunk", "65"], "--prefill-chunk 65 exceeds the cache"),
+        (["--prefill-chunk", "0"], "--prefill-chunk must be at least 1"),
         (["--print-after", "warp-drive"], "unknown pass 'warp-drive'; known: kv-fusion"),
         (["-O0", "--print-after", "kv-fusion"], "not in this pipeline (no passes)"),
     ],

@@ -191,3 +191,28 @@ def test_depth_defaults_to_the_budget(traced):
     for spec, want in [("spec-tree", 7), ("spec-tree{budget=3}", 3), ("spec-tree{depth=2}", 2)]:
         out, _ = PassManager(spec).run(m)
         assert out.plan.options["depth"] == want, spec
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        ({"budgett": 3}, "unknown option 'budgett'"),  # a misspelt key is not ignored
+        ({"cost_ratio": {"x": 1.5}}, "cost_ratio"),  # its keys are tree sizes
+        ({"cost_ratio": {"-2": 1.5}}, "cost_ratio"),
+    ],
+)
+def test_crafted_plan_options_are_refused(edit, fragment, traced):
+    """What an engine's manifest says of its plan is checked key by key at load (anyone can
+    edit a manifest); the pass's own options pass the same check."""
+    from arc.runtime.speculative import check_plan
+
+    _, m = traced("tiny-llama")
+    out, _ = PassManager("kv-fusion,spec-tree").run(m)
+    options = dict(out.plan.options)
+    check_plan("speculative", options, out)  # the pass's own plan: accepted
+    check_plan("speculative", {**options, "cost_ratio": {"2": 1.2, "8": 2.9}}, out)
+    with pytest.raises(ArcError, match=fragment):
+        check_plan("speculative", {**options, **edit}, out)
+    check_plan("plain", {}, m)
+    with pytest.raises(ArcError, match="takes no options"):
+        check_plan("plain", {"draft": "ngram"}, m)
