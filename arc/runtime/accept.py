@@ -16,7 +16,8 @@ multi-branch rejection sampling does: children c1..cm with probability p(c1) + .
 product against a GEMV, in other summation orders), a greedy decision whose two best logits
 are closer than `TIE` (scaled by the logits' size) could go the other way in plain decoding;
 the walk stops before it and the loop lets a decode step, plain decoding's own computation,
-take it.
+take it. A seeded draw near a boundary that such a difference can move is cut the same way
+(arc/runtime/near_draws.py).
 
 `accept_sampled`: multi-branch rejection sampling over the tree (SpecInfer, Miao et al. 2024;
 the deterministic-draft case of Chen et al. 2023 / Leviathan et al. 2023), which LANTERN's
@@ -81,11 +82,22 @@ def settle(
     probabilities `probs`; `best`: each node's largest logit): tokens[i] is decided by node
     ([0] + path)[i]. Returns (path, tokens) kept; where a token was cut, len(tokens) ==
     len(path) and the next step must be a decode step."""
+
+    def settled(node: int) -> bool:
+        p1, p2 = probs[node][:2]
+        return not (p2 > 0.0 and math.log(p1) - math.log(p2) < tie * max(1.0, abs(best[node])))
+
+    return cut_unsettled(path, tokens, settled)
+
+
+def cut_unsettled(
+    path: list[int], tokens: list[int], settled: Callable[[int], bool]
+) -> tuple[list[int], list[int]]:
+    """A walk (path, tokens) cut before its first token whose deciding node ([0] + path)[i]
+    is not `settled(node)`; where a token was cut, len(tokens) == len(path)."""
     deciders = [0, *path]
     for i in range(len(tokens)):
-        node = deciders[i]
-        p1, p2 = probs[node][:2]
-        if p2 > 0.0 and math.log(p1) - math.log(p2) < tie * max(1.0, abs(best[node])):
+        if not settled(deciders[i]):
             return path[:i], tokens[:i]
     return path, tokens
 

@@ -46,8 +46,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from arc.runtime.accept import accept_greedy, accept_matched, settle
+from arc.runtime.accept import accept_greedy, accept_matched, cut_unsettled, settle
 from arc.runtime.drafters import Drafter
+from arc.runtime.near_draws import draw_settled
 from arc.runtime.relaxed import accept_relaxed_greedy, accept_relaxed_sampled
 from arc.runtime.sampling import Sampler, dists, successors_under
 from arc.runtime.step_profile import StepProfile
@@ -233,7 +234,8 @@ class SpeculativeLoop:
         self.accepted_by: dict[str, int] = {}  # the last verify's accepted tokens per drafter
         self.relaxed = None  # LANTERN's relaxed acceptance (lossy, opt-in): (latents, delta, sim)
         # a verify that is not the decode step bit for bit (torch, onnx) decides no near tie
-        # (accept.settle); the token it leaves is a decode step's to take (`unsettled`)
+        # (accept.settle) and no seeded draw its rounding could move (near_draws); the token it
+        # leaves is a decode step's to take (`unsettled`)
         self.exact = bool(getattr(steps, "verify_exact", False))
         self.unsettled = False
         if options.get("accept") == "relaxed":
@@ -462,6 +464,13 @@ class SpeculativeLoop:
                 self.unsettled = len(new) == len(path)
         else:  # each node's token drawn as plain sampling draws it there (same uniform)
             path, new = accept_matched(tree, lambda node: sample.draw(rows[node], ats[node]))
+            if not self.exact:  # and none a verify's rounding could draw otherwise
+                p = sample.params
+                u = sample.uniform
+                path, new = cut_unsettled(
+                    path, new, lambda node: draw_settled(rows[node], u(ats[node]), p)
+                )
+                self.unsettled = len(new) == len(path)
         src = [pos + node for node in path]
         dst = [pos + 1 + i for i in range(len(path))]
         if src != dst:
