@@ -5,10 +5,11 @@ logits may differ from the decode step's by up to ERR = DRAW_ERR x max(1, |best 
 the largest such difference, so scaled, that benchmarks/verify_drift.py measured on
 SmolLM2-135M (1.0e-5 onnx, 7.4e-6 torch AOT, over every logit of ~4,000 verified nodes).
 Greedy's `accept.TIE` allows 15x (a gap of two errors): it cuts ~0.2% of greedy decisions,
-while a draw's window grows with the error and 15x cut 4.3% of seeded draws (temperature 0.7,
-top-p 0.9, benchmarks/guard_cost.py) against ~1.4% at 5x. A token drawn with
-position `at`'s uniform u (arc/runtime/sampling.py) is the decode step's draw for every row
-within ERR of the verify's unless u lies near a boundary that such a change can move:
+while a draw's window grows with the error: on the onnx engine at temperature 0.7 and top-p
+0.9 (benchmarks/guard_cost.py), 15x cut 4.3% of the seeded draws the verifies decided, 5x
+1.9%. A token drawn with position `at`'s uniform u (arc/runtime/sampling.py) is the decode
+step's draw for every row within ERR of the verify's unless u lies near a boundary that such
+a change can move:
 
 - the cumulative sums around the drawn entry: a weight w = exp((x - top) / T) changes by at
   most a factor exp(2 ERR / T) = 1 + r, which moves the fraction f of the mass ahead of a
@@ -16,9 +17,9 @@ within ERR of the verify's unless u lies near a boundary that such a change can 
 - the order of a sorted support (top-k, top-p): two neighbours within 2 ERR may swap, and then
   a draw landing on either of them changes token;
 - membership: the support's last token and the first one outside within 2 ERR may trade
-  places (a draw of the last changes token), and for a top-p
-  nucleus (the mass ahead of its first excluded or last kept token within the slack of
-  top_p): another token in the support moves every boundary after it.
+  places (a draw of the last changes token); and in a top-p nucleus whose first excluded or
+  last kept token has a mass ahead of it within the slack of top_p, a token may join or
+  leave the support, which moves every boundary after it.
 
 `draw_settled` answers whether none of these holds; where one does, the speculative loop stops
 its walk before that token and a decode step, plain sampling's own computation, draws it, as
