@@ -46,7 +46,7 @@ def draw_settled(d, u: float, params: SamplingParams, rel_err: float = DRAW_ERR)
     of d's row (see the module docstring)."""
     if not isinstance(d, Dist):  # a kernel's row: judged on the distribution it stands for
         d = dists(d.row.reshape(1, -1), params)[0]
-    x = d.row.double()  # [V]
+    x = d.row.float()  # [V]: float32 values, compared in float64 below (cheap over V)
     top = float(x.max())
     temp = params.temperature
     if not math.isfinite(top) or temp < 1e-30:
@@ -56,7 +56,7 @@ def draw_settled(d, u: float, params: SamplingParams, rel_err: float = DRAW_ERR)
         return False
     err = rel_err * max(1.0, abs(top))  # each logit's possible error
     r = math.expm1(2 * err / temp)  # the largest relative change of a weight ratio
-    cdf = torch.cumsum(d.w.double(), 0)  # [m]
+    cdf = d.cdf if d.cdf is not None else torch.cumsum(d.w, 0, dtype=torch.float64)  # [m]
     total = float(cdf[-1])
     if not (total > 0 and math.isfinite(total)):
         return False
@@ -66,7 +66,7 @@ def draw_settled(d, u: float, params: SamplingParams, rel_err: float = DRAW_ERR)
             return False
     if d.tokens is None:
         return True
-    xs = x[d.tokens]  # [m], decreasing
+    xs = x[d.tokens].double()  # [m], decreasing
     for a, b in ((j - 1, j), (j, j + 1)):  # neighbours that could swap places
         if 0 <= a and b < len(xs) and float(xs[a] - xs[b]) < 2 * err:
             return False
@@ -82,17 +82,21 @@ def _membership_settled(x, xs, d: Dist, params: SamplingParams, err, r, j) -> bo
     """The support of a sorted distribution (top-k, then the top-p nucleus) is the same for
     every row within `err` of x [V]: its m tokens are xs, the drawn entry is j."""
     m, temp = len(xs), params.temperature
-    ahead = torch.topk(x, min(m + 1, len(x))).values  # [m + 1]: the first excluded last
-    if len(ahead) == m:  # the whole vocabulary is in the support
+    if m == len(x):  # the whole vocabulary is in the support
         return True
-    if float(xs[-1] - ahead[m]) < 2 * err and j == m - 1:
+    outside = x.clone()
+    outside[d.tokens] = -math.inf
+    first_out = float(outside.max())  # the largest logit outside the support
+    if float(xs[-1]) - first_out < 2 * err and j == m - 1:
         return False  # the last token in and the first out may trade places: the draw's
-    k = params.top_k if 0 < params.top_k < len(x) else len(x)
     if params.top_p >= 1.0:
         return True
     top = float(x.max())
-    pool = torch.topk(x, k).values if k < len(x) else x  # what the nucleus is cut from
-    mass = float(((pool - top) / temp).exp().sum())  # [the nucleus' denominator]
+    mass = d.pool  # the nucleus' denominator: the weights it was cut from
+    if mass is None:
+        k = params.top_k if 0 < params.top_k < len(x) else len(x)
+        pool = torch.topk(x, k).values if k < len(x) else x
+        mass = float(((pool - top) / temp).exp().sum(dtype=torch.float64))
     kept = float(((xs - top) / temp).exp().sum())
     last = float(math.exp((float(xs[-1]) - top) / temp))
     # the nucleus keeps a token while the mass ahead of it is below top_p: the first one out

@@ -155,6 +155,8 @@ class Dist:
     tokens: Tensor | None
     row: Tensor
     total: float | None = None  # sum(w) when known (drawn from, nothing removed since)
+    pool: float | None = None  # top-p: the summed weights the nucleus was cut from
+    cdf: Tensor | None = field(default=None, repr=False)  # cumsum(w) [m], float64, once drawn
 
     def copy(self) -> Dist:
         """A copy whose weights `remove` may change (the caller's stay the model's)."""
@@ -175,7 +177,7 @@ class Dist:
         at = self._at(token)
         if at is not None:
             self.w[at] = 0.0
-            self.total = None
+            self.total = self.cdf = None
 
     def mass(self) -> float:
         if self.total is None:
@@ -186,7 +188,7 @@ class Dist:
         """A token with probability w / sum(w), by the uniform u in [0, 1): the first entry
         whose cumulative sum exceeds u * sum(w) (never one of weight 0); None if sum(w) is
         not > 0."""
-        cdf = torch.cumsum(self.w, 0, dtype=torch.float64)
+        cdf = self.cdf = torch.cumsum(self.w, 0, dtype=torch.float64)
         total = self.total = float(cdf[-1])
         if not (total > 0 and math.isfinite(total)):
             return None
@@ -334,24 +336,28 @@ def dists(logits: Tensor, p: SamplingParams) -> list[Dist]:
         tied = ((xs == kth).sum(dim=1) != (vals == kth).sum(dim=1)).tolist()
     else:
         w, tokens, tied = (xs - tops).div_(p.temperature).exp_(), None, [False] * len(rows)
-    keep = None
+    keep = pools = None
     if p.top_p < 1.0:
-        w, tokens, keep = _nucleus(w, tokens, p.top_p)
+        w, tokens, keep, pools = _nucleus(w, tokens, p.top_p)
     for j, i in enumerate(rows):
         if tied[j]:  # the k-th logit's ties past k: the mask keeps them all
             out[i] = Dist(_filtered(x[i], p).exp_(), None, x[i])
             continue
         m = keep[j] if keep is not None else w.shape[1]
         out[i] = Dist(w[j, :m], None if tokens is None else tokens[j, :m], x[i])
+        out[i].pool = None if keep is None else pools[j]
     return out
 
 
-def _nucleus(w: Tensor, tokens: Tensor | None, top_p: float) -> tuple[Tensor, Tensor, list[int]]:
-    """(weights, tokens, kept) with each row's weights in decreasing order and its first
-    `kept` entries the top-p nucleus: the tokens before which less than top_p of the mass
-    lies (at least one). The nucleus is found among the top NUCLEUS_K tokens when they hold
-    top_p of the mass, which sorts a few hundred weights instead of the vocabulary (tried:
-    the tokens above the j-th largest of 128-token chunks' maxima, 0.1 ms slower in situ)."""
+def _nucleus(
+    w: Tensor, tokens: Tensor | None, top_p: float
+) -> tuple[Tensor, Tensor, list[int], list[float]]:
+    """(weights, tokens, kept, pools) with each row's weights in decreasing order and its
+    first `kept` entries the top-p nucleus: the tokens before which less than top_p of the
+    mass (`pools`: each row's summed weights) lies (at least one). The nucleus is found among
+    the top NUCLEUS_K tokens when they hold top_p of the mass, which sorts a few hundred
+    weights instead of the vocabulary (tried: the tokens above the j-th largest of 128-token
+    chunks' maxima, 0.1 ms slower in situ)."""
     total = w.sum(dim=1, keepdim=True, dtype=torch.float64)  # [r, 1]
     if tokens is None:
         width = w.shape[1]
@@ -364,7 +370,7 @@ def _nucleus(w: Tensor, tokens: Tensor | None, top_p: float) -> tuple[Tensor, Te
     probs = w.double() / total
     before = torch.cumsum(probs, dim=1) - probs  # the mass of the tokens ahead of each
     kept = (before < top_p).sum(dim=1).clamp(min=1).tolist()
-    return w, tokens, kept
+    return w, tokens, kept, total[:, 0].tolist()
 
 
 def filter_logits(logits: Tensor, p: SamplingParams) -> Tensor:
