@@ -61,44 +61,70 @@ def draw_settled(d, u: float, params: SamplingParams, rel_err: float = DRAW_ERR)
     if not (total > 0 and math.isfinite(total)):
         return False
     j = min(int(torch.searchsorted(cdf, u * total, right=True)), len(cdf) - 1)
-    for b in (j - 1, j):  # the boundaries before and after the drawn entry
-        if 0 <= b < len(cdf) - 1 and not _clear(u, float(cdf[b]) / total, r):
-            return False
+    lo = float(cdf[j - 1]) / total if j > 0 else None  # the boundaries around the drawn entry
+    hi = float(cdf[j]) / total if j < len(cdf) - 1 else None
     if d.tokens is None:
-        return True
+        return _between(u, [lo], [hi], r)
     xs = x[d.tokens].double()  # [m], decreasing
     for a, b in ((j - 1, j), (j, j + 1)):  # neighbours that could swap places
         if 0 <= a and b < len(xs) and float(xs[a] - xs[b]) < 2 * err:
             return False
-    return _membership_settled(x, xs, d, params, err, r, j)
+    moved = _membership(x, xs, d, params, err, r, j, total)
+    if moved is None:
+        return False
+    join, leave = moved  # the most weight, over the support's, that may join / leave it
+    if leave and (lo is not None and 1 - lo <= leave or leave >= 1):
+        return False  # the drawn token may be among those leaving
+    lows = [lo] + ([lo / (1 - leave)] if leave and lo is not None else [])
+    highs = [hi] + ([(1.0 if hi is None else hi) / (1 + join)] if join else [])
+    return _between(u, lows, highs, r)
 
 
-def _clear(u: float, f: float, r: float) -> bool:
-    """u is farther from a boundary at mass fraction f than any row within r can move it."""
-    return abs(u - f) > 2 * r * f * (1 - f) + SLACK
+def _slack(f: float, r: float) -> float:
+    """How far a row within r (each weight ratio within a factor 1 + r) can move the mass
+    fraction f ahead of a boundary: every weight ahead up, every one after down."""
+    return 2 * r * f * (1 - f) + SLACK
 
 
-def _membership_settled(x, xs, d: Dist, params: SamplingParams, err, r, j) -> bool:
-    """The support of a sorted distribution (top-k, then the top-p nucleus) is the same for
-    every row within `err` of x [V]: its m tokens are xs, the drawn entry is j."""
+def _between(u: float, lows: list, highs: list, r: float) -> bool:
+    """u stays above every boundary in `lows` and below every one in `highs` (mass fractions;
+    None: no boundary) for every row within r."""
+    return all(u - f > _slack(f, r) for f in lows if f is not None) and all(
+        f - u > _slack(f, r) for f in highs if f is not None
+    )
+
+
+def _membership(x, xs, d: Dist, params: SamplingParams, err, r, j, total):
+    """(join, leave): bounds on the weight, over the support's `total`, that may join or leave
+    the support of a sorted distribution (top-k, then the top-p nucleus: its m tokens are xs,
+    from row x [V]) for a row within `err`; None where the drawn entry j itself may change
+    (the support's last token and the first one out may trade places)."""
     m, temp = len(xs), params.temperature
     if m == len(x):  # the whole vocabulary is in the support
-        return True
+        return 0.0, 0.0
     outside = x.clone()
     outside[d.tokens] = -math.inf
     first_out = float(outside.max())  # the largest logit outside the support
     if float(xs[-1]) - first_out < 2 * err and j == m - 1:
-        return False  # the last token in and the first out may trade places: the draw's
-    if params.top_p >= 1.0:
-        return True
+        return None
+    if params.top_p >= 1.0:  # top-k: a trade of near-equal weights, within r
+        return 0.0, 0.0
     top = float(x.max())
     mass = d.pool  # the nucleus' denominator: the weights it was cut from
     if mass is None:
         k = params.top_k if 0 < params.top_k < len(x) else len(x)
         pool = torch.topk(x, k).values if k < len(x) else x
         mass = float(((pool - top) / temp).exp().sum(dtype=torch.float64))
-    kept = float(((xs - top) / temp).exp().sum())
-    last = float(math.exp((float(xs[-1]) - top) / temp))
+    w_out = math.exp((first_out - top) / temp)
+    w_last = math.exp((float(xs[-1]) - top) / temp)
     # the nucleus keeps a token while the mass ahead of it is below top_p: the first one out
-    # has `kept` ahead, the last one in `kept - last`
-    return _clear(params.top_p, kept / mass, r) and _clear(params.top_p, (kept - last) / mass, r)
+    # has total / mass ahead, the last one in (total - w_last) / mass; where one is within a
+    # row's reach of top_p, tokens may join (leave) until the mass ahead passes top_p, whose
+    # weight is at most the first's (last's) and the slack's worth of mass
+    f_out, f_last = total / mass, (total - w_last) / mass
+    join = leave = 0.0
+    if f_out - params.top_p <= _slack(f_out, r):
+        join = (w_out * (1 + r) + 2 * _slack(f_out, r) * mass) / total
+    if m > 1 and params.top_p - f_last <= _slack(f_last, r):
+        leave = (w_last * (1 + r) + 2 * _slack(f_last, r) * mass) / total
+    return join, leave

@@ -26,11 +26,12 @@ SETTINGS = [
 
 
 def _noises(x, d, j: int, err: float, gen) -> list[torch.Tensor]:
-    """Perturbations of row x within err: the worst for the boundaries around entry j (every
-    logit ahead of one up, every one after down, and the reverse), and random ones."""
+    """Perturbations of row x within err: the worst for the boundaries around entry j and for
+    the support's membership (every logit ahead of a boundary, or in the support, up and every
+    other one down, and the reverse), and random ones."""
     order = torch.arange(len(x)) if d.tokens is None else d.tokens
     out = []
-    for cut in (j, j + 1):
+    for cut in (j, j + 1, len(order)):
         up = torch.full((len(x),), -err, dtype=torch.float64)
         up[order[:cut]] = err
         out += [up, -up]
@@ -68,6 +69,35 @@ def test_a_settled_draw_is_every_near_rows_draw(p):
                 y = (x.double() + noise).float()
                 assert dists(y[None], p)[0].draw(u) == token, (p, u)
     assert unsettled > 20
+
+
+def test_a_nucleus_edge_moves_no_settled_draw():
+    """top-p set within a row's reach of a cumulative sum, so tokens may join or leave the
+    nucleus: a settled draw stays under every perturbation that moves the edge (each sorted
+    prefix up and the rest down, and the reverse). Ignoring the join / leave widening
+    (near_draws._membership answering 0, 0) fails here."""
+    gen, rng = torch.Generator().manual_seed(1), random.Random(1)
+    for _ in range(300):
+        vocab, scale, temp = rng.choice([30, 200]), rng.choice([1.0, 3.0, 20.0]), 0.5
+        x = torch.randn(vocab, generator=gen) * scale
+        w, _ = torch.sort(torch.exp((x.double() - x.max()) / temp), descending=True)
+        edge = float(torch.cumsum(w, 0)[rng.randrange(min(vocab - 1, 20))] / w.sum())
+        top_p = min(max(edge + rng.uniform(-1, 1) * 3e-3, 1e-3), 0.999)
+        p = SamplingParams(temperature=temp, top_p=top_p)
+        d = dists(x[None], p)[0]
+        err = DRAW_ERR * max(1.0, float(x.max().abs()))
+        ranked = torch.argsort(x, descending=True)
+        for _ in range(4):
+            u = rng.random()
+            if not draw_settled(d, u, p):
+                continue
+            token = d.draw(u)
+            for cut in range(max(0, len(d.w) - 3), min(vocab, len(d.w) + 4)):
+                up = torch.full((vocab,), -err, dtype=torch.float64)
+                up[ranked[:cut]] = err
+                for noise in (up, -up):
+                    y = (x.double() + noise).float()
+                    assert dists(y[None], p)[0].draw(u) == token, (p, u)
 
 
 def test_draws_far_from_boundaries_are_settled():
