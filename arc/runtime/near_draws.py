@@ -7,9 +7,10 @@ SmolLM2-135M (1.0e-5 onnx, 7.4e-6 torch AOT, over every logit of ~4,000 verified
 Greedy's `accept.TIE` allows 15x (a gap of two errors): it cuts ~0.2% of greedy decisions,
 while a draw's window grows with the error: on the onnx engine at temperature 0.7 and top-p
 0.9 (benchmarks/guard_cost.py), 15x cut 4.3% of the seeded draws the verifies decided, 5x
-1.9%. A token drawn with position `at`'s uniform u (arc/runtime/sampling.py) is the decode
-step's draw for every row within ERR of the verify's unless u lies near a boundary that such
-a change can move:
+1.9%, and 0.5-0.7% once a nucleus edge within reach widened the boundaries instead of
+cutting (below). A token drawn with position `at`'s uniform u (arc/runtime/sampling.py) is
+the decode step's draw for every row within ERR of the verify's unless u lies near a
+boundary that such a change can move:
 
 - the cumulative sums around the drawn entry: a weight w = exp((x - top) / T) changes by at
   most a factor exp(2 ERR / T) = 1 + r, which moves the fraction f of the mass ahead of a
@@ -18,8 +19,9 @@ a change can move:
   a draw landing on either of them changes token;
 - membership: the support's last token and the first one outside within 2 ERR may trade
   places (a draw of the last changes token); and in a top-p nucleus whose first excluded or
-  last kept token has a mass ahead of it within the slack of top_p, a token may join or
-  leave the support, which moves every boundary after it.
+  last kept token has a mass ahead of it within the slack of top_p, tokens may join or leave
+  the support, which scales every boundary: the drawn entry's boundaries are checked at
+  those scales too (and the draw is cut where the drawn token itself may leave).
 
 `draw_settled` answers whether none of these holds; where one does, the speculative loop stops
 its walk before that token and a decode step, plain sampling's own computation, draws it, as
