@@ -9,13 +9,10 @@ import random
 import pytest
 import torch
 
-from arc.lowering import lower
-from arc.pipeline import PassManager
-from arc.runtime.generate import Generator
 from arc.runtime.near_draws import DRAW_ERR, draw_settled
 from arc.runtime.sampling import SamplingParams, dists, position_uniform
 from arc.runtime.steps import Steps
-from tests.runtime.test_speculative import REPEAT
+from tests.runtime.test_speculative import REPEAT, _gen
 
 SETTINGS = [
     SamplingParams(temperature=1.0),
@@ -146,13 +143,8 @@ def test_boundary_draws_are_left_to_a_decode_step(traced):
     walk stops before it and a decode step draws it, so a seeded run is still plain sampling's.
     Without the rule (a verify said to be exact) those draws go the verify's way."""
     spec = "kv-fusion,spec-tree{draft=ngram,budget=7,depth=6,adaptive=false}"
-    loaded, module = traced("tiny-llama", max_seq_len=256)
-    module, _ = PassManager(spec).run(module)
-    fns, kv = lower(module, loaded.weights)
-    steps = _Boundary(fns, max_seq_len=256, reset=kv.reset, move=kv.move)
-    plan = {"kind": module.plan.kind, "options": dict(module.plan.options)}
-    gen = Generator(steps, loaded.tokenizer, [258], plan=plan)
-    ids = loaded.tokenizer.encode(REPEAT)
+    gen, tok = _gen(traced, "tiny-llama", spec, steps_class=_Boundary)
+    steps, ids = gen.steps, tok.encode(REPEAT)
     kw = {
         "max_new_tokens": 90,
         "ignore_eos": True,

@@ -22,11 +22,13 @@ REPEAT = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps
 DRAFTERS = [(d, s) for d in ("ngram", "recycle", "jacobi", "auto") for s in ("static", "dynamic")]
 
 
-def _gen(traced, ref, spec, seq=256, eos=(258,)):
+def _gen(traced, ref, spec, seq=256, eos=(258,), steps_class=Steps):
+    """(Generator, tokenizer) for tiny model `ref` through pipeline `spec`, lowered eagerly;
+    `steps_class`: a Steps subclass standing in for a target (its rounding, say)."""
     loaded, module = traced(ref, max_seq_len=seq)
     module, _ = PassManager(spec).run(module)
     fns, kv = lower(module, loaded.weights)
-    steps = Steps(fns, max_seq_len=seq, reset=kv.reset, move=kv.move)
+    steps = steps_class(fns, max_seq_len=seq, reset=kv.reset, move=kv.move)
     plan = {"kind": module.plan.kind, "options": dict(module.plan.options)}
     return Generator(steps, loaded.tokenizer, list(eos), plan=plan), loaded.tokenizer
 
@@ -381,13 +383,8 @@ def test_near_ties_are_left_to_a_decode_step(traced):
     it and a decode step takes it, so the output is still plain decoding's. Without the rule
     (a verify said to be exact) the tied decisions go the verify's way."""
     spec = "kv-fusion,spec-tree{draft=ngram,budget=7,depth=6,adaptive=false}"
-    loaded, module = traced("tiny-llama", max_seq_len=256)
-    module, _ = PassManager(spec).run(module)
-    fns, kv = lower(module, loaded.weights)
-    steps = _Tied(fns, max_seq_len=256, reset=kv.reset, move=kv.move)
-    plan = {"kind": module.plan.kind, "options": dict(module.plan.options)}
-    gen = Generator(steps, loaded.tokenizer, [258], plan=plan)
-    ids = loaded.tokenizer.encode(REPEAT)
+    gen, tok = _gen(traced, "tiny-llama", spec, steps_class=_Tied)
+    steps, ids = gen.steps, tok.encode(REPEAT)
     plain, a, b = _both(gen, ids, max_new_tokens=90, ignore_eos=True)
     assert a.token_ids == plain.token_ids == b.token_ids
     assert a.verify_passes > 0 and b.forward_passes < len(b.token_ids) - 1  # it speculated
