@@ -337,6 +337,9 @@ SMALL_T = 32  # static token counts up to this use the small-T reduction form in
 def _formatted_linear(m: GraphModule, n: Node, x: Tensor) -> Tensor:
     """A LINEAR / LM_HEAD over a formatted weight (arc/qlinear.py has the forms and why)."""
     fmt, comps, b = n.attrs["fmt"], m.comps(n), n.attr("b")
+    if n.attr("act") == "q8":  # int8 activations (weight-format{act=q8})
+        y = qlinear.q8(fmt, comps, x)
+        return y + m.w(b) if b else y
     t = n.shape[-2]
     if m.gemv and isinstance(t, int) and t <= SMALL_T:
         y = qlinear.small_t(fmt, comps, x)

@@ -66,6 +66,38 @@ def dense(fmt: str, c: dict[str, Tensor], x: Tensor, bias: Tensor | None) -> Ten
     return F.linear(x, dequantize(fmt, c), bias)
 
 
+def q8_rows(x: Tensor, group: int) -> Tensor:
+    """x [..., K] with each block of `group` activations quantized to int8 and back: dx =
+    max|x| / 127, q = round(x * (127 / max|x|)) (nearest even), x' = q * dx; a block of zeros
+    stays zero. The rounding tvm_vnni.quantize_rows does (weight-format{act=q8})."""
+    xb = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)  # [..., B, g]
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax.clamp_min(1e-38), torch.zeros_like(amax))
+    q = torch.round(xb * inv)
+    return (q * (amax / 127.0)).reshape(x.shape)
+
+
+def q8(fmt: str, c: dict[str, Tensor], x: Tensor) -> Tensor:
+    """LINEAR / LM_HEAD with act=q8 (weight-format): [1, T, K] -> [1, T, N] over integer codes
+    times int8 activations, in fp32 here (the value, not the VNNI kernel's speed): affine4
+    sum_b d_b sum_k q_k x'_k + m_b sum_k x_k (the offset takes the exact block sums, as
+    llama.cpp's Q4_1 x Q8_1 product takes the row's), sym8 sum_b d_b sum_k q_k x'_k."""
+    kind = get(fmt).kind
+    codes = c[""]
+    n, blocks = codes.shape[0], codes.shape[1]
+    group = codes.shape[2] * (2 if kind == "affine4" else 1)
+    xq = q8_rows(x, group)
+    if kind == "affine4":
+        q = torch.cat([codes & 15, codes >> 4], -1).float()  # [N, B, g]
+        w = (q * c["d"].float()[..., None]).reshape(n, blocks * group)
+        sums = x.reshape(*x.shape[:-1], blocks, group).sum(-1)  # [1, T, B]
+        return F.linear(xq, w) + F.linear(sums, c["m"].float())
+    if kind != "sym8":
+        raise ValueError(f"act=q8 takes affine4 or sym8 blocks, not {fmt}")
+    w = (codes.float() * c["d"].float()[..., None]).reshape(n, blocks * group)
+    return F.linear(xq, w)
+
+
 def gather(fmt: str, c: dict[str, Tensor], tokens: Tensor) -> Tensor:
     """EMBED: the rows of `tokens` [1, T], dequantized -> [1, T, K]."""
     return dequantize(fmt, {k: v[tokens] for k, v in c.items()})

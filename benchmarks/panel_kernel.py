@@ -6,7 +6,9 @@ distinct so they stream from memory as in a real step) for T = 1, 2, 4, 8 tokens
 
 Plans: the names in tvm_kernels.PLANS (what `tile_plan` picks per CPU, or ARC_TVM_TILES); a
 name with `+zx` widens the codes with LLVM's vpmovzxbd instead of the in-lane shuffles that
-AVX2 plans use (tvm_kernels.INLANE_PLANS), to compare the two.
+AVX2 plans use (tvm_kernels.INLANE_PLANS), to compare the two; `+lut` turns them into floats
+by table lookup (AVX-512 VBMI); `q8` is the integer kernel (int8 activations by VNNI,
+targets/tvm_vnni.py, `--compute q8`).
 Calls of all plans are interleaved rep by rep in one process; the figures are medians in ms of
 one step's projections (SmolLM2-135M's shapes by default, Q4_1 blocks with fp16 scales as a
 GGUF holds them).
@@ -26,7 +28,7 @@ def main() -> None:
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))  # as the engine's load
     import tvm
 
-    from arc.targets import tvm_kernels
+    from arc.targets import tvm_kernels, tvm_vnni
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--plans", default="avx2,avx2-native")
@@ -44,14 +46,20 @@ def main() -> None:
     plans = a.plans.split(",")
     fns = {}
     for name in plans:
-        base, _, extra = name.partition("+")  # +zx: widen codes with vpmovzxbd
-        if base not in tvm_kernels.PLANS or extra not in ("", "zx"):
+        base, _, extra = name.partition("+")  # +zx: widen codes with vpmovzxbd; +lut: vpermb
+        if (base not in tvm_kernels.PLANS and base != "q8") or extra not in ("", "zx", "lut"):
             raise SystemExit(
-                f"--plans: {name!r} is not PLAN or PLAN+zx ({', '.join(tvm_kernels.PLANS)})"
+                f"--plans: {name!r} is not q8, PLAN, PLAN+zx or PLAN+lut "
+                f"({', '.join(tvm_kernels.PLANS)})"
             )
-        inlane = False if extra == "zx" else None
+        inlane, lut = (False if extra == "zx" else None), extra == "lut"
         for n, k in shapes:
-            f = tvm_kernels.panel_gemv("affine4", n, k, g, "float16", plan=base, inlane=inlane)
+            if base == "q8":  # int8 activations x codes by VNNI (targets/tvm_vnni.py)
+                f = tvm_vnni.panel_gemv_q8("affine4", n, k, g, "float16")
+            else:
+                f = tvm_kernels.panel_gemv(
+                    "affine4", n, k, g, "float16", plan=base, lut=lut, inlane=inlane
+                )
             mod = tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
             fns[name, n, k] = tvm.compile(mod, target=target)["main"]
     weights = []  # [layer][shape] -> panel-layout components

@@ -19,6 +19,16 @@ Modes (the formats are in arc/formats.py):
 - `bf16` (LOSSY): bfloat16 values.
 The lossy modes' cost is measured by `arc eval` (greedy agreement, perplexity delta).
 
+`act=q8` (LOSSY, any mode that leaves block weights): the projections over 4-bit and 8-bit
+blocks (affine4, sym8) multiply activations quantized to int8 per block of the weight's group
+(one fp32 scale each, max|x| / 127, round to nearest even) by the integer codes, as llama.cpp's
+CPU kernels multiply a Q4_1 / Q8_0 weight by a Q8_1 row (ggml's vec_dot_q4_1_q8_1): on a CPU
+with AVX-512 VNNI one vpdpbusd does 64 multiply-adds, so a speculative verify of several
+tree nodes is no longer bound by fp32 arithmetic (targets/tvm_vnni.py). The node gets
+`act=q8`; an affine4 block's offset still multiplies the exact sum of the block's activations.
+-O1 and -O2 with the same `act` give the same greedy ids (the tvm target's verify is the
+decode step's, bit for bit); against fp32 activations it is lossy, measured by `arc eval`.
+
 Fused weights (kv-fusion's QKV and gate/up, concatenated on rows) take their parts' common
 format; parts in different formats fall back to fp32 for the fused weight.
 Norm and rope weights stay fp32 (they are tiny and read once per step).
@@ -39,16 +49,25 @@ from arc.ops import Op
 from arc.pipeline import PassContext, register_pass
 
 MODES = ("keep", "f32", "int8", "int4", "bf16")
+ACTS = ("f32", "q8")
 FORMATTED_OPS = (Op.LINEAR, Op.LM_HEAD, Op.EMBED)
+Q8_OPS = (Op.LINEAR, Op.LM_HEAD)  # the projections act=q8 applies to
+Q8_KINDS = ("affine4", "sym8")  # integer codes a VNNI dot product takes
 
 
 def _lossless(opts) -> bool:
-    return opts.get("mode", "keep") in ("keep", "f32")
+    return opts.get("mode", "keep") in ("keep", "f32") and opts.get("act", "f32") == "f32"
 
 
 @register_pass("weight-format", after=("kv-fusion",), lossless=_lossless)
 def weight_format(
-    module: Module, ctx: PassContext, *, mode: str = "keep", group: int = 32, head: str = "auto"
+    module: Module,
+    ctx: PassContext,
+    *,
+    mode: str = "keep",
+    group: int = 32,
+    head: str = "auto",
+    act: str = "f32",
 ) -> Module:
     """Give every LINEAR / LM_HEAD / EMBED weight a storage format; see the module docstring."""
     if mode not in MODES:
@@ -59,6 +78,8 @@ def weight_format(
         )
     if head != "auto" and head not in ("f32", "int8", "int4", "bf16"):
         raise ArcError(f"weight-format: head={head!r}; use auto, f32, int8, int4 or bf16")
+    if act not in ACTS:
+        raise ArcError(f"weight-format: act={act!r}; use {' or '.join(ACTS)}")
     usage = _usage(module)
     kept = dict(module.meta.get("checkpoint_formats", {}))
     weights = dict(module.weights)
@@ -69,6 +90,12 @@ def weight_format(
         if fmt != "f32":
             formats.components(fmt, decl.shape, grp)  # group divides the columns, or one line
         weights[name] = replace(decl, format=fmt, group=grp)
+    q8 = {w for w in usage if act == "q8" and q8_applies(weights[w].format, weights[w].group)}
+    if act == "q8" and not q8:
+        raise ArcError(
+            "weight-format: act=q8 needs projections in 4-bit or 8-bit blocks (mode=keep of a "
+            "quantized checkpoint, mode=int4 or mode=int8); this pipeline leaves none"
+        )
 
     def rewrite(b, node, ins):
         w = node.attr("w")
@@ -76,12 +103,22 @@ def weight_format(
             return None
         attrs = dict(node.attrs)
         attrs.pop("fmt", None)
+        attrs.pop("act", None)
         fmt = weights[w].format
-        return b.add(node.op, ins, **attrs, **({"fmt": fmt} if fmt != "f32" else {}))
+        extra = {"fmt": fmt} if fmt != "f32" else {}
+        if node.op in Q8_OPS and w in q8:
+            extra["act"] = "q8"
+        return b.add(node.op, ins, **attrs, **extra)
 
     shapes = {k: v.shape for k, v in weights.items()}
     functions = {k: rebuild(g, shapes, rewrite) for k, g in module.functions.items()}
     return module.with_functions(functions, weights=MappingProxyType(weights))
+
+
+def q8_applies(fmt: str, group: int) -> bool:
+    """Whether act=q8 takes a weight in this format: integer codes in blocks of a multiple of
+    8 columns (a VNNI lane sums 4 codes; a 4-bit byte holds columns e and e + g/2)."""
+    return fmt != "f32" and formats.get(fmt).kind in Q8_KINDS and group > 0 and group % 8 == 0
 
 
 def _usage(module: Module) -> dict[str, set]:

@@ -50,6 +50,11 @@ def check_module(module: Module) -> None:
 
     check_ops(module, NAME, OPS)
     for g in module.functions.values():
+        if any(n.attr("act") for n in g.nodes):
+            raise UnsupportedError(
+                "target onnx runs projections on fp32 activations; weight-format{act=q8} "
+                "lowers on the tvm target (or torch, emulated)"
+            )
         written = {n.attrs["layer"] for n in g.nodes if n.op is Op.KV_WRITE}
         if written != set(range(module.kv.layers)):
             raise UnsupportedError(

@@ -140,20 +140,32 @@ def _stats_chunk(module: Module) -> int:
     return CHUNK if ok else 0
 
 
-def _target(cpu: str) -> tuple[Any, dict[str, Any]]:
+def _target(cpu: str, q8: bool = False) -> tuple[Any, dict[str, Any]]:
     """The llvm target for `--cpu cpu` and what the manifest records of it. A native build
     on a CPU with AMX (tvm_amx.FLAGS) runs multi-token projections on AMX tiles, unless
-    ARC_TVM_AMX=0 (to compare the two)."""
+    ARC_TVM_AMX=0 (to compare the two). `q8`: the module has act=q8 projections, whose
+    kernel needs AVX-512 VNNI and VBMI (tvm_vnni.FLAGS): refused where a native build's CPU
+    lacks them; a level build (x86-64-v4) records them as needed by the engine."""
     import tvm
 
-    from arc.targets import tvm_amx, tvm_kernels
+    from arc.targets import tvm_amx, tvm_kernels, tvm_vnni
 
     march, flags = arc_cpu.build_target(cpu)
+    if q8:
+        missing = sorted(tvm_vnni.FLAGS - flags)
+        if missing and (march == "native" or "avx512f" not in flags):
+            raise UnsupportedError(
+                f"weight-format{{act=q8}} on the tvm target needs AVX-512 VNNI and VBMI; "
+                f"--cpu {cpu} lacks {', '.join(missing)} (build without act=q8, or with "
+                "--cpu x86-64-v4 for a CPU that has them)"
+            )
+        flags = flags | tvm_vnni.FLAGS
     mcpu = MCPU.get(march) or tvm.target.codegen.llvm_get_system_cpu()
     spec = {"kind": "llvm", "mcpu": mcpu, "num-cores": os.cpu_count() or 1}
     amx = march == "native" and tvm_amx.usable(flags) and os.environ.get("ARC_TVM_AMX") != "0"
-    if amx:  # LLVM's name for this CPU (a VM's) may not say it has AMX
-        spec["mattr"] = tvm_amx.MATTR
+    mattr = (tvm_amx.MATTR if amx else []) + (tvm_vnni.MATTR if q8 else [])
+    if mattr:  # LLVM's name for this CPU (a VM's) may not say it has AMX (or VNNI)
+        spec["mattr"] = mattr
     # 4-bit codes to floats by vpermb + vpermps (tvm_kernels.panel_gemv), unless ARC_TVM_LUT=0
     lut = tvm_kernels.LUT_FLAGS <= set(flags) and os.environ.get("ARC_TVM_LUT") != "0"
     record = {"cpu": cpu, "march": mcpu, "cpu_flags": sorted(flags), "amx": amx, "lut": lut}
@@ -185,7 +197,8 @@ def build(
     if device != "cpu":
         raise UnsupportedError(f"target tvm builds for cpu only, not {device}")
     check_module(module)
-    target, cpu_info = _target(options.get("cpu") or "native")
+    q8 = any(n.attr("act") == "q8" for g in module.functions.values() for n in g.nodes)
+    target, cpu_info = _target(options.get("cpu") or "native", q8)
     avx512 = "avx512f" in cpu_info["cpu_flags"]
     mod, functions, names = _relax_module(
         module, cpu_info["amx"], avx512, cpu_info["lut"], cpu_info["tiles"], cpu_info["inlane"]
@@ -203,6 +216,8 @@ def build(
         "functions": functions,
         "params": names,
         "weights_run_as": blocks + ["f32"],  # block formats read as stored, the rest fp32
+        # projections over blocks: fp32 activations, or int8 ones by VNNI (act=q8)
+        "activations": "q8" if q8 else "f32",
         "layout": LAYOUT,
         "weights_stored_as": formats_used,
         **cpu_info,

@@ -31,6 +31,7 @@ from arc.errors import UnsupportedError
 from arc.ir import Graph, KVDecl, Module, Node
 from arc.ops import Op
 from arc.targets import tvm_kernels as kernels
+from arc.targets import tvm_vnni as vnni
 
 INPUT_DIMS = {
     "tokens": (1, "T"),
@@ -405,7 +406,16 @@ def _linear(e: _Emit, n: Node, x):
     rows = x.ty.shape[0]  # T, or 1 after LAST or in decode
     one = isinstance(rows, int) or (hasattr(rows, "value") and int(rows.value) == 1)
     w, tokens = n.attrs["w"], 1 if one else None
-    if w in e.b.panels:  # any T: the kernel picks its token tiling at run time
+    if n.attr("act") == "q8":  # int8 activations x integer codes (weight-format{act=q8})
+        kind, group, scale = e.b.panels.get(w, ("f32", 0, ""))
+        if not vnni.applies(kind, group, k):
+            raise UnsupportedError(
+                f"target tvm: act=q8 needs {w} in 4-bit or 8-bit blocks of rows a multiple of "
+                f"{kernels.PANEL}, read only as a projection"
+            )
+        make = lambda: vnni.panel_gemv_q8(kind, out, k, group, scale)  # noqa: E731
+        y = e.call(("pgemv_q8", kind, out, k, group, scale), make, [x, *e.comps(w)], [[rows, out]])
+    elif w in e.b.panels:  # any T: the kernel picks its token tiling at run time
         kind, group, scale = e.b.panels[w]
         args = [x, *e.comps(w)] if kind != "f32" else [x, e.w(w)]
         # AMX (another summation order) for prefill only: a verify's rows must sum as a

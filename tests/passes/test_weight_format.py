@@ -209,3 +209,67 @@ def test_materialize_gives_every_weight_its_format(traced, mode):
         formatted += out.weights[name].format != "f32"
     assert formatted >= 2 * 4 + 1  # per layer wo, w_down (unfused) and more; the embedding
     assert out.weights["embed"].format != "f32"
+
+
+def _acts(module, fn="decode"):
+    return {n.attrs["w"]: n.attr("act") for n in module.functions[fn].nodes if n.attr("w")}
+
+
+def test_act_q8_marks_block_projections_only(traced):
+    """act=q8: LINEAR / LM_HEAD over integer blocks get act=q8, the embedding (a gather) and
+    fp32 / bf16 weights do not; the pass is then lossy; a pipeline with no block weights is
+    one line."""
+    from arc.pipeline import registry
+
+    _, m = traced("tiny-llama")
+    out, rec = PassManager("kv-fusion,weight-format{mode=int4,act=q8}").run(m)
+    acts = _acts(out)
+    assert acts["layers.0.wq+wk+wv"] == "q8" and acts["layers.1.w_down"] == "q8"
+    assert acts["lm_head"] == "q8" and acts["embed"] is None
+    assert not registry()["weight-format"].is_lossless({"act": "q8"})
+    assert registry()["weight-format"].is_lossless({})
+    verify(out)
+    plain, _ = PassManager("kv-fusion,weight-format{mode=int4}").run(m)
+    assert set(_acts(plain).values()) == {None}
+    with pytest.raises(ArcError, match="act=q8 needs projections in 4-bit or 8-bit blocks"):
+        PassManager("weight-format{mode=bf16,act=q8}").run(m)
+    with pytest.raises(ArcError, match="act='q4'"):
+        PassManager("weight-format{mode=int4,act=q4}").run(m)
+
+
+def test_q8_rows_quantize_per_block_and_keep_zero_blocks():
+    x = torch.tensor([[[0.0] * 8 + [1.0, -0.5, 0.25, 2.0, 0.0, 0.0, 0.0, 0.003]]])
+    got = qlinear.q8_rows(x, 8)
+    assert torch.equal(got[..., :8], torch.zeros(1, 1, 8))  # no 0/0
+    d = 2.0 / 127
+    want = torch.round(x[..., 8:] * (127 / 2.0)) * d
+    torch.testing.assert_close(got[..., 8:], want, rtol=0, atol=1e-7)
+    assert got[0, 0, 15] == 0.0  # 0.003 is below half a step of 2/127
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "q4_1"])
+def test_q8_linear_is_the_blocks_times_int8_activations(fmt):
+    """qlinear.q8 (the eager form of act=q8) against float64 sums written out per block: the
+    integer products, d per block, and for affine4 m times the exact block sum of x."""
+    g = formats.FORMATS[fmt].group or 32
+    rng = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 96, generator=rng)
+    c = formats.quantize("int4" if fmt == "q4_1" else fmt, w, g)
+    if fmt == "q4_1":  # a GGUF's blocks: the same layout, fp16 scales
+        c = {k: v.half() if v.is_floating_point() else v for k, v in c.items()}
+    x = torch.randn(1, 3, 96, generator=rng)
+    got = qlinear.q8(fmt, c, x)
+    xb = x.double().reshape(3, 96 // g, g)
+    amax = xb.abs().amax(-1, keepdim=True)
+    q = torch.round(x.reshape(3, 96 // g, g) * (127.0 / amax.float())).double()
+    kind = formats.get(fmt).kind
+    codes = c[""].long()
+    if kind == "affine4":
+        codes = torch.cat([codes & 15, codes >> 4], -1)
+    d = c["d"].double()
+    want = torch.einsum("tbg,nbg,nb,tb->tn", q, codes.double(), d, amax[..., 0] / 127)
+    if kind == "affine4":
+        want = want + torch.einsum("tb,nb->tn", xb.sum(-1), c["m"].double())
+    torch.testing.assert_close(got[0].double(), want, rtol=1e-5, atol=1e-5)
+    full = x[0].double() @ formats.dequantize(fmt, c).double().T
+    assert (got[0].double() - full).abs().max() > 1e-4  # the activations really were rounded
