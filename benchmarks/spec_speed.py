@@ -249,6 +249,8 @@ def main(defaults: dict[str, str] | None = None, doc: str = __doc__) -> None:
     report(runs, prompts, a)
     if a.paired:
         for name, path in list(paths.items())[1:]:
+            if "spec-tree" not in systems[name]:  # nothing to turn off: on and off are one run
+                continue
             rows = _spawn(["--worker-paired", str(path), *common, str(a.paired), sampling])
             report_paired(name, rows, a)
 
