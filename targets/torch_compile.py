@@ -76,6 +76,13 @@ def build(
     mode = options.get("mode") or ("aot" if device == "cpu" else "eager")
     if mode not in MODES:
         raise UnsupportedError(f"torch mode {mode!r}; choose from {', '.join(MODES)}")
+    if mode != "eager" and any(n.attr("act") for g in module.functions.values() for n in g.nodes):
+        # weight-format{act=q8}: lowering.py's form dequantizes each weight per call (the
+        # value, for eval and as a reference), no integer kernel: a slow engine, so refused
+        raise UnsupportedError(
+            "target torch runs weight-format{act=q8} only with --torch-mode eager (a "
+            "reference); its int8 kernels are the tvm target's"
+        )
     info = {"mode": mode, "device": device, **_device_info(device)}
     if mode != "aot":
         return info, {}

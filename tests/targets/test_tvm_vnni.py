@@ -175,7 +175,8 @@ def test_q8_verify_logits_are_the_decode_steps_bit_for_bit(q8_engines):
 
 def test_q8_refused_where_it_cannot_run(traced, tmp_path):
     """A level without AVX-512 is one line; x86-64-v4 records VNNI and VBMI as needed (the
-    engine is then refused on a CPU without them); onnx does not lower act=q8."""
+    engine is then refused on a CPU without them); onnx does not lower act=q8, torch only
+    eagerly."""
     from arc.compiler import CompileOptions, compile_model
     from arc.targets import tvm as tvm_target
 
@@ -185,6 +186,10 @@ def test_q8_refused_where_it_cannot_run(traced, tmp_path):
     assert tvm_vnni.FLAGS <= set(info["cpu_flags"])
     _, plain = tvm_target._target("x86-64-v4")
     assert "avx512_vnni" not in plain["cpu_flags"]
+    opts = CompileOptions(target="torch", spec=SPEC, max_seq_len=128)  # aot on a CPU
+    with pytest.raises(ArcError, match="target torch runs weight-format.act=q8. only with"):
+        compile_model("tiny-qwen2", tmp_path / "t.arc", opts)
+    assert not (tmp_path / "t.arc").exists()
     pytest.importorskip("onnxruntime", reason="target onnx needs the [onnx] extra")
     opts = CompileOptions(target="onnx", spec=SPEC, max_seq_len=128)
     with pytest.raises(ArcError, match="target onnx.*act=q8"):
