@@ -983,11 +983,7 @@ def panel_gemv(
                     at = [tirx.floordiv(tb_, nb), tirx.floormod(tb_, nb) * g]
                     with I.vectorized(0, g) as i:
                         I.buffer_store(part, x[at[0], at[1] + i], [i])
-                    width = g // 2
-                    while width >= 1:
-                        with I.vectorized(0, width) as i:
-                            I.buffer_store(part, part[i] + part[i + width], [i])
-                        width //= 2
+                    fold(part, g)
                     I.buffer_store(sx, part[0], [tb_])
             amx = amx and tvm_amx.applies(kind, group, npan)
 
@@ -1039,6 +1035,21 @@ def panel_gemv(
             else:
                 vectors()
     return ib.get()
+
+
+def fold(part, n: int, op=None) -> None:
+    """IRBuilder: part[0] = op-fold of part[0:n] (+ by default), in halving steps: the upper
+    half's lanes into the lower's, an odd middle lane left for the next step, so any n works
+    (for a power of two the steps are i + n/2, i + n/4, ...; until 2026-12-08 an n such as 48,
+    int4's group=48, dropped lanes: 24 + 12 + 6 + 3 left part[2] out of the block's sum)."""
+    from tvm.script.ir_builder import tirx as I
+
+    op = op or (lambda a, b: a + b)
+    while n > 1:
+        half = n // 2
+        with I.vectorized(0, half) as i:
+            I.buffer_store(part, op(part[i], part[i + n - half]), [i])
+        n -= half
 
 
 def _prefetch(buf, index) -> None:

@@ -35,7 +35,7 @@ opt-in, `--compute q8` (arc/compiler.py), its cost shown by `arc eval`.
 
 from __future__ import annotations
 
-from arc.targets.tvm_kernels import AHEAD, PANEL, _prefetch, panel_specs
+from arc.targets.tvm_kernels import AHEAD, PANEL, _prefetch, fold, panel_specs
 
 FLAGS = frozenset({"avx512f", "avx512bw", "avx512vbmi", "avx512_vnni"})  # vpermb, vpdpbusd
 MATTR = ["+avx512vnni", "+avx512vbmi", "+avx512bw"]  # llvm features that let it emit them
@@ -81,11 +81,7 @@ def quantize_rows(x, xq, dx, sx, t_len, k: int, g: int, kind: str) -> None:
         part = I.alloc_buffer((g,), "float32")
         with I.vectorized(0, g) as i:
             I.buffer_store(part, tirx.abs(x[t, c0 + i]), [i])
-        width = g // 2
-        while width >= 1:
-            with I.vectorized(0, width) as i:
-                I.buffer_store(part, tirx.max(part[i], part[i + width]), [i])
-            width //= 2
+        fold(part, g, tirx.max)
         amax = part[0]
         inv = tirx.Select(amax > 0.0, tirx.const(127.0, "float32") / amax, 0.0)
         I.buffer_store(dx, amax / tirx.const(127.0, "float32"), [tb_])
@@ -98,11 +94,7 @@ def quantize_rows(x, xq, dx, sx, t_len, k: int, g: int, kind: str) -> None:
         else:
             with I.vectorized(0, g) as i:
                 I.buffer_store(part, xq[t * k + c0 + i].astype("float32"), [i])
-        width = g // 2
-        while width >= 1:
-            with I.vectorized(0, width) as i:
-                I.buffer_store(part, part[i] + part[i + width], [i])
-            width //= 2
+        fold(part, g)
         total = part[0] if kind == "affine4" else part[0] * tirx.const(128.0, "float32")
         I.buffer_store(sx, total, [tb_])
 

@@ -107,6 +107,30 @@ def test_panel_gemv_rows_are_the_same_bits_whatever_the_token_count(built, kind,
         np.testing.assert_array_equal(run(x[:tokens]), one[:tokens])
 
 
+def test_panel_gemv_sums_a_block_that_is_not_a_power_of_two():
+    """int4 with group=48: the block's activation sum (which m multiplies) takes all 48 lanes
+    (until 2026-12-08 the halving steps 24, 12, 6, 3, 1 left one out)."""
+    import torch
+    import tvm
+
+    from arc.targets.tvm_kernels import panel_gemv, to_panels
+
+    rng = np.random.default_rng(48)
+    codes = rng.integers(0, 256, (N, K // 48, 24)).astype("uint8")
+    d, m = (rng.standard_normal((N, K // 48)).astype("float32") for _ in range(2))
+    q = np.concatenate([codes & 15, codes >> 4], axis=-1).astype("float64")
+    w = (q * d[..., None] + m[..., None]).reshape(N, K)
+    x = rng.standard_normal((3, K)).astype("float32")
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    f = panel_gemv("affine4", N, K, 48).with_attr("global_symbol", "main")
+    fn = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
+    panels = [to_panels(torch.from_numpy(c)).numpy() for c in (codes, d, m)]
+    args = [tvm.runtime.tensor(a) for a in (x, *panels, np.zeros((3, N), "float32"))]
+    fn(*args)
+    ref = x.astype("float64") @ w.T
+    np.testing.assert_allclose(args[-1].numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def test_to_panels_moves_rows_innermost():
     import torch
 

@@ -24,26 +24,26 @@ N, K, G = 48, 96, 32
 KINDS = [("affine4", "float32"), ("affine4", "float16"), ("sym8", "float16")]
 
 
-def _weight(kind: str, rng, scale: str):
-    """(components as stored [N, ...], integer codes [N, K], d [N, K/G], m [N, K/G] or None)."""
-    d = rng.standard_normal((N, K // G)).astype(scale).astype("float32")
+def _weight(kind: str, rng, scale: str, g: int = G):
+    """(components as stored [N, ...], integer codes [N, K], d [N, K/g], m [N, K/g] or None)."""
+    d = rng.standard_normal((N, K // g)).astype(scale).astype("float32")
     if kind == "sym8":
-        codes = rng.integers(-127, 128, (N, K // G, G)).astype("int8")
+        codes = rng.integers(-127, 128, (N, K // g, g)).astype("int8")
         return [codes, d], codes.reshape(N, K).astype("float64"), d, None
-    codes = rng.integers(0, 256, (N, K // G, G // 2)).astype("uint8")
-    m = rng.standard_normal((N, K // G)).astype(scale).astype("float32")
+    codes = rng.integers(0, 256, (N, K // g, g // 2)).astype("uint8")
+    m = rng.standard_normal((N, K // g)).astype(scale).astype("float32")
     q = np.concatenate([codes & 15, codes >> 4], axis=-1).reshape(N, K).astype("float64")
     return [codes, d, m], q, d, m
 
 
-def _reference(x, q, d, m):
+def _reference(x, q, d, m, g: int = G):
     """float64 y of int8 activations (rounded as the kernel does, in fp32) x integer codes."""
     t = x.shape[0]
-    xb = x.reshape(t, K // G, G)
+    xb = x.reshape(t, K // g, g)
     amax = np.abs(xb).max(-1, keepdims=True)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype("float32")
     xq = np.rint(xb * inv).astype("float64")  # [T, B, G]
-    qb = q.reshape(N, K // G, G)
+    qb = q.reshape(N, K // g, g)
     y = np.einsum("tbg,nbg,nb,tb->tn", xq, qb, d.astype("float64"), amax[..., 0] / 127.0)
     if m is not None:
         y += np.einsum("tb,nb->tn", xb.sum(-1, dtype="float64"), m.astype("float64"))
@@ -61,6 +61,9 @@ def built():
     for kind, scale in KINDS:
         f = tvm_vnni.panel_gemv_q8(kind, N, K, G, scale).with_attr("global_symbol", "main")
         out[kind, scale] = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
+    # a group that is not a power of two (int4's group=48): the block max and sum fold all lanes
+    f = tvm_vnni.panel_gemv_q8("affine4", N, K, 48, "float32").with_attr("global_symbol", "main")
+    out["affine4", "g48"] = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
     return out
 
 
@@ -71,7 +74,7 @@ def _run(built, kind, scale, comps, x):
     from arc.targets.tvm_kernels import to_panels
 
     panels = [to_panels(torch.from_numpy(c)).numpy() for c in comps]
-    panels = [p.astype(scale) if p.dtype == np.float32 else p for p in panels]
+    panels = [p.astype(scale) if p.dtype == np.float32 and scale != "g48" else p for p in panels]
     y = np.full((x.shape[0], N), np.nan, "float32")  # every output must be written
     args = [tvm.runtime.tensor(a) for a in (x, *panels, y)]
     built[kind, scale](*args)
@@ -91,6 +94,16 @@ def test_q8_kernel_equals_numpy(built, kind, scale, tokens):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     dense = (q * np.repeat(d, G, 1) + (np.repeat(m, G, 1) if m is not None else 0)).T
     assert np.abs(got - x.astype("float64") @ dense).max() > 1e-4 * np.abs(ref).max()
+
+
+@vnni
+def test_q8_kernel_folds_a_block_that_is_not_a_power_of_two(built):
+    rng = np.random.default_rng(48)
+    comps, q, d, m = _weight("affine4", rng, "float32", 48)
+    x = rng.standard_normal((3, K)).astype("float32")
+    got = _run(built, "affine4", "g48", comps, x)
+    ref = _reference(x, q, d, m, 48)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
 @vnni
