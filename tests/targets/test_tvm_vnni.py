@@ -152,6 +152,7 @@ def q8_engines(tmp_path_factory):
 def test_q8_engines_o2_ids_are_o1_ids_and_the_eager_forms(q8_engines):
     from arc.engine import read_manifest
     from arc.runtime.load import load_engine
+    from arc.runtime.sampling import SamplingParams
 
     prompt, ids, verifies = "Write a Python function that checks if a number is prime.", {}, 0
     for name, path in q8_engines.items():
@@ -161,6 +162,13 @@ def test_q8_engines_o2_ids_are_o1_ids_and_the_eager_forms(q8_engines):
         verifies += r.verify_passes if name == "O2" else 0
     assert ids["O2"] == ids["O1"] == ids["eager"]
     assert verifies > 0
+    sampled = []  # seeded sampling: each position's own uniform, so -O2 draws what -O1 draws
+    for name in ("O1", "O2"):
+        eng = load_engine(q8_engines[name])
+        how = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
+        r = eng.generator.generate(eng.prompt_ids(prompt), max_new_tokens=40, sampling=how)
+        sampled.append(r.token_ids)
+    assert sampled[0] == sampled[1] and sampled[0] != ids["O1"]
     info = read_manifest(q8_engines["O2"])["target"]
     assert info["activations"] == "q8" and tvm_vnni.FLAGS <= set(info["cpu_flags"])
 
