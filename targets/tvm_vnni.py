@@ -8,8 +8,9 @@ token, so 8 nodes of SmolLM2-135M are 8 x 134.5 M multiply-adds, 2.7-3.4x a deco
 by 4 broadcast int8 activations and sums each row's 4 products into an int32 lane: 64
 multiply-adds in one instruction, 4x the FMA's 16, and the unpacking of the codes is shared by
 every token of a tile. The activations are quantized first, per token and per block of the
-weight's group (g columns), to int8 with one fp32 scale (Q8 as in llama.cpp's
-quantize_row_q8_1: dx = max|x| / 127, q = round(x / dx)):
+weight's group (g columns), to int8 with one fp32 scale (Q8 as llama.cpp's quantize_row_q8_1
+makes it: dx = max|x| / 127; here q = x * (127 / max|x|) rounded to nearest even, as
+arc/qlinear.q8_rows does):
 
     for each token t, block b:  xq[t, b], dx[t, b] = q8(x[t, b*g : b*g+g]);  sx[t, b] = sum(x)
     for p in parallel(N / P):                    # a panel: P = 16 output rows, one vector
@@ -30,7 +31,7 @@ token's float sum runs over the blocks in order with the same expression whateve
 a verify node's outputs are the decode step's bit for bit, as the fp32 kernels' are.
 
 It is lossy against the fp32 kernel (the activations lose their low bits, as in llama.cpp):
-opt-in, `--compute q8` (arc/compiler.py), its cost shown by `arc eval`.
+opt-in, `weight-format{act=q8}` (passes/weight_format.py), its cost shown by `arc eval`.
 """
 
 from __future__ import annotations
