@@ -8,7 +8,7 @@ Plans: the names in tvm_kernels.PLANS (what `tile_plan` picks per CPU, or ARC_TV
 name with `+zx` widens the codes with LLVM's vpmovzxbd instead of the in-lane shuffles that
 AVX2 plans use (tvm_kernels.INLANE_PLANS), to compare the two; `+lut` turns them into floats
 by table lookup (AVX-512 VBMI); `q8` is the integer kernel (int8 activations by VNNI,
-targets/tvm_vnni.py, `--compute q8`).
+targets/tvm_vnni.py, what `weight-format{act=q8}` builds).
 Calls of all plans are interleaved rep by rep in one process; the figures are medians in ms of
 one step's projections (SmolLM2-135M's shapes by default, Q4_1 blocks with fp16 scales as a
 GGUF holds them).

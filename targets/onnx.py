@@ -53,7 +53,7 @@ def check_module(module: Module) -> None:
         if any(n.attr("act") for n in g.nodes):
             raise UnsupportedError(
                 "target onnx runs projections on fp32 activations; weight-format{act=q8} "
-                "lowers on the tvm target (or torch, emulated)"
+                "lowers on the tvm target (torch: --torch-mode eager, a reference)"
             )
         written = {n.attrs["layer"] for n in g.nodes if n.op is Op.KV_WRITE}
         if written != set(range(module.kv.layers)):

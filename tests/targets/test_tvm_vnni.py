@@ -194,7 +194,7 @@ def test_q8_verify_logits_are_the_decode_steps_bit_for_bit(q8_engines):
                 assert torch.equal(got[node], want[node]), (size, node)
 
 
-def test_q8_refused_where_it_cannot_run(traced, tmp_path):
+def test_q8_refused_where_it_cannot_run(tmp_path):
     """A level without AVX-512 is one line; x86-64-v4 records VNNI and VBMI as needed (the
     engine is then refused on a CPU without them); onnx does not lower act=q8, torch only
     eagerly."""
