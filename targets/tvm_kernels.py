@@ -815,31 +815,10 @@ def panel_gemv(
 
     with IRBuilder() as ib:
         with I.prim_func():
-            I.func_name("panel_gemv")
-            I.func_attr({"tirx.noalias": True})
-            x_h = I.arg("x", I.handle())
-            comp_h = [I.arg(f"c{i}", I.handle()) for i in range(len(specs))]
-            y_h = I.arg("y", I.handle())
-            t_len = I.int64()
-            x = I.match_buffer(x_h, (t_len, k), "float32")
-            shapes = list(specs.values())
-            comps = [I.match_buffer(h, *shapes[i]) for i, h in enumerate(comp_h)]
-            y = I.match_buffer(y_h, (t_len, n), "float32")
+            x, comps, y, t_len = panel_args("panel_gemv", specs, k, n)
 
             def prefetch(p, b, stride: int = 1):
-                """Ask the cache for the block AHEAD blocks on (past the last block, into the
-                panel `stride` on: the one read next when a task reads `stride` panels side
-                by side): every cache line of its codes, and its scales."""
-                ahead = b + AHEAD
-                p2 = tirx.min(p + stride * tirx.floordiv(ahead, nb), npan - 1)
-                b2 = tirx.floormod(ahead, nb)
-                row = PANEL * (4 if kind == "f32" else 1)  # bytes of one column of a panel
-                byte_rows = g // 2 if kind == "affine4" else g  # affine4: 2 columns a byte
-                for e2 in range(0, byte_rows, max(1, LINE // row)):  # f32: a column a line
-                    at = [p2, b2 * g + e2, 0] if kind == "f32" else [p2, b2, e2, 0]
-                    _prefetch(comps[0], at)
-                for comp in comps[1:]:
-                    _prefetch(comp, [p2, b2, 0])
+                prefetch_block(comps, kind, g, nb, npan, p, b, stride)
 
             def code(p, b, e, h, i):
                 """The stored integer q of element (column b*g + col) of the panel's P rows, as
@@ -1035,6 +1014,41 @@ def panel_gemv(
             else:
                 vectors()
     return ib.get()
+
+
+def panel_args(name: str, specs: dict, k: int, n: int):
+    """IRBuilder, inside I.prim_func(): the panel kernels' signature, x [T, K], the weight's
+    components (`panel_specs`), y [T, N], all no-alias; returns (x, comps, y, T)."""
+    from tvm.script.ir_builder import tirx as I
+
+    I.func_name(name)
+    I.func_attr({"tirx.noalias": True})
+    x_h = I.arg("x", I.handle())
+    comp_h = [I.arg(f"c{i}", I.handle()) for i in range(len(specs))]
+    y_h = I.arg("y", I.handle())
+    t_len = I.int64()
+    x = I.match_buffer(x_h, (t_len, k), "float32")
+    comps = [I.match_buffer(h, *shape) for h, shape in zip(comp_h, specs.values(), strict=True)]
+    y = I.match_buffer(y_h, (t_len, n), "float32")
+    return x, comps, y, t_len
+
+
+def prefetch_block(comps, kind: str, g: int, nb: int, npan: int, p, b, stride: int = 1):
+    """IRBuilder: ask the cache for the block AHEAD blocks on (past the last block, into the
+    panel `stride` on: the one read next when a task reads `stride` panels side by side):
+    every cache line of its codes, and its scales."""
+    from tvm import tirx
+
+    ahead = b + AHEAD
+    p2 = tirx.min(p + stride * tirx.floordiv(ahead, nb), npan - 1)
+    b2 = tirx.floormod(ahead, nb)
+    row = PANEL * (4 if kind == "f32" else 1)  # bytes of one column of a panel
+    byte_rows = g // 2 if kind == "affine4" else g  # affine4: 2 columns a byte
+    for e2 in range(0, byte_rows, max(1, LINE // row)):  # f32: a column a line
+        at = [p2, b2 * g + e2, 0] if kind == "f32" else [p2, b2, e2, 0]
+        _prefetch(comps[0], at)
+    for comp in comps[1:]:
+        _prefetch(comp, [p2, b2, 0])
 
 
 def fold(part, n: int, op=None) -> None:

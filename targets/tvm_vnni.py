@@ -36,7 +36,7 @@ opt-in, `weight-format{act=q8}` (passes/weight_format.py), its cost shown by `ar
 
 from __future__ import annotations
 
-from arc.targets.tvm_kernels import AHEAD, PANEL, _prefetch, fold, panel_specs
+from arc.targets.tvm_kernels import PANEL, fold, panel_args, panel_specs, prefetch_block
 
 FLAGS = frozenset({"avx512f", "avx512bw", "avx512vbmi", "avx512_vnni"})  # vpermb, vpdpbusd
 MATTR = ["+avx512vnni", "+avx512vbmi", "+avx512bw"]  # llvm features that let it emit them
@@ -122,16 +122,7 @@ def panel_gemv_q8(kind: str, n: int, k: int, group: int, scale: str = "float32",
 
     with IRBuilder() as ib:
         with I.prim_func():
-            I.func_name("panel_gemv_q8")
-            I.func_attr({"tirx.noalias": True})
-            x_h = I.arg("x", I.handle())
-            comp_h = [I.arg(f"c{i}", I.handle()) for i in range(len(specs))]
-            y_h = I.arg("y", I.handle())
-            t_len = I.int64()
-            x = I.match_buffer(x_h, (t_len, k), "float32")
-            shapes = list(specs.values())
-            comps = [I.match_buffer(h, *shapes[i]) for i, h in enumerate(comp_h)]
-            y = I.match_buffer(y_h, (t_len, n), "float32")
+            x, comps, y, t_len = panel_args("panel_gemv_q8", specs, k, n)
             xq = I.alloc_buffer((t_len * k,), "int8")
             dx = I.alloc_buffer((t_len * nb,), "float32")
             sx = I.alloc_buffer((t_len * nb,), "float32")
@@ -160,7 +151,7 @@ def panel_gemv_q8(kind: str, n: int, k: int, group: int, scale: str = "float32",
                         with I.vectorized(0, PANEL) as i:
                             I.buffer_store(acc, tirx.const(0.0, "float32"), [a * PANEL + i])
                     with I.serial(0, nb) as b:
-                        _prefetch_block(comps, p, b, nb, npan, kind, g)
+                        prefetch_block(comps, kind, g, nb, npan, p, b)
                         for a in range(tb * c):
                             with I.vectorized(0, PANEL) as i:
                                 I.buffer_store(iacc, tirx.const(0, "int32"), [a * PANEL + i])
@@ -219,18 +210,3 @@ def panel_gemv_q8(kind: str, n: int, k: int, group: int, scale: str = "float32",
 
                 plan(0)
     return ib.get()
-
-
-def _prefetch_block(comps, p, b, nb: int, npan: int, kind: str, g: int) -> None:
-    """Ask the cache for the block AHEAD blocks on (into the next panel past the last block):
-    its codes' cache lines and its scales (as tvm_kernels.panel_gemv does)."""
-    from tvm import tirx
-
-    ahead = b + AHEAD
-    p2 = tirx.min(p + tirx.floordiv(ahead, nb), npan - 1)
-    b2 = tirx.floormod(ahead, nb)
-    slots = g // 2 if kind == "affine4" else g
-    for e in range(0, slots, 4):  # 4 slots x 16 rows: one 64-byte line
-        _prefetch(comps[0], [p2, b2, e, 0])
-    for comp in comps[1:]:
-        _prefetch(comp, [p2, b2, 0])
