@@ -8,7 +8,8 @@ Plans: the names in tvm_kernels.PLANS (what `tile_plan` picks per CPU, or ARC_TV
 name with `+zx` widens the codes with LLVM's vpmovzxbd instead of the in-lane shuffles that
 AVX2 plans use (tvm_kernels.INLANE_PLANS), to compare the two; `+lut` turns them into floats
 by table lookup (AVX-512 VBMI); `q8` is the integer kernel (int8 activations by VNNI,
-targets/tvm_vnni.py, what `weight-format{act=q8}` builds).
+targets/tvm_vnni.py, what `weight-format{act=q8}` builds); `q8+amx` the same with calls of
+2 or more tokens on AMX int8 tiles (targets/tvm_amx_q8.py; a CPU with AMX).
 Calls of all plans are interleaved rep by rep in one process; the figures are medians in ms of
 one step's projections (SmolLM2-135M's shapes by default, Q4_1 blocks with fp16 scales as a
 GGUF holds them).
@@ -28,7 +29,7 @@ def main() -> None:
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))  # as the engine's load
     import tvm
 
-    from arc.targets import tvm_kernels, tvm_vnni
+    from arc.targets import tvm_amx, tvm_amx_q8, tvm_kernels, tvm_vnni
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--plans", default="avx2,avx2-native")
@@ -40,22 +41,29 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=9)
     a = ap.parse_args()
     cpu = tvm.target.codegen.llvm_get_system_cpu()
-    target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1})
+    spec = {"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1}
+    if any(name.endswith("+amx") for name in a.plans.split(",")):
+        why = tvm_amx.request()
+        if why:
+            raise SystemExit(f"--plans q8+amx: {why}")
+        spec["mattr"] = tvm_vnni.MATTR + tvm_amx_q8.MATTR
+    target = tvm.target.Target(spec)
     shapes = [(a.qkv, a.hidden), (a.hidden, a.hidden), (2 * a.inter, a.hidden), (a.hidden, a.inter)]
     g, rng = 32, np.random.default_rng(0)
     plans = a.plans.split(",")
     fns = {}
     for name in plans:
         base, _, extra = name.partition("+")  # +zx: widen codes with vpmovzxbd; +lut: vpermb
-        if (base not in tvm_kernels.PLANS and base != "q8") or extra not in ("", "zx", "lut"):
+        known = extra in ("", "amx") if base == "q8" else extra in ("", "zx", "lut")
+        if (base not in tvm_kernels.PLANS and base != "q8") or not known:
             raise SystemExit(
-                f"--plans: {name!r} is not q8, PLAN, PLAN+zx or PLAN+lut "
+                f"--plans: {name!r} is not q8, q8+amx, PLAN, PLAN+zx or PLAN+lut "
                 f"({', '.join(tvm_kernels.PLANS)})"
             )
         inlane, lut = (False if extra == "zx" else None), extra == "lut"
         for n, k in shapes:
             if base == "q8":  # int8 activations x codes by VNNI (targets/tvm_vnni.py)
-                f = tvm_vnni.panel_gemv_q8("affine4", n, k, g, "float16")
+                f = tvm_vnni.panel_gemv_q8("affine4", n, k, g, "float16", amx=extra == "amx")
             else:
                 f = tvm_kernels.panel_gemv(
                     "affine4", n, k, g, "float16", plan=base, lut=lut, inlane=inlane

@@ -89,17 +89,19 @@ def _relax_module(
     lut: bool = False,
     plan: str | None = None,
     inlane: bool = False,
+    amx_q8: bool = False,
 ) -> tuple[Any, dict[str, str], list[str]]:
     """(Relax IRModule, IR function -> Relax function, tensors of the params tuple), and
     `logits_stats` where the vocabulary splits into chunks (`_stats_chunk`). `avx512`: the
     build's CPU has AVX-512's 32 vector registers (the panel kernels' token tiles fit them);
     `lut`: and AVX-512 VBMI, so 4-bit codes become floats by table lookup (tvm_kernels);
     `plan`: the panel kernels' token tiles (tvm_kernels.PLANS; default by `avx512`);
-    `inlane`: AVX2 code widening 4-bit codes by in-lane shuffles (tvm_kernels.widen_inlane)."""
+    `inlane`: AVX2 code widening 4-bit codes by in-lane shuffles (tvm_kernels.widen_inlane);
+    `amx_q8`: act=q8 projections of 2 or more tokens on AMX int8 tiles (tvm_amx_q8)."""
     from arc.runtime.topk import TOPK
     from arc.targets.tvm_graph import Builder, graph_key
 
-    builder, functions, seen = Builder(module, amx, avx512, lut, plan, inlane), {}, {}
+    builder, functions, seen = Builder(module, amx, avx512, lut, plan, inlane, amx_q8), {}, {}
     for name, graph in module.functions.items():
         key = graph_key(graph)
         if key not in seen:
@@ -148,7 +150,7 @@ def _target(cpu: str, q8: bool = False) -> tuple[Any, dict[str, Any]]:
     lacks them; a level build (x86-64-v4) records them as needed by the engine."""
     import tvm
 
-    from arc.targets import tvm_amx, tvm_kernels, tvm_vnni
+    from arc.targets import tvm_amx, tvm_amx_q8, tvm_kernels, tvm_vnni
 
     march, flags = arc_cpu.build_target(cpu)
     if q8:
@@ -162,13 +164,19 @@ def _target(cpu: str, q8: bool = False) -> tuple[Any, dict[str, Any]]:
         flags = flags | tvm_vnni.FLAGS
     mcpu = MCPU.get(march) or tvm.target.codegen.llvm_get_system_cpu()
     spec = {"kind": "llvm", "mcpu": mcpu, "num-cores": os.cpu_count() or 1}
-    amx = march == "native" and tvm_amx.usable(flags) and os.environ.get("ARC_TVM_AMX") != "0"
+    native_amx = march == "native" and os.environ.get("ARC_TVM_AMX") != "0"
+    amx = native_amx and tvm_amx.usable(flags)  # fp32 prefill on bf16 tiles
+    amx_q8 = native_amx and q8 and tvm_amx_q8.usable(flags)  # act=q8 verify/prefill on int8
     mattr = (tvm_amx.MATTR if amx else []) + (tvm_vnni.MATTR if q8 else [])
+    mattr += [f for f in tvm_amx_q8.MATTR if f not in mattr] if amx_q8 else []
     if mattr:  # LLVM's name for this CPU (a VM's) may not say it has AMX (or VNNI)
         spec["mattr"] = mattr
     # 4-bit codes to floats by vpermb + vpermps (tvm_kernels.panel_gemv), unless ARC_TVM_LUT=0
     lut = tvm_kernels.LUT_FLAGS <= set(flags) and os.environ.get("ARC_TVM_LUT") != "0"
-    record = {"cpu": cpu, "march": mcpu, "cpu_flags": sorted(flags), "amx": amx, "lut": lut}
+    # "amx": the library runs AMX tiles (the loader asks Linux first); "amx_f32", "amx_q8":
+    # which of its kernels do (tvm_amx, tvm_amx_q8)
+    record = {"cpu": cpu, "march": mcpu, "cpu_flags": sorted(flags), "lut": lut}
+    record |= {"amx": amx or amx_q8, "amx_f32": amx, "amx_q8": amx_q8}
     # the panel kernels' token tiles: by the registers, and for AVX2 whether the code runs
     # on this CPU (tvm_kernels.TILES_AVX2_NATIVE) or on any x86-64-v3 one; ARC_TVM_TILES=name
     # picks another plan of the same registers (to compare them)
@@ -201,7 +209,13 @@ def build(
     target, cpu_info = _target(options.get("cpu") or "native", q8)
     avx512 = "avx512f" in cpu_info["cpu_flags"]
     mod, functions, names = _relax_module(
-        module, cpu_info["amx"], avx512, cpu_info["lut"], cpu_info["tiles"], cpu_info["inlane"]
+        module,
+        cpu_info["amx_f32"],
+        avx512,
+        cpu_info["lut"],
+        cpu_info["tiles"],
+        cpu_info["inlane"],
+        cpu_info["amx_q8"],
     )
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / LIBRARY

@@ -179,11 +179,15 @@ class Builder:
         lut: bool = False,
         plan: str | None = None,
         inlane: bool = False,
+        amx_q8: bool = False,
     ):
         from tvm import relax, tirx
 
         self.module = module
         self.amx = amx  # multi-token block projections on AMX tiles (targets/tvm_amx.py)
+        # act=q8's multi-token projections on AMX int8 tiles (targets/tvm_amx_q8.py): the
+        # VNNI kernel's outputs bit for bit, so verify functions use them too
+        self.amx_q8 = amx_q8
         self.lut = lut and avx512  # 4-bit codes to floats by table lookup (panel_gemv)
         # token tiles that fit the vector registers (tvm_kernels.PLANS)
         self.plan = plan or kernels.tile_plan(avx512)
@@ -413,8 +417,10 @@ def _linear(e: _Emit, n: Node, x):
                 f"target tvm: act=q8 needs {w} in 4-bit or 8-bit blocks of rows a multiple of "
                 f"{kernels.PANEL}, read only as a projection"
             )
-        make = lambda: vnni.panel_gemv_q8(kind, out, k, group, scale)  # noqa: E731
-        y = e.call(("pgemv_q8", kind, out, k, group, scale), make, [x, *e.comps(w)], [[rows, out]])
+        amx = e.b.amx_q8 and not one
+        make = lambda: vnni.panel_gemv_q8(kind, out, k, group, scale, amx=amx)  # noqa: E731
+        key = ("pgemv_q8", kind, out, k, group, scale) + (("amx",) if amx else ())
+        y = e.call(key, make, [x, *e.comps(w)], [[rows, out]])
     elif w in e.b.panels:  # any T: the kernel picks its token tiling at run time
         kind, group, scale = e.b.panels[w]
         args = [x, *e.comps(w)] if kind != "f32" else [x, e.w(w)]

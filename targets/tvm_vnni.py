@@ -100,12 +100,61 @@ def quantize_rows(x, xq, dx, sx, t_len, k: int, g: int, kind: str) -> None:
         I.buffer_store(sx, total, [tb_])
 
 
-def panel_gemv_q8(kind: str, n: int, k: int, group: int, scale: str = "float32", tiles=TILES):
+def code_vector(comps, pick, p, b, e0, half):
+    """u8 vector of panel p's block b: lane i holds row i's codes of the 4 block columns of
+    slot group e0 (affine4: the low nibbles, half 0, or the high ones, half 1; sym8, half
+    None: q + 128)."""
+    from tvm import tirx
+
+    raw = comps[0][p, b, e0, tirx.Ramp(0, 1, 4 * PANEL)]
+    rows = tirx.call_llvm_pure_intrin(
+        "int8x64", "llvm.x86.avx512.permvar.qi.512", tirx.reinterpret("int8x64", raw), pick
+    )
+    v = tirx.reinterpret(f"int32x{PANEL}", rows)
+    if half is None:  # sym8: q + 128 as u8
+        return v ^ tirx.Broadcast(tirx.const(-0x7F7F7F80, "int32"), PANEL)
+    if half:
+        v = v >> tirx.Broadcast(tirx.const(4, "int32"), PANEL)
+    return v & tirx.Broadcast(tirx.const(0x0F0F0F0F, "int32"), PANEL)
+
+
+def block_value(comps, kind: str, p, b, isum, dxv, sxv):
+    """One token's float value of panel p's block b from its exact integer sums isum (int32
+    x PANEL): isum * (d * dx) (+ m * sum(x)); the one expression both kernels use, so their
+    outputs agree bit for bit."""
+    from tvm import tirx
+
+    f32 = f"float32x{PANEL}"
+    d = comps[1][p, b, tirx.Ramp(0, 1, PANEL)].astype(f32)
+    ds = d * tirx.Broadcast(dxv, PANEL)
+    v = isum.astype(f32)
+    if kind == "sym8":  # take back 128 * sum(xq): integers, exact
+        v = v - tirx.Broadcast(sxv, PANEL)
+    v = v * ds
+    if kind == "affine4":
+        m = comps[2][p, b, tirx.Ramp(0, 1, PANEL)].astype(f32)
+        v = v + m * tirx.Broadcast(sxv, PANEL)
+    return v
+
+
+def panel_gemv_q8(
+    kind: str,
+    n: int,
+    k: int,
+    group: int,
+    scale: str = "float32",
+    tiles=TILES,
+    amx: bool = False,
+):
     """PrimFunc y[T, N] = q8(x)[T, K] @ w[N, K].T over a panel-layout weight
-    (tvm_kernels.panel_specs: affine4 or sym8), for any T (see the module docstring)."""
+    (tvm_kernels.panel_specs: affine4 or sym8), for any T (see the module docstring).
+    `amx` (a CPU with AMX int8: tvm_amx_q8.FLAGS): calls of T >= tvm_amx_q8.MIN_TOKENS
+    multiply on AMX tiles instead (targets/tvm_amx_q8.py), the same outputs bit for bit."""
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as I
+
+    from arc.targets import tvm_amx_q8 as amx_q8
 
     if not applies(kind, group, k) or n % PANEL:
         raise ValueError(f"panel_gemv_q8: {kind} g{group} [{n}, {k}] does not apply")
@@ -129,20 +178,7 @@ def panel_gemv_q8(kind: str, n: int, k: int, group: int, scale: str = "float32",
             quantize_rows(x, xq, dx, sx, t_len, k, g, kind)
 
             def codes(p, b, e0, half):
-                """u8 vector: lane i holds row i's codes of the group's 4 columns."""
-                raw = comps[0][p, b, e0, tirx.Ramp(0, 1, 4 * PANEL)]
-                rows = tirx.call_llvm_pure_intrin(
-                    "int8x64",
-                    "llvm.x86.avx512.permvar.qi.512",
-                    tirx.reinterpret("int8x64", raw),
-                    pick,
-                )
-                v = tirx.reinterpret(f"int32x{PANEL}", rows)
-                if half is None:  # sym8: q + 128 as u8
-                    return v ^ tirx.Broadcast(tirx.const(-0x7F7F7F80, "int32"), PANEL)
-                if half:
-                    v = v >> tirx.Broadcast(tirx.const(4, "int32"), PANEL)
-                return v & tirx.Broadcast(tirx.const(0x0F0F0F0F, "int32"), PANEL)
+                return code_vector(comps, pick, p, b, e0, half)
 
             def run(p, tb: int, c: int, acc, iacc):
                 with I.serial(0, tirx.floordiv(t_len + tb - 1, tb)) as t0:
@@ -170,17 +206,9 @@ def panel_gemv_q8(kind: str, n: int, k: int, group: int, scale: str = "float32",
                             isum = iacc[tirx.Ramp(t * c * PANEL, 1, PANEL)]
                             for cc in range(1, c):
                                 isum = isum + iacc[tirx.Ramp((t * c + cc) * PANEL, 1, PANEL)]
-                            d = comps[1][p, b, tirx.Ramp(0, 1, PANEL)].astype(f"float32x{PANEL}")
-                            ds = d * tirx.Broadcast(dx[row * nb + b], PANEL)
-                            v = isum.astype(f"float32x{PANEL}")
-                            if kind == "sym8":  # take back 128 * sum(xq): integers, exact
-                                v = v - tirx.Broadcast(sx[row * nb + b], PANEL)
-                            v = v * ds
-                            if kind == "affine4":
-                                m = comps[2][p, b, tirx.Ramp(0, 1, PANEL)].astype(
-                                    f"float32x{PANEL}"
-                                )
-                                v = v + m * tirx.Broadcast(sx[row * nb + b], PANEL)
+                            v = block_value(
+                                comps, kind, p, b, isum, dx[row * nb + b], sx[row * nb + b]
+                            )
                             slot = tirx.Ramp(t * PANEL, 1, PANEL)
                             I.buffer_store(acc, acc[slot] + v, [slot])
                     for t in range(tb):
@@ -192,21 +220,36 @@ def panel_gemv_q8(kind: str, n: int, k: int, group: int, scale: str = "float32",
                                     [t0 * tb + t, tirx.Ramp(p * PANEL, 1, PANEL)],
                                 )
 
-            with I.parallel(0, npan) as p:
-                most = max(tb for _, tb, _ in tiles)
-                acc = I.alloc_buffer((most * PANEL,), "float32")  # stack: under 1 KB each
-                iacc = I.alloc_buffer((max(tb * c for _, tb, c in tiles) * PANEL,), "int32")
+            def loop():
+                with I.parallel(0, npan) as p:
+                    most = max(tb for _, tb, _ in tiles)
+                    acc = I.alloc_buffer((most * PANEL,), "float32")  # stack: under 1 KB each
+                    iacc = I.alloc_buffer((max(tb * c for _, tb, c in tiles) * PANEL,), "int32")
 
-                def plan(idx: int):
-                    bound, tb, c = tiles[idx]
-                    if bound is None:
-                        run(p, tb, c, acc, iacc)
-                        return
-                    with I.If(t_len <= bound):
-                        with I.Then():
+                    def plan(idx: int):
+                        bound, tb, c = tiles[idx]
+                        if bound is None:
                             run(p, tb, c, acc, iacc)
-                        with I.Else():
-                            plan(idx + 1)
+                            return
+                        with I.If(t_len <= bound):
+                            with I.Then():
+                                run(p, tb, c, acc, iacc)
+                            with I.Else():
+                                plan(idx + 1)
 
-                plan(0)
+                    plan(0)
+
+            if amx and amx_q8.applies(kind, g):  # T >= MIN_TOKENS on AMX tiles, the same bits
+                with I.If(t_len < amx_q8.MIN_TOKENS):
+                    with I.Then():
+                        loop()
+                    with I.Else():
+                        value = lambda p, b, isum, dxv, sxv: block_value(  # noqa: E731
+                            comps, kind, p, b, isum, dxv, sxv
+                        )
+                        amx_q8.panel_tiles(
+                            kind, k, g, npan, t_len, comps, xq, dx, sx, y, codes, value
+                        )
+            else:
+                loop()
     return ib.get()

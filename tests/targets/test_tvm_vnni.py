@@ -12,7 +12,7 @@ pytest.importorskip("tvm", reason="target tvm needs the [tvm] extra (apache-tvm)
 
 from arc import cpu as arc_cpu  # noqa: E402
 from arc.errors import ArcError, UnsupportedError  # noqa: E402
-from arc.targets import tvm_vnni  # noqa: E402
+from arc.targets import tvm_amx_q8, tvm_vnni  # noqa: E402
 
 pytestmark = pytest.mark.extra
 vnni = pytest.mark.skipif(
@@ -171,6 +171,8 @@ def test_q8_engines_o2_ids_are_o1_ids_and_the_eager_forms(q8_engines):
     assert sampled[0] == sampled[1] and sampled[0] != ids["O1"]
     info = read_manifest(q8_engines["O2"])["target"]
     assert info["activations"] == "q8" and tvm_vnni.FLAGS <= set(info["cpu_flags"])
+    # on a CPU with AMX int8 the verifies ran on tiles (targets/tvm_amx_q8.py): same ids
+    assert info["amx_q8"] == (not arc_cpu.missing_flags(tvm_amx_q8.FLAGS))
 
 
 @vnni
