@@ -97,7 +97,7 @@ def _relax_module(
     `lut`: and AVX-512 VBMI, so 4-bit codes become floats by table lookup (tvm_kernels);
     `plan`: the panel kernels' token tiles (tvm_kernels.PLANS; default by `avx512`);
     `inlane`: AVX2 code widening 4-bit codes by in-lane shuffles (tvm_kernels.widen_inlane);
-    `amx_q8`: act=q8 projections of 2 or more tokens on AMX int8 tiles (tvm_amx_q8)."""
+    `amx_q8`: act=q8 projections of tvm_amx_q8.MIN_TOKENS or more tokens on AMX int8 tiles."""
     from arc.runtime.topk import TOPK
     from arc.targets.tvm_graph import Builder, graph_key
 
