@@ -9,7 +9,8 @@ name with `+zx` widens the codes with LLVM's vpmovzxbd instead of the in-lane sh
 AVX2 plans use (tvm_kernels.INLANE_PLANS), to compare the two; `+lut` turns them into floats
 by table lookup (AVX-512 VBMI); `q8` is the integer kernel (int8 activations by VNNI,
 targets/tvm_vnni.py, what `weight-format{act=q8}` builds); `q8+amx` the same with calls of
-12 or more tokens (tvm_amx_q8.MIN_TOKENS) on AMX int8 tiles (targets/tvm_amx_q8.py; a CPU with AMX).
+12 or more tokens (tvm_amx_q8.MIN_TOKENS) on AMX int8 tiles (targets/tvm_amx_q8.py; needs a
+CPU with AMX-INT8).
 Calls of all plans are interleaved rep by rep in one process; the figures are medians in ms of
 one step's projections (SmolLM2-135M's shapes by default, Q4_1 blocks with fp16 scales as a
 GGUF holds them).

@@ -53,7 +53,7 @@ CHUNK = 64  # columns (int8 bytes) per TDPBSUD: a tile row's 64 bytes
 # fewest tokens a call runs on AMX: below, the VNNI loop is as fast or faster (the figures
 # above)
 MIN_TOKENS = 12
-A = 0  # the A tile's register (B and C: group_size's)
+A = 0  # the A tile's register; B tiles take 1..G and C tiles G+1..2G (G = group_size)
 
 
 def usable(flags) -> bool:
